@@ -1,0 +1,168 @@
+"""Atomic checkpoints: write everything into a temporary sibling directory, fsync, then rename into place.
+
+A reader (or a resumed run) therefore sees either the previous complete checkpoint or the new complete one, never a
+half-written directory. Training checkpoints live in `OUTPUT/checkpoints/step-NNNNNNN/`; each is an ordinary HF
+directory (the full model, or only the adapter with LoRA) plus `trainer_state.pt` (optimizer, scheduler, RNG,
+data position) and `state.json` (step, metrics, config).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces `final` in one rename, on error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a small file atomically (write a temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step-{step:07d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those with a state file), oldest first. Leftover temporary directories are ignored."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (0 keeps all)."""
+    if keep_last <= 0:
+        return
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_training_checkpoint(accelerator, model, tokenizer, output_dir: str | Path, step: int, optimizer,
+                             scheduler, state: dict, keep_last: int = 2) -> Path | None:
+    """Write `checkpoints/step-N/` atomically: HF model dir (adapter only with LoRA), tokenizer, trainer state."""
+    import random
+
+    import numpy as np
+    import torch
+
+    final = checkpoint_path(output_dir, step)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        with atomic_dir(final) as tmp:
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+                       tmp / TRAINER_STATE)
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1, default=str))
+        prune_checkpoints(output_dir, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(ckpt: Path, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG from a checkpoint; returns its state.json."""
+    import random
+
+    import numpy as np
+    import torch
+
+    blob = torch.load(ckpt / TRAINER_STATE, weights_only=False, map_location="cpu")
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    rng = blob["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return read_state(ckpt)
+
+
+def export_final(accelerator, model, tokenizer, out: str | Path) -> Path:
+    """Write the stage's final model as an ordinary HF directory (atomically).
+
+    With LoRA the directory holds the merged full model, so the next stage and any loader (vLLM too) take it as is,
+    and the adapter alone in `adapter/`.
+    """
+    out = Path(out)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        inner = accelerator.unwrap_model(model)
+        with atomic_dir(out) as tmp:
+            if hasattr(inner, "merge_and_unload"):
+                inner.save_pretrained(tmp / "adapter", state_dict=state_dict)
+                import copy
+
+                merged = copy.deepcopy(inner).merge_and_unload()
+                merged.save_pretrained(tmp, safe_serialization=True)
+            else:
+                inner.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    return out

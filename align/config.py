@@ -1,0 +1,230 @@
+"""Stage configs: dataclasses with a help text on every field, loaded from YAML plus `key=value` overrides.
+
+    cfg = load_config(SFTConfig, "recipes/sft.yaml", ["lr=1e-5", "lora.enabled=true"])
+
+Unknown keys, wrong types and bad values are refused before any work starts, with the file, line and key named
+(`ConfigError`). Nested dataclass fields are addressed with dots (`lora.r=8`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the place (file:line, key) and what was expected."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING):
+    """A config field with its help text (shown by `align ... --help-config`)."""
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _where(source: str, lines: dict[str, int], key: str) -> str:
+    line = lines.get(key)
+    return f"{source}:{line}" if line else source
+
+
+def _key_lines(node: yaml.Node, prefix: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
+    """Map dotted keys to their 1-based line in the YAML file."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = f"{prefix}{k.value}"
+            out[key] = k.start_mark.line + 1
+            _key_lines(v, key + ".", out)
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: key '{key}' expects {_type_name(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: key '{key}' must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]  # a single item where a list is expected: accept it as a one-item list
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' expects a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp) or (Any, Any)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}", where) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: key '{key}' expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: key '{key}' expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: key '{key}' expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: key '{key}' expects a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' expects a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".", where, {})
+    raise ConfigError(f"{where}: key '{key}' has an unsupported type {tp}")
+
+
+def _build(cls: type, values: dict, prefix: str, source: str, lines: dict[str, int]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        where = _where(source, lines, key)
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}; {cls.__name__} has: {', '.join(fields)}")
+        kwargs[name] = _coerce(value, hints[name], key, where)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{source}: required key '{prefix}{missing[0]}' is missing ({_help(fields[missing[0]])})")
+    return cls(**kwargs)
+
+
+def _help(field: dataclasses.Field) -> str:
+    return field.metadata.get("help", "")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = tree.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a mapping")
+        tree = node
+    tree[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["lr=1e-5", "lora.r=8"]` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
+    """Parse a YAML mapping; returns (values, line of each dotted key). Errors name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    try:
+        node = yaml.compose(text)
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if values is None:
+        return {}, {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(values).__name__}")
+    return values, _key_lines(node)
+
+
+def build_config(cls: type, values: dict, source: str = "<config>", lines: dict[str, int] | None = None):
+    """Build and validate `cls` from a nested dict."""
+    cfg = _build(cls, values, "", source, lines or {})
+    check = getattr(cfg, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Load `cls` from an optional YAML file plus `key=value` overrides (overrides win)."""
+    values, lines = read_yaml(path) if path else ({}, {})
+    extra = parse_overrides(overrides or [])
+    source = str(path) if path else "<command line>"
+    if extra:
+        source = f"{source} + overrides" if path else source
+    return build_config(cls, _merge(values, extra), source, lines)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per key with its default and help text (for `--help-config`)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += describe(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        out.append(f"  {prefix}{f.name} = {default!r}\n      {_help(f)}")
+    return out
+
+
+def require(cond: bool, key: str, expected: str, value: Any) -> None:
+    """Raise `ConfigError` naming `key` unless `cond` holds (used in `validate()` methods)."""
+    if not cond:
+        raise ConfigError(f"key '{key}' must be {expected}, got {value!r}")

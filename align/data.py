@@ -1,0 +1,265 @@
+"""Chat data: load (JSONL, JSON, Parquet, `save_to_disk` directories) through `datasets`, validate, tokenise.
+
+Rows are either conversational, `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`, or
+prompt / completion, `{"prompt": str | messages, "completion": str | messages}`. Validation runs over every row before
+any training and names `file:row N: field`. Tokenisation renders the whole chat with the tokenizer's own template and
+labels exactly the characters each assistant turn adds to it (found by rendering the prefix with and without the
+turn), so the loss is on assistant tokens only, whatever the template.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROLES = ("system", "user", "assistant")
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """Unusable data; the message names the file, the row (1-based) and the field."""
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def _check_jsonl(path: Path) -> None:
+    """Find the first unparseable line ourselves: `datasets` reports JSONL errors without a line number."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(value, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(value).__name__}")
+
+
+def load_rows(path: str | Path):
+    """Load a dataset file or `save_to_disk` directory as a `datasets.Dataset`."""
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    datasets.disable_progress_bars()
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                raise DataError(f"{path}: a DatasetDict with splits {list(ds)}; point at one split's directory")
+        else:
+            suffix = path.suffix.lower()
+            if suffix == ".jsonl" or suffix == ".json":
+                if suffix == ".jsonl":
+                    _check_jsonl(path)
+                ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            elif suffix == ".parquet":
+                ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+            else:
+                raise DataError(f"{path}: unsupported data format {suffix!r} (use .jsonl, .json, .parquet or a "
+                                f"save_to_disk directory)")
+    except DataError:
+        raise
+    except Exception as e:  # datasets / pyarrow raise many types; name the file either way
+        raise DataError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+    if len(ds) == 0:
+        raise DataError(f"{path}: no rows")
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------- validation
+
+
+def _check_messages(messages, where: str, field: str, need_assistant_last: bool) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field '{field}' must be a non-empty list of messages, got {messages!r:.80}")
+    for i, m in enumerate(messages):
+        f = f"{field}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: field '{f}' must be an object with role and content, got {m!r:.80}")
+        if "role" not in m or m["role"] is None:
+            raise DataError(f"{where}: field '{f}.role' is missing")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: field '{f}.role' is {m['role']!r}; expected one of {', '.join(ROLES)}")
+        if "content" not in m or m["content"] is None:
+            raise DataError(f"{where}: field '{f}.content' is missing")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: field '{f}.content' must be a string, got {type(m['content']).__name__}")
+        if not m["content"].strip():
+            raise DataError(f"{where}: field '{f}.content' is empty")
+    if need_assistant_last and messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: field '{field}' must end with an assistant message, ends with "
+                        f"{messages[-1]['role']!r}")
+
+
+def _as_messages(value, role: str, where: str, field: str) -> list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{field}' is empty")
+        return [{"role": role, "content": value}]
+    if value is None:
+        raise DataError(f"{where}: field '{field}' is missing")
+    _check_messages(value, where, field, need_assistant_last=False)
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def row_messages(row: dict, where: str) -> list[dict]:
+    """The full conversation of a training row (validated); raises DataError naming the field."""
+    if row.get("messages") is not None:
+        _check_messages(row["messages"], where, "messages", need_assistant_last=True)
+        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if row.get("prompt") is not None or row.get("completion") is not None:
+        prompt = _as_messages(row.get("prompt"), "user", where, "prompt")
+        completion = _as_messages(row.get("completion"), "assistant", where, "completion")
+        if completion[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field 'completion' must end with an assistant message")
+        return prompt + completion
+    raise DataError(f"{where}: missing field 'messages' (or 'prompt' + 'completion')")
+
+
+def row_prompt(row: dict, where: str) -> list[dict]:
+    """The prompt of a row for generation: `prompt`, or `messages` without its final assistant turn."""
+    if row.get("prompt") is not None:
+        return _as_messages(row["prompt"], "user", where, "prompt")
+    if row.get("messages") is not None:
+        _check_messages(row["messages"], where, "messages", need_assistant_last=False)
+        msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        if msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs:
+            raise DataError(f"{where}: field 'messages' has no prompt before the assistant turn")
+        return msgs
+    raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
+
+
+def load_chats(path: str | Path) -> list[list[dict]]:
+    """Load and validate every row of a chat file; the first bad row stops it with file:row:field."""
+    ds = load_rows(path)
+    return [row_messages(row, f"{path}:row {i + 1}") for i, row in enumerate(ds)]
+
+
+@dataclass
+class PromptRow:
+    """One prompt for generation, with the row's other columns (passed to reward functions)."""
+
+    messages: list[dict]
+    columns: dict
+
+
+def load_prompts(path: str | Path) -> list[PromptRow]:
+    ds = load_rows(path)
+    out = []
+    for i, row in enumerate(ds):
+        msgs = row_prompt(row, f"{path}:row {i + 1}")
+        columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
+        columns.setdefault("row", f"{path}:row {i + 1}")
+        out.append(PromptRow(msgs, columns))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tokenisation
+
+
+def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` with the chat template; return the text and the character spans of the assistant turns."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise DataError("the tokenizer's chat template does not render a conversation as a prefix of its "
+                            "continuation; the assistant-only loss mask cannot be derived from it")
+        spans.append((len(before), len(upto)))
+    return text, spans
+
+
+def tokenize_chat(tokenizer, messages: list[dict], max_length: int) -> dict:
+    """`input_ids` and `labels` (IGNORE outside assistant turns), truncated to `max_length` tokens."""
+    text, spans = assistant_char_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [IGNORE] * len(ids)
+    for t, (start, end) in enumerate(enc["offset_mapping"]):
+        if end > start and any(s <= start < e for s, e in spans):
+            labels[t] = ids[t]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length}
+
+
+def tokenize_chats(tokenizer, chats: list[list[dict]], max_length: int, source: str = "") -> tuple[list[dict], dict]:
+    """Tokenise all chats; rows left with no assistant token after truncation are dropped (and counted)."""
+    out, truncated, dropped = [], 0, 0
+    for chat in chats:
+        ex = tokenize_chat(tokenizer, chat, max_length)
+        truncated += ex.pop("truncated")
+        if all(label == IGNORE for label in ex["labels"][1:]):
+            dropped += 1
+            continue
+        out.append(ex)
+    if not out:
+        raise DataError(f"{source}: no row keeps an assistant token within max_length={max_length}")
+    return out, {"rows": len(chats), "truncated": truncated, "dropped": dropped}
+
+
+# -------------------------------------------------------------------------------------------------- batching
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples into a batch (for training forward passes)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def pack(examples: list[dict], max_length: int, pad_id: int) -> list[dict]:
+    """Greedy first-fit packing into rows of `max_length` tokens with `position_ids` restarting per example.
+
+    A packed batch carries no attention mask: transformers then reads the position ids and keeps each example's
+    attention to itself (block-diagonal causal mask).
+    """
+    rows: list[dict] = []
+    for e in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        n = len(e["input_ids"])
+        for r in rows:
+            if len(r["input_ids"]) + n <= max_length:
+                break
+        else:
+            r = {"input_ids": [], "labels": [], "position_ids": []}
+            rows.append(r)
+        r["input_ids"] += e["input_ids"]
+        r["labels"] += e["labels"]
+        r["position_ids"] += list(range(n))
+    return rows
+
+
+def collate_packed(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        pos[i, :n] = torch.tensor(r["position_ids"])
+        pos[i, n:] = torch.arange(width - n)  # padding is its own segment, fully ignored
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}

@@ -1,0 +1,1 @@
+"""GRPO: `core` holds the maths as pure tensor functions, `reference` the π_ref policy, `loop` the trainer."""

@@ -1,0 +1,77 @@
+"""`GRPOConfig`: every setting of `align grpo`, with DeepSeekMath's values as defaults where it gives them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from rewards.combine import RewardSpec
+
+from ..config import ConfigError, option, require
+from ..policy import ModelConfig
+from ..rollout.protocol import SamplingConfig
+from .core import AGGREGATIONS
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    model: ModelConfig = option(help="The policy (model.path: usually the SFT stage's final/ directory).")
+    output_dir: str = option(help="Run directory: checkpoints/, final/, metrics.jsonl.")
+    train_data: list[str] = option(help="Prompt files: rows with `prompt` (or `messages`) + columns for rewards.")
+    rewards: list[RewardSpec] = option(help="Reward functions with weights, e.g. [{name: exact_answer, weight: 1}].")
+    eval_data: list[str] = option(factory=list, help="Held-out prompts with an `answer` column (greedy accuracy).")
+    engine: Literal["hf"] = option("hf", "Rollout engine: hf (transformers generate).")
+    sampling: SamplingConfig = option(factory=SamplingConfig, help="Rollout sampling settings.")
+    group_size: int = option(64, "G: completions sampled per prompt (DeepSeekMath: 64).")
+    prompts_per_step: int = option(16, "B: prompts per exploration stage (DeepSeekMath: 1024 samples = 16 x 64).")
+    steps: int = option(100, "Exploration stages (rollout -> update) to run.")
+    inner_epochs: int = option(1, "μ: passes over each batch of rollouts (DeepSeekMath: 1).")
+    minibatches: int = option(1, "Optimizer steps per pass over a batch of rollouts (DeepSeekMath: 1).")
+    micro_batch_size: int = option(64, "Sequences per forward / backward (memory bound).")
+    lr: float = option(1e-6, "Learning rate (DeepSeekMath: 1e-6).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    warmup_steps: int = option(0, "Optimizer steps of linear warmup.")
+    min_lr_ratio: float = option(1.0, "Final lr as a share of the peak (1.0 = constant).")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
+    beta: float = option(0.04, "β: weight of the k3 KL penalty to the reference (DeepSeekMath: 0.04; 0 skips π_ref).")
+    clip_eps_low: float = option(0.2, "ε_low: ratio clipped below 1 − ε_low.")
+    clip_eps_high: float = option(0.2, "ε_high: ratio clipped above 1 + ε_high (DAPO: 0.28).")
+    aggregation: str = option("sequence_mean", "Loss aggregation: sequence_mean | token_mean | constant.")
+    scale_rewards: Literal["group", "none"] = option("group", "group: divide by the group's std; none: Dr. GRPO.")
+    drop_zero_std_groups: bool = option(False, "Leave out groups whose rewards are all equal (DAPO's filter).")
+    mask_truncated: bool = option(False, "Exclude completions cut by max_new_tokens from the loss.")
+    balance_alpha: float = option(0.0, "α of the expert-level balance loss during RL (0: off).")
+    ref_offload: bool = option(False, "Keep the frozen reference on CPU between uses (full fine-tuning only).")
+    eval_every: int = option(10, "Steps between held-out accuracy evaluations (0: start and end only).")
+    eval_max_new_tokens: int = option(32, "Completion length for held-out evaluation.")
+    save_every: int = option(10, "Steps between checkpoints (0: only at the end).")
+    keep_last: int = option(2, "Checkpoints kept (0: all).")
+    logprob_chunk: int = option(1024, "Tokens per LM-head chunk.")
+    seed: int = option(0, "Seed for prompt order and sampling.")
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.sampling.validate()
+        require(bool(self.train_data), "train_data", "at least one file", self.train_data)
+        require(bool(self.rewards), "rewards", "at least one reward", self.rewards)
+        require(self.group_size >= 2, "group_size", ">= 2 (GRPO compares G samples of one prompt; G = 1 has no "
+                "group to normalise against)", self.group_size)
+        for key in ("prompts_per_step", "steps", "inner_epochs", "minibatches", "micro_batch_size",
+                    "logprob_chunk", "eval_max_new_tokens"):
+            require(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))
+        require(self.prompts_per_step * self.group_size >= self.minibatches, "minibatches",
+                "at most prompts_per_step x group_size", self.minibatches)
+        require(self.lr > 0, "lr", "positive", self.lr)
+        require(self.beta >= 0, "beta", ">= 0", self.beta)
+        require(0 <= self.clip_eps_low < 1, "clip_eps_low", "in [0, 1)", self.clip_eps_low)
+        require(self.clip_eps_high >= 0, "clip_eps_high", ">= 0", self.clip_eps_high)
+        require(self.aggregation in AGGREGATIONS, "aggregation", f"one of {sorted(AGGREGATIONS)}", self.aggregation)
+        require(self.balance_alpha >= 0, "balance_alpha", ">= 0", self.balance_alpha)
+        for i, spec in enumerate(self.rewards):
+            require(bool(spec.name), f"rewards[{i}].name", "a reward name", spec.name)
+            try:
+                spec.load()
+            except KeyError as e:
+                raise ConfigError(f"key 'rewards[{i}].name': {e.args[0]}") from None
+        for key in ("eval_every", "save_every", "keep_last", "warmup_steps", "max_grad_norm"):
+            require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))

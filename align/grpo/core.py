@@ -1,0 +1,115 @@
+"""GRPO's maths as pure functions on tensors (DeepSeekMath §4.1, arXiv 2402.03300; DeepSeek-V2 §4.2).
+
+For a prompt q with G sampled outputs o_1..o_G and rewards r_1..r_G:
+
+    A_i      = (r_i − mean(r)) / std(r)                          group_advantages   (scale="group")
+    ρ_i,t    = π_θ(o_i,t | q, o_i,<t) / π_θold(o_i,t | q, o_i,<t)
+    L_i,t    = −min(ρ_i,t A_i, clip(ρ_i,t, 1−ε_low, 1+ε_high) A_i) + β · D_KL,i,t
+    D_KL,i,t = π_ref/π_θ − log(π_ref/π_θ) − 1                     k3_kl  (unbiased, ≥ 0)
+
+and the loss aggregates L over tokens and outputs (AGGREGATIONS, chosen by name):
+    "sequence_mean"  1/G Σ_i 1/|o_i| Σ_t L_i,t        DeepSeekMath's objective (the default)
+    "token_mean"     Σ_i Σ_t L_i,t / Σ_i |o_i|        DAPO (longer outputs weigh more)
+    "constant"       Σ_i Σ_t L_i,t / (G · T_max)      Dr. GRPO (no length normalisation bias)
+
+Deviations, each optional: std is the unbiased sample std (as TRL), and a group whose rewards are all equal gets
+advantage 0 rather than 0/0; scale="none" drops the std division (Dr. GRPO); ε_low and ε_high may differ (DAPO's
+clip-higher).
+
+Each aggregation returns (numerator, denominator) so that a batch split into micro-batches sums numerators and
+denominators separately and gets exactly the full-batch loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """Advantages [N] from rewards [N] laid out as N/G groups of G consecutive rows."""
+    if group_size < 2:
+        raise ValueError(f"group_size G={group_size}: GRPO needs at least 2 samples per prompt to compare them")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)                               # [B, G]
+    centred = r - r.mean(dim=1, keepdim=True)                              # [B, G]
+    if scale == "none":
+        return centred.view(-1)
+    if scale != "group":
+        raise ValueError(f"unknown advantage scale {scale!r}; expected 'group' or 'none'")
+    std = r.std(dim=1, keepdim=True)                                       # [B, 1]
+    adv = torch.where(std > eps, centred / std.clamp_min(eps), torch.zeros_like(centred))
+    return adv.view(-1)                                                    # [N]
+
+
+def zero_std_groups(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """[B] bool: groups whose G rewards are all equal (they carry no learning signal)."""
+    return rewards.float().view(-1, group_size).std(dim=1) <= eps
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π_θ ‖ π_ref): exp(ref − θ) − (ref − θ) − 1, shape of the inputs."""
+    delta = ref_logprobs - logprobs                                        # [N, T]
+    return torch.exp(delta) - delta - 1
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      eps_low: float = 0.2, eps_high: float = 0.2):
+    """Per-token −min(ρA, clip(ρ)A) [N, T], the ratio ρ [N, T], and where the clipped branch was taken [N, T]."""
+    ratio = torch.exp(logprobs - old_logprobs)                             # [N, T]
+    adv = advantages.unsqueeze(-1)                                         # [N, 1]
+    unclipped = ratio * adv                                                # [N, T]
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv          # [N, T]
+    loss = -torch.minimum(unclipped, clipped)                              # [N, T]
+    return loss, ratio, clipped < unclipped
+
+
+def _sequence_mean(per_token, mask, max_tokens):
+    lengths = mask.sum(dim=1)                                              # [N]
+    per_seq = (per_token * mask).sum(dim=1) / lengths.clamp_min(1)         # [N]
+    return per_seq.sum(), (lengths > 0).sum()
+
+
+def _token_mean(per_token, mask, max_tokens):
+    return (per_token * mask).sum(), mask.sum()
+
+
+def _constant(per_token, mask, max_tokens):
+    return (per_token * mask).sum(), (mask.sum(dim=1) > 0).sum() * max_tokens
+
+
+AGGREGATIONS: dict[str, Callable] = {"sequence_mean": _sequence_mean, "token_mean": _token_mean,
+                                     "constant": _constant}
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_tokens: int = 1):
+    """(numerator, denominator) of the loss; mask [N, T] is 1 on tokens that count."""
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}; expected one of {sorted(AGGREGATIONS)}")
+    return AGGREGATIONS[mode](per_token, mask.to(per_token.dtype), max_tokens)
+
+
+def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
+                    advantages: torch.Tensor, completion_mask: torch.Tensor, beta: float = 0.04,
+                    eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token GRPO loss [N, T] and per-token statistics (kl, ratio, clipped) for logging."""
+    policy_loss, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high)
+    per_token = policy_loss                                                # [N, T]
+    kl = torch.zeros_like(logprobs)
+    if ref_logprobs is not None and beta:
+        kl = k3_kl(logprobs, ref_logprobs)                                 # [N, T]
+        per_token = per_token + beta * kl
+    mask = completion_mask.to(logprobs.dtype)
+    return per_token * mask, {"kl": kl.detach(), "ratio": ratio.detach(), "clipped": clipped.detach()}
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, beta: float = 0.04,
+              eps_low: float = 0.2, eps_high: float = 0.2, aggregation: str = "sequence_mean",
+              max_tokens: int | None = None) -> torch.Tensor:
+    """The full-batch GRPO loss (to minimise): aggregate(grpo_token_loss)."""
+    per_token, _ = grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, beta,
+                                   eps_low, eps_high)
+    num, den = aggregate(per_token, completion_mask, aggregation, max_tokens or logprobs.shape[1])
+    return num / den.clamp_min(1)

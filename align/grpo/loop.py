@@ -1,0 +1,219 @@
+"""`align grpo`: Group Relative Policy Optimization, no critic (DeepSeekMath §4.1; DeepSeek-V2 §4.2).
+
+One exploration stage, in data-flow order:
+
+    prompts   B rows, chosen by (seed, step) so a resumed run sees the same ones
+    rollouts  G completions per prompt from the current policy                           [B*G, C]
+    rewards   Σ_k c_k · r_k over the named reward functions                               [B*G]
+    advantage A_i = (r_i − mean_group r) / std_group r                                    [B*G]
+    update    μ epochs x `minibatches` optimizer steps of the clipped surrogate + β·k3 KL to π_ref
+    sync      hand the new weights to the rollout engine
+    metrics   reward per component, zero-std groups, KL, clip fraction, entropy, lengths, truncation, expert load
+
+The maths is in `core` (pure functions). Old log-probs: with μ = 1 and one minibatch the policy is still π_θold
+when the loss is taken, so the trainer's own detached log-probs serve (ρ = 1 exactly, its gradient is ∇ log π);
+otherwise they are computed once by the policy before the first update. The engine's sampling log-probs are kept
+on the rollouts (and their gap to the trainer's logged) for the mismatch correction of the vLLM engine; the loss
+never uses them. Log-probs use logits / sampling temperature, the distribution the completions were drawn from.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rewards.combine import score
+
+from .. import checkpoint as ckpt
+from ..config import ConfigError, config_to_dict
+from ..data import load_prompts
+from ..evaluate import accuracy
+from ..logprobs import forward_logprobs
+from ..metrics import MetricsLogger
+from ..moe import expert_balance_loss, expert_load, routing_kwargs
+from ..optim import build_optimizer, warmup_cosine
+from ..policy import check_model_dir, is_deepseek_v2, load_for_training, load_tokenizer
+from ..rollout.hf import HFEngine
+from ..sft import batch_indices
+from .config import GRPOConfig
+from .core import aggregate, group_advantages, grpo_token_loss, zero_std_groups
+from .reference import Reference
+
+
+def _prompt_batch(rows, cfg: GRPOConfig, step: int):
+    picked = [rows[i] for i in batch_indices(len(rows), cfg.prompts_per_step, step, cfg.seed)]
+    G = cfg.group_size
+    prompts = [r.messages for r in picked for _ in range(G)]                       # N prompts (repeated G times)
+    names = sorted({k for r in picked for k in r.columns})
+    columns = {k: [r.columns.get(k) for r in picked for _ in range(G)] for k in names}
+    return picked, prompts, columns
+
+
+def _policy_logprobs(model, batch: dict, rows: torch.Tensor, cfg: GRPOConfig, **kw):
+    return forward_logprobs(model, batch["input_ids"][rows], batch["n"], batch["attention_mask"][rows],
+                            chunk_tokens=cfg.logprob_chunk, temperature=cfg.sampling.temperature or 1.0, **kw)
+
+
+@torch.no_grad()
+def _logprobs_no_grad(model, batch: dict, cfg: GRPOConfig) -> torch.Tensor:
+    n_rows = batch["input_ids"].shape[0]
+    parts = [_policy_logprobs(model, batch, torch.arange(s, min(s + cfg.micro_batch_size, n_rows)), cfg).logprobs
+             for s in range(0, n_rows, cfg.micro_batch_size)]
+    return torch.cat(parts)                                                        # [N, C]
+
+
+def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConfig, moe, gen):
+    """μ epochs x minibatches optimizer steps over one batch of rollouts.
+
+    Returns statistics averaged over the updates, and the last micro-batch's router logits (for expert load).
+    """
+    n_rows = batch["input_ids"].shape[0]
+    mask = batch["loss_mask"]                                                      # [N, C]
+    stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/kl", "loss/clip_frac", "loss/balance",
+                                                     "policy/entropy", "policy/ratio", "train/grad_norm")}
+    router_logits = ()
+    for _ in range(cfg.inner_epochs):
+        order = torch.randperm(n_rows, generator=gen)
+        for rows in order.chunk(cfg.minibatches):
+            minibatch_loss = 0.0
+            den = aggregate(torch.zeros_like(mask[rows], dtype=torch.float), mask[rows], cfg.aggregation,
+                            batch["n"])[1].clamp_min(1)
+            for micro in rows.split(cfg.micro_batch_size):
+                out = _policy_logprobs(model, batch, micro, cfg, with_entropy=True, router_logits=moe is not None)
+                logprobs = out.logprobs                                             # [n, C]
+                old = batch["old_logprobs"][micro] if batch["old_logprobs"] is not None else logprobs.detach()
+                ref = batch["ref_logprobs"][micro] if batch["ref_logprobs"] is not None else None
+                per_token, tok = grpo_token_loss(logprobs, old, ref, batch["advantages"][micro], mask[micro],
+                                                 cfg.beta, cfg.clip_eps_low, cfg.clip_eps_high)
+                num, _ = aggregate(per_token, mask[micro], cfg.aggregation, batch["n"])
+                loss = num / den
+                balance = torch.zeros((), device=loss.device)
+                if moe is not None and cfg.balance_alpha > 0:
+                    balance = expert_balance_loss(out.router_logits, moe["top_k"], cfg.balance_alpha,
+                                                  batch["attention_mask"][micro].reshape(-1), **moe["routing"])
+                accelerator.backward(loss + balance * len(micro) / len(rows))
+                m = mask[micro].bool()
+                if m.any():
+                    stats["loss/kl"].append(tok["kl"][m].mean().item())
+                    stats["loss/clip_frac"].append(tok["clipped"][m].float().mean().item())
+                    stats["policy/ratio"].append(tok["ratio"][m].mean().item())
+                    stats["policy/entropy"].append(out.entropy[m].mean().item())
+                minibatch_loss += loss.item()
+                stats["loss/balance"].append(balance.item())
+                router_logits = out.router_logits
+            stats["loss/policy"].append(minibatch_loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            stats["train/grad_norm"].append(float(grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}, router_logits
+
+
+def train_grpo(cfg: GRPOConfig) -> dict:
+    """Run GRPO to `cfg.steps` (resuming from the newest checkpoint in output_dir); returns a summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # -- everything that can fail on bad input happens before the first write
+    check_model_dir(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path)
+    train_rows = [r for path in cfg.train_data for r in load_prompts(path)]
+    eval_rows = [r for path in cfg.eval_data for r in load_prompts(path)]
+    for r in eval_rows:
+        if r.columns.get("answer") is None:
+            raise ConfigError(f"{r.columns['row']}: eval_data rows need an 'answer' column for held-out accuracy")
+
+    accelerator = Accelerator()
+    if accelerator.num_processes > 1:
+        raise ConfigError("align grpo runs as one process for now (the hybrid-engine multi-GPU path is planned)")
+    set_seed(cfg.seed)
+    device = accelerator.device
+    resume = ckpt.latest_checkpoint(cfg.output_dir)
+    model = load_for_training(cfg.model, device, resume)
+    moe = None
+    if is_deepseek_v2(model.config):
+        moe = {"top_k": model.config.num_experts_per_tok, "routing": routing_kwargs(model.config)}
+    elif cfg.balance_alpha > 0:
+        raise ConfigError(f"balance_alpha={cfg.balance_alpha} needs a DeepSeek-V2 MoE model; {cfg.model.path} is "
+                          f"{model.config.model_type!r}")
+    reference = Reference(cfg.model, cfg.beta, device, cfg.ref_offload)
+    n_updates = cfg.steps * cfg.inner_epochs * cfg.minibatches
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, n_updates, cfg.warmup_steps, cfg.min_lr_ratio)
+    start, history = 0, {}
+    if resume is not None:
+        state = ckpt.load_training_state(resume, optimizer, scheduler)
+        start, history = state["step"], state.get("history", {})
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    engine = HFEngine(model, tokenizer)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + start)
+    log = MetricsLogger(cfg.output_dir, prefix="grpo ")
+    G, needs_old = cfg.group_size, cfg.inner_epochs > 1 or cfg.minibatches > 1
+    print(f"grpo: {len(train_rows)} prompts, {cfg.steps} steps of {cfg.prompts_per_step} x G={G}, "
+          f"{'resuming at step ' + str(start) if resume else 'new run'}", flush=True)
+    if eval_rows and start == 0:
+        history["accuracy_start"] = accuracy(engine, eval_rows, cfg.eval_max_new_tokens)["accuracy"]
+        log.log(0, {"eval/accuracy": history["accuracy_start"]})
+
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        # 1. rollouts: G completions per prompt from the current policy
+        picked, prompts, columns = _prompt_batch(train_rows, cfg, step)
+        rollouts = engine.generate([r.messages for r in picked], n=G, sampling=cfg.sampling)
+        t_gen = time.time()
+        # 2. rewards, per component and weighted total
+        scores = score(cfg.rewards, prompts, rollouts.completions, columns, columns["row"])
+        t_reward = time.time()
+        # 3. group-normalised advantages (optionally dropping groups with no signal)
+        advantages = group_advantages(scores.total, G, cfg.scale_rewards)           # [N]
+        zero = zero_std_groups(scores.total, G)                                     # [B]
+        if cfg.drop_zero_std_groups and zero.any():
+            keep = (~zero).repeat_interleave(G).nonzero().squeeze(-1)
+            rollouts, advantages = rollouts.select(keep), advantages[keep]
+        metrics = {**scores.metrics(), "reward/zero_std_frac": zero.float().mean().item(),
+                   "rollout/completion_len": rollouts.completion_mask.sum(1).float().mean().item(),
+                   "rollout/truncated_frac": rollouts.truncated.float().mean().item()}
+        if rollouts.completion_ids.shape[0] > 0:
+            # 4. token layout: prompt (left-padded) + completion (right-padded); loss on completion tokens
+            loss_mask = rollouts.completion_mask.clone()                            # [N, C]
+            if cfg.mask_truncated:
+                loss_mask[rollouts.truncated] = 0
+            batch = {"input_ids": torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1).to(device),
+                     "attention_mask": torch.cat([rollouts.prompt_mask, rollouts.completion_mask], 1).to(device),
+                     "loss_mask": loss_mask.to(device), "advantages": advantages.to(device),
+                     "n": rollouts.completion_ids.shape[1]}
+            # 5. old (only when the policy moves between minibatches) and reference log-probs, no grad
+            batch["old_logprobs"] = _logprobs_no_grad(model, batch, cfg) if needs_old else None
+            batch["ref_logprobs"] = reference.logprobs(
+                model, batch["input_ids"], batch["attention_mask"], batch["n"], cfg.logprob_chunk,
+                cfg.sampling.temperature or 1.0, cfg.micro_batch_size)
+            t_ref = time.time()
+            # 6. μ epochs of clipped-surrogate updates
+            update_stats, router_logits = _update(model, optimizer, scheduler, accelerator, batch, cfg, moe, gen)
+            metrics.update(update_stats)
+            if moe is not None:
+                metrics.update(expert_load(router_logits, moe["top_k"], None, **moe["routing"]))
+            metrics.update({"perf/ref_s": t_ref - t_reward, "perf/update_s": time.time() - t_ref})
+        # 7. weight sync to the rollout engine
+        engine.sync_weights(model)
+        metrics.update({"perf/generate_s": t_gen - t0, "perf/reward_s": t_reward - t_gen,
+                        "perf/step_s": time.time() - t0, "train/lr": scheduler.get_last_lr()[0]})
+        done = step + 1
+        if eval_rows and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+            history["accuracy_last"] = metrics["eval/accuracy"] = accuracy(
+                engine, eval_rows, cfg.eval_max_new_tokens)["accuracy"]
+        log.log(done, metrics)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+            ckpt.save_training_checkpoint(accelerator, model, tokenizer, cfg.output_dir, done, optimizer, scheduler,
+                                          {"history": history, "config": config_to_dict(cfg)}, cfg.keep_last)
+    final = ckpt.export_final(accelerator, model, tokenizer, Path(cfg.output_dir) / "final")
+    log.close()
+    summary = {"final": str(final), "steps": cfg.steps, **history}
+    if "accuracy_start" in history and "accuracy_last" in history:
+        print(f"grpo: held-out accuracy {history['accuracy_start']:.1%} -> {history['accuracy_last']:.1%}",
+              flush=True)
+    return summary

@@ -1,0 +1,53 @@
+"""Metrics: one JSON object per line in OUTPUT/metrics.jsonl (appended, so a resumed run continues the file), a short
+console line, and TensorBoard event files when `tensorboard` is installed. Names are namespaced: `loss/sft`,
+`reward/helpful`, `moe/load_max`."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True, prefix: str = ""):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.prefix = prefix
+        self.start = time.time()
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    def log(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time() - self.start, 3), **metrics}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if echo:
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            print(f"{self.prefix}step {step}: {shown}", flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

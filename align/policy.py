@@ -1,0 +1,209 @@
+"""Load a DeepSeek-V2 policy (any HF checkpoint directory) with transformers, optionally with LoRA through peft.
+
+Routed experts are one fused module per layer in transformers (`DeepseekV2Experts`: 3-D parameters `gate_up_proj`
+[E, 2I, H] and `down_proj` [E, H, I]); its kernel is chosen per device (`experts_impl`, measured in
+benchmarks/experts_impl.py: on CPU "eager" and "grouped_mm" are close and "batched_mm" several times slower; on GPU
+"grouped_mm").
+
+LoRA targets, by module name (peft `target_modules` as one regex, so nothing else is matched by accident):
+  * MLA: q_proj (Lite) or q_a_proj / q_b_proj (V2), kv_a_proj_with_mqa, kv_b_proj, o_proj;
+  * the dense first-layer MLP and the shared experts: gate_proj / up_proj / down_proj.
+Routed experts can only be adapted through peft's `target_parameters` on the fused 3-D tensors (`lora.experts=true`):
+peft then adds one low-rank pair per fused tensor (shared across all E experts of the layer, a rank-r update of the
+whole [E*2I, H] matrix), not one adapter per expert. By default routed experts stay frozen.
+
+peft (0.21) rewrites any target ending in `gate_proj` / `up_proj` / `down_proj` of a DeepSeek-V2 model onto the fused
+routed experts (its conversion for adapters trained on transformers v4), even a full-name regex, so the dense MLP and
+the shared experts would silently get no LoRA. `_exact_targets()` switches that conversion off while our adapter is
+created or loaded; tests/test_policy.py checks which modules end up adapted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .config import ConfigError, option, require
+
+ATTN_TARGETS = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    enabled: bool = option(False, "Train LoRA adapters instead of all weights (the reference is then adapters-off).")
+    r: int = option(16, "LoRA rank.")
+    alpha: int = option(32, "LoRA alpha (scale = alpha / r).")
+    dropout: float = option(0.0, "Dropout on the LoRA input.")
+    attention: bool = option(True, "Adapt the MLA projections (q / q_a / q_b, kv_a_proj_with_mqa, kv_b_proj, o_proj).")
+    mlp: bool = option(True, "Adapt the dense first-layer MLP and the shared experts (gate / up / down).")
+    experts: bool = option(False, "Adapt the fused routed-expert tensors through peft target_parameters.")
+
+    def validate(self) -> None:
+        require(self.r > 0, "lora.r", "a positive integer", self.r)
+        require(self.alpha > 0, "lora.alpha", "positive", self.alpha)
+        require(0 <= self.dropout < 1, "lora.dropout", "in [0, 1)", self.dropout)
+        require(self.attention or self.mlp or self.experts, "lora", "targeting something", "all targets off")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = option(help="A DeepSeek-V2 checkpoint directory (config.json + weights + tokenizer).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "Weights dtype: auto = bfloat16 on GPU, float32 on CPU.")
+    experts_impl: Literal["auto", "eager", "grouped_mm", "batched_mm"] = option(
+        "auto", "Routed-experts kernel: auto = grouped_mm on GPU, eager on CPU (see benchmarks/experts_impl.py).")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    lora: LoRAConfig = option(factory=LoRAConfig, help="LoRA settings.")
+
+    def validate(self) -> None:
+        require(bool(self.path), "model.path", "a checkpoint directory", self.path)
+        self.lora.validate()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_experts_impl(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "grouped_mm" if device.type == "cuda" else "eager"
+    return name
+
+
+def check_model_dir(path: str | Path) -> dict:
+    """Refuse an unusable model directory with a clear message; returns its config.json."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"model directory {path} does not exist (model.path)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"model directory {path} has no config.json: not an HF checkpoint directory")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{cfg_file}: unreadable ({e})") from None
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin")) + list(path.glob("*.safetensors.index.json"))
+    if not weights and not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"model directory {path} has no weights (*.safetensors or *.bin)")
+    return cfg
+
+
+def is_deepseek_v2(config) -> bool:
+    return getattr(config, "model_type", None) == "deepseek_v2"
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {path}: {e}") from None
+    if not tok.chat_template:
+        raise ConfigError(f"tokenizer in {path} has no chat template; align renders chats with the tokenizer's own")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def lora_target_regex(lora: LoRAConfig) -> str:
+    parts = []
+    if lora.attention:
+        parts.append(rf"self_attn\.({'|'.join(ATTN_TARGETS)})")
+    if lora.mlp:
+        parts.append(rf"mlp\.({'|'.join(MLP_TARGETS)})")
+        parts.append(rf"mlp\.shared_experts\.({'|'.join(MLP_TARGETS)})")
+    return rf".*\.layers\.\d+\.({'|'.join(parts)})" if parts else r"^$"
+
+
+@contextlib.contextmanager
+def _exact_targets():
+    """Create / load peft adapters with our target regex taken literally (see the module docstring)."""
+    try:
+        import peft.utils.transformers_weight_conversion as conv
+    except ImportError:  # older peft: no such conversion
+        yield
+        return
+    saved = conv.convert_peft_config_for_transformers
+    conv.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conv.convert_peft_config_for_transformers = saved
+
+
+def apply_lora(model, lora: LoRAConfig):
+    """Wrap `model` with peft LoRA on the configured DeepSeek-V2 modules / fused expert parameters."""
+    from peft import LoraConfig, get_peft_model
+
+    target_parameters = None
+    if lora.experts:
+        if not is_deepseek_v2(model.config):
+            raise ConfigError("lora.experts=true needs a DeepSeek-V2 model (fused routed experts)")
+        target_parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora_target_regex(lora), target_parameters=target_parameters,
+                          bias="none", task_type="CAUSAL_LM")
+    with _exact_targets():
+        return get_peft_model(model, peft_cfg)
+
+
+def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu", trainable: bool = True,
+                adapter: str | Path | None = None):
+    """Load the causal LM at `cfg.path` on `device` with the configured dtype, experts kernel and LoRA.
+
+    `adapter`: a saved LoRA adapter directory to resume from (loaded trainable).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    check_model_dir(cfg.path)
+    dtype = resolve_dtype(cfg.dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a causal LM from {cfg.path}: {e}") from None
+    if is_deepseek_v2(model.config) and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(resolve_experts_impl(cfg.experts_impl, device))
+    model.to(device)
+    if cfg.gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora.enabled:
+        if adapter is not None:
+            from peft import PeftModel
+
+            with _exact_targets():
+                model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        else:
+            model = apply_lora(model, cfg.lora)
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def causal_lm(model):
+    """The underlying `*ForCausalLM` of a (peft- or accelerate-) wrapped model."""
+    inner = getattr(model, "module", model)  # DDP
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner
+
+
+def load_for_training(cfg: ModelConfig, device, resume_from=None):
+    """The trainable policy: from `cfg.path`, or from a training checkpoint (full weights, or base + adapter)."""
+    if resume_from is None:
+        return load_policy(cfg, device)
+    if cfg.lora.enabled:
+        return load_policy(cfg, device, adapter=resume_from)
+    return load_policy(dataclasses.replace(cfg, path=str(resume_from)), device)

@@ -1,0 +1,68 @@
+"""What every rollout engine (transformers `generate`, vLLM) takes and returns.
+
+Layout of a batch of B prompts x G samples, N = B*G rows, completions of prompt b at rows b*G .. b*G+G-1:
+
+    prompt_ids        [N, P]  left-padded (prompt_mask 0 on padding)
+    completion_ids    [N, C]  right-padded; the stop token, when generated, is included and masked in
+    completion_mask   [N, C]  1 on generated tokens up to and including the first stop token
+    sampling_logprobs [N, C]  log-prob of each sampled token under the engine's sampling distribution
+                              (logits / temperature, before top-p truncation); may differ slightly from a training
+                              forward pass (kernels, precision): the loss always uses the trainer's own
+    truncated         [N]     True where max_new_tokens ran out before a stop token
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..config import option, require
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    temperature: float = option(1.0, "Sampling temperature (0 = greedy).")
+    top_p: float = option(1.0, "Nucleus sampling mass.")
+    max_new_tokens: int = option(64, "Completion length limit in tokens.")
+    stop: list[str] = option(factory=list, help="Extra stop strings (the tokenizer's EOS always stops).")
+    batch_size: int = option(256, "Sequences per generate call (memory bound).")
+
+    def validate(self) -> None:
+        require(self.temperature >= 0, "sampling.temperature", ">= 0", self.temperature)
+        require(0 < self.top_p <= 1, "sampling.top_p", "in (0, 1]", self.top_p)
+        require(self.max_new_tokens > 0, "sampling.max_new_tokens", "a positive integer", self.max_new_tokens)
+        require(self.batch_size > 0, "sampling.batch_size", "a positive integer", self.batch_size)
+
+
+@dataclass
+class Rollouts:
+    prompt_ids: torch.Tensor          # [N, P]
+    prompt_mask: torch.Tensor         # [N, P]
+    completion_ids: torch.Tensor      # [N, C]
+    completion_mask: torch.Tensor     # [N, C]
+    sampling_logprobs: torch.Tensor   # [N, C]
+    truncated: torch.Tensor           # [N] bool
+    completions: list[str]            # N decoded completions (stop token removed)
+    group_size: int                   # G
+
+    @property
+    def num_prompts(self) -> int:
+        return self.prompt_ids.shape[0] // self.group_size
+
+    def select(self, rows: torch.Tensor) -> "Rollouts":
+        """Rows `rows` (a 1-D index tensor), e.g. to drop whole groups; group_size is kept."""
+        idx = rows.tolist()
+        return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
+                        self.completion_mask[rows], self.sampling_logprobs[rows], self.truncated[rows],
+                        [self.completions[i] for i in idx], self.group_size)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[dict]], n: int, sampling: SamplingConfig) -> Rollouts:
+        """G = n completions for each chat prompt (a list of messages); rows grouped per prompt."""
+
+    def sync_weights(self, model) -> None:
+        """Make the engine sample from `model`'s current weights (after each optimizer step)."""

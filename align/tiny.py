@@ -1,0 +1,60 @@
+"""`align tiny OUT_DIR`: a small DeepSeek-V2 (MLA + MoE) with random weights and a tokenizer trained offline.
+
+The directory is an ordinary HF checkpoint: `AutoModelForCausalLM.from_pretrained(OUT_DIR)` and
+`AutoTokenizer.from_pretrained(OUT_DIR)` load it with no network. It runs the same transformers code paths as the
+236B model (MLA attention, shared + routed experts, top-k routing), only with small widths.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import DeepseekV2ForCausalLM
+
+from .checkpoint import atomic_dir
+from .presets import parameter_counts, preset_config
+from .resources import data_dir
+from .tokenizer import train_tokenizer
+
+
+def corpus_texts(folder: Path | None = None) -> list[str]:
+    """Every message text of the bundled JSONL datasets, rendered as chats (the tokenizer's training corpus)."""
+    folder = folder or data_dir()
+    texts = []
+    for path in sorted(folder.rglob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            for m in row.get("messages", []):
+                texts.append(("User: " if m["role"] == "user" else "Assistant: ") + m["content"])
+            for key in ("prompt", "chosen", "rejected", "completion"):
+                if isinstance(row.get(key), str):
+                    texts.append(row[key])
+    if not texts:
+        raise FileNotFoundError(f"no JSONL text found under {folder} to train the tokenizer on")
+    return texts
+
+
+def build_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, vocab_size: int | None = None) -> dict:
+    """Build and save the tiny model + tokenizer; returns a summary (parameter counts, vocab size)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
+    config = preset_config(preset)
+    tokenizer = train_tokenizer(corpus_texts(), vocab_size=vocab_size or config.vocab_size)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = DeepseekV2ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    total, active = parameter_counts(model)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return {"path": str(out), "preset": preset, "total_params": total, "active_params": active,
+            "vocab_size": len(tokenizer)}
