@@ -2,6 +2,8 @@
 
 Writes, next to this file:
   arith/{train,heldout}.jsonl    addition questions with a fixed final-answer format "Answer: N" (field `answer`)
+  arith/rl_prompts.jsonl         addition prompts (no assistant turn) with `answer`, disjoint from train and
+                                 held-out: the GRPO stage's prompts, as RL prompts in the paper are not SFT data
   helpful/{train,heldout}.jsonl  short helpful chats (facts, definitions, how-tos)
   safety/{train,heldout}.jsonl   polite refusals of plainly harmful requests
 Held-out arithmetic uses number pairs never seen in training; held-out helpful / safety rows use unseen subjects.
@@ -16,6 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MAX_OPERAND = 30  # operands are 0..MAX_OPERAND-1
 ARITH_HELDOUT = 100
+ARITH_RL = 300
 
 ARITH_PROMPTS = ["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "Calculate {a} plus {b}."]
 
@@ -62,7 +65,10 @@ def _chat(user: str, assistant: str, **extra) -> dict:
 def arithmetic(rng: random.Random) -> tuple[list[dict], list[dict]]:
     pairs = [(a, b) for a in range(MAX_OPERAND) for b in range(MAX_OPERAND)]
     rng.shuffle(pairs)
-    held, train = pairs[:ARITH_HELDOUT], pairs[ARITH_HELDOUT:]
+    held, rl, train = pairs[:ARITH_HELDOUT], pairs[ARITH_HELDOUT:ARITH_HELDOUT + ARITH_RL], \
+        pairs[ARITH_HELDOUT + ARITH_RL:]
+    write("arith/rl_prompts.jsonl", [{"prompt": [{"role": "user", "content": rng.choice(ARITH_PROMPTS).format(
+        a=a, b=b)}], "answer": str(a + b)} for a, b in rl])
 
     def row(a: int, b: int) -> dict:
         q = rng.choice(ARITH_PROMPTS).format(a=a, b=b)

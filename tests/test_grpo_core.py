@@ -1,0 +1,128 @@
+"""GRPO maths against hand-computed values and simple reference implementations."""
+
+import math
+
+import pytest
+import torch
+
+from align.grpo.core import (aggregate, clipped_surrogate, group_advantages, grpo_loss, grpo_token_loss, k3_kl,
+                             zero_std_groups)
+
+
+def test_advantages_hand_computed():
+    # group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(1/3) -> ±0.5*sqrt(3)
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4)
+    s = 0.5 * math.sqrt(3)
+    assert torch.allclose(adv, torch.tensor([s, -s, -s, s]), atol=1e-6)
+
+
+def test_advantages_all_equal_group_is_zero_not_nan():
+    adv = group_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 2.0]), 3)
+    assert torch.equal(adv[:3], torch.zeros(3))
+    assert torch.allclose(adv[3:], torch.tensor([-1.0, 0.0, 1.0]))
+    assert not adv.isnan().any()
+    assert zero_std_groups(torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 2.0]), 3).tolist() == [True, False]
+
+
+def test_advantages_single_outlier():
+    # [0,0,0,4]: mean 1, unbiased std sqrt(12/3)=2 -> [-0.5,-0.5,-0.5,1.5]
+    adv = group_advantages(torch.tensor([0.0, 0.0, 0.0, 4.0]), 4)
+    assert torch.allclose(adv, torch.tensor([-0.5, -0.5, -0.5, 1.5]))
+
+
+def test_advantages_without_std_division():
+    adv = group_advantages(torch.tensor([0.0, 0.0, 0.0, 4.0]), 4, scale="none")
+    assert torch.allclose(adv, torch.tensor([-1.0, -1.0, -1.0, 3.0]))
+
+
+def test_group_size_one_refused():
+    with pytest.raises(ValueError, match="G=1"):
+        group_advantages(torch.tensor([1.0, 2.0]), 1)
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(torch.tensor([1.0, 2.0]), 3)
+
+
+def test_k3_hand_computed_and_zero_at_equality():
+    lp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    # ref/θ = 0.5: 0.5 - log(0.5) - 1
+    assert torch.allclose(k3_kl(lp, ref), torch.tensor([0.5 - math.log(0.5) - 1]))
+    x = torch.randn(4, 5)
+    assert torch.equal(k3_kl(x, x), torch.zeros(4, 5))
+    assert (k3_kl(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+def test_clipped_surrogate_hand_computed():
+    old = torch.zeros(1, 4)
+    lp = torch.log(torch.tensor([[0.5, 0.9, 1.1, 1.5]]))        # ratios
+    # A = +1: -min(ρ, clip(ρ, 0.8, 1.2)) = [-0.5, -0.9, -1.1, -1.2]
+    loss, ratio, clipped = clipped_surrogate(lp, old, torch.tensor([1.0]), eps_low=0.2, eps_high=0.2)
+    assert torch.allclose(loss, torch.tensor([[-0.5, -0.9, -1.1, -1.2]]), atol=1e-6)
+    assert clipped.tolist() == [[False, False, False, True]]
+    # A = -1: -min(-ρ, -clip(ρ)) = max(ρ, clip(ρ)) = [0.8, 0.9, 1.1, 1.5]
+    loss, _, clipped = clipped_surrogate(lp, old, torch.tensor([-1.0]), eps_low=0.2, eps_high=0.2)
+    assert torch.allclose(loss, torch.tensor([[0.8, 0.9, 1.1, 1.5]]), atol=1e-6)
+    assert clipped.tolist() == [[True, False, False, False]]
+    # separate high clip (DAPO clip-higher): 1.5 clipped at 1.28 for A>0
+    loss, _, _ = clipped_surrogate(lp, old, torch.tensor([1.0]), eps_low=0.2, eps_high=0.28)
+    assert loss[0, 3].item() == pytest.approx(-1.28, abs=1e-6)
+
+
+def test_aggregations_hand_computed():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    num, den = aggregate(per_token, mask, "sequence_mean")
+    assert (num / den).item() == pytest.approx((2.0 + 4.0) / 2)
+    num, den = aggregate(per_token, mask, "token_mean")
+    assert (num / den).item() == pytest.approx(10.0 / 4)
+    num, den = aggregate(per_token, mask, "constant", max_tokens=5)
+    assert (num / den).item() == pytest.approx(10.0 / (2 * 5))
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        aggregate(per_token, mask, "median")
+
+
+@pytest.mark.parametrize("mode", ["sequence_mean", "token_mean", "constant"])
+def test_microbatch_split_equals_full_batch(mode):
+    torch.manual_seed(0)
+    per_token = torch.randn(6, 7)
+    mask = (torch.rand(6, 7) > 0.3).long()
+    num, den = aggregate(per_token, mask, mode, 7)
+    parts = [aggregate(per_token[i:i + 2], mask[i:i + 2], mode, 7) for i in (0, 2, 4)]
+    total_den = sum(p[1] for p in parts)
+    assert torch.allclose(sum(p[0] / total_den for p in parts), num / den)
+
+
+def _reference_loss(lp, old, ref, adv, mask, beta, eps):
+    """A plain loop over outputs and tokens, written straight from DeepSeekMath's objective."""
+    total = 0.0
+    for i in range(len(lp)):
+        toks = [t for t in range(len(lp[i])) if mask[i][t]]
+        s = 0.0
+        for t in toks:
+            r = math.exp(lp[i][t] - old[i][t])
+            surr = min(r * adv[i], max(min(r, 1 + eps), 1 - eps) * adv[i])
+            q = math.exp(ref[i][t] - lp[i][t])
+            s += -(surr - beta * (q - math.log(q) - 1))
+        total += s / len(toks)
+    return total / len(lp)
+
+
+def test_grpo_loss_matches_reference_implementation():
+    torch.manual_seed(1)
+    lp, old, ref = torch.randn(4, 6) * 0.3 - 1, torch.randn(4, 6) * 0.3 - 1, torch.randn(4, 6) * 0.3 - 1
+    adv = torch.randn(4)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    got = grpo_loss(lp, old, ref, adv, mask, beta=0.04, eps_low=0.2, eps_high=0.2)
+    want = _reference_loss(lp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.04, 0.2)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_ratio_one_and_kl_zero_at_identity():
+    lp = torch.randn(3, 5, requires_grad=True)
+    per_token, stats = grpo_token_loss(lp, lp.detach(), lp.detach(), torch.tensor([1.0, -1.0, 0.5]),
+                                       torch.ones(3, 5), beta=0.04)
+    assert torch.equal(stats["ratio"], torch.ones(3, 5))
+    assert torch.equal(stats["kl"], torch.zeros(3, 5))
+    # gradient of the surrogate at ρ = 1 is −A ∇log π (per token, before aggregation)
+    per_token.sum().backward()
+    assert torch.allclose(lp.grad, -torch.tensor([1.0, -1.0, 0.5]).unsqueeze(1).expand(3, 5))
