@@ -156,10 +156,10 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -203,7 +203,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     source = str(path) if path else "<command line>"
     if extra:
         source = f"{source} + overrides" if path else source
-    return build_config(cls, _merge(values, extra), source, lines)
+    return build_config(cls, merge_dicts(values, extra), source, lines)
 
 
 def config_to_dict(cfg: Any) -> dict:

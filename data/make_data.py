@@ -7,6 +7,11 @@ Writes, next to this file:
   helpful/{train,heldout}.jsonl  short helpful chats (facts, definitions, how-tos)
   safety/{train,heldout}.jsonl   polite refusals of plainly harmful requests
 Held-out arithmetic uses number pairs never seen in training; held-out helpful / safety rows use unseen subjects.
+
+The SFT arithmetic chats are imperfect demonstrations on purpose: in ARITH_NOISE of them the final "Answer:" line
+disagrees with the (correct) sum worked out just before it, as human-written demonstrations carry slips. An SFT model
+imitates those slips; the GRPO stage's verifiable exact-answer reward is what removes them (the paper's reason for
+RL after SFT). Held-out rows and RL prompts carry the true `answer`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MAX_OPERAND = 30  # operands are 0..MAX_OPERAND-1
 ARITH_HELDOUT = 100
-ARITH_RL = 300
+ARITH_RL = 200
+ARITH_NOISE = 0.25
 
 ARITH_PROMPTS = ["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "Calculate {a} plus {b}."]
 
@@ -70,11 +76,15 @@ def arithmetic(rng: random.Random) -> tuple[list[dict], list[dict]]:
     write("arith/rl_prompts.jsonl", [{"prompt": [{"role": "user", "content": rng.choice(ARITH_PROMPTS).format(
         a=a, b=b)}], "answer": str(a + b)} for a, b in rl])
 
-    def row(a: int, b: int) -> dict:
+    def row(a: int, b: int, noise: float = 0.0) -> dict:
         q = rng.choice(ARITH_PROMPTS).format(a=a, b=b)
-        return _chat(q, f"{a} + {b} = {a + b}. Answer: {a + b}", answer=str(a + b))
+        final = a + b
+        if rng.random() < noise:  # a slip in the final line only
+            final = max(0, a + b + rng.choice([-2, -1, 1, 2]))
+            final = final if final != a + b else a + b + 1
+        return _chat(q, f"{a} + {b} = {a + b}. Answer: {final}", answer=str(a + b))
 
-    return [row(a, b) for a, b in train], [row(a, b) for a, b in held]
+    return [row(a, b, ARITH_NOISE) for a, b in train], [row(a, b) for a, b in held]
 
 
 def helpful(rng: random.Random) -> tuple[list[dict], list[dict]]:

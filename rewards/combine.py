@@ -74,6 +74,16 @@ def _check_output(name: str, values, n: int, rows: list[str]) -> list[float | No
     return out
 
 
+def check_columns(specs: list[RewardSpec], rows: list[dict]) -> None:
+    """Before any work: every row has every column each reward requires. rows: column dicts with a 'row' label."""
+    for spec in specs:
+        for col in _required_columns(spec.load()):
+            for r in rows:
+                if r.get(col) is None:
+                    raise RewardError(f"reward '{spec.name}' needs column '{col}', which {r.get('row', 'a row')} "
+                                      f"does not have")
+
+
 def score(specs: list[RewardSpec], prompts: list[str], completions: list[str], columns: dict[str, list],
           rows: list[str]) -> Scores:
     """Run every reward on the batch. columns: name -> one value per completion; rows: a label per completion."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from rewards.combine import score
+from rewards.combine import RewardError, check_columns, score
 
 from .. import checkpoint as ckpt
 from ..config import ConfigError, config_to_dict
@@ -125,6 +125,10 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     for r in eval_rows:
         if r.columns.get("answer") is None:
             raise ConfigError(f"{r.columns['row']}: eval_data rows need an 'answer' column for held-out accuracy")
+    try:
+        check_columns(cfg.rewards, [r.columns for r in train_rows])
+    except RewardError as e:
+        raise ConfigError(str(e)) from None
 
     accelerator = Accelerator()
     if accelerator.num_processes > 1:
@@ -150,7 +154,6 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     engine = HFEngine(model, tokenizer)
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + start)
     log = MetricsLogger(cfg.output_dir, prefix="grpo ")
     G, needs_old = cfg.group_size, cfg.inner_epochs > 1 or cfg.minibatches > 1
     print(f"grpo: {len(train_rows)} prompts, {cfg.steps} steps of {cfg.prompts_per_step} x G={G}, "
@@ -193,6 +196,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                 cfg.sampling.temperature or 1.0, cfg.micro_batch_size)
             t_ref = time.time()
             # 6. μ epochs of clipped-surrogate updates
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # minibatch order: a function of step
             update_stats, router_logits = _update(model, optimizer, scheduler, accelerator, batch, cfg, moe, gen)
             metrics.update(update_stats)
             if moe is not None:

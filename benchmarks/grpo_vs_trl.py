@@ -1,0 +1,134 @@
+"""Side-by-side GRPO step time and peak RSS: align vs TRL's GRPOTrainer, same tiny DeepSeek-V2, same everything.
+
+    pip install -e ".[bench]"          # TRL is a benchmark-only extra
+    python benchmarks/grpo_vs_trl.py [--model DIR] [--steps 6] [--prompts 8] [--group 8] [--new-tokens 24]
+
+Both run in their own subprocess (so peak RSS is each one's own) with the same model directory, prompts, G, prompt
+count per step, completion length, lr, β, temperature, HF `generate` for rollouts, one update per generation (μ = 1),
+fp32 on CPU, two threads. The first step of each is warm-up and not timed. Prints seconds per step (median),
+peak RSS and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ROOT / "data" / "arith" / "rl_prompts.jsonl"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_align(args) -> dict:
+    from align.config import load_config
+    from align.grpo.config import GRPOConfig
+    from align.grpo.loop import train_grpo
+    from align.metrics import read_metrics
+
+    out = Path(tempfile.mkdtemp()) / "align"
+    cfg = load_config(GRPOConfig, None, [
+        f"model.path={args.model}", f"output_dir={out}", f"train_data=[{PROMPTS}]",
+        "rewards=[{name: exact_answer, weight: 1.0}]", f"group_size={args.group}",
+        f"prompts_per_step={args.prompts}", f"steps={args.steps}", f"sampling.max_new_tokens={args.new_tokens}",
+        "sampling.temperature=1.0", f"lr={args.lr}", f"beta={args.beta}", "save_every=0", "eval_every=0",
+        f"micro_batch_size={args.prompts * args.group}", "balance_alpha=0"])
+    train_grpo(cfg)
+    times = [r["perf/step_s"] for r in read_metrics(out) if "perf/step_s" in r][1:]
+    return {"sec_per_step": statistics.median(times), "steps_timed": len(times), "peak_rss_mb": peak_rss_mb()}
+
+
+def run_trl(args) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from align.policy import load_tokenizer
+    from rewards.math import exact_answer
+
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines()]
+    ds = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+
+    def reward(prompts, completions, answer, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return exact_answer(prompts, texts, answer)
+
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamps.append(time.time())
+
+    tok = load_tokenizer(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.prompts * args.group,
+                     num_generations=args.group, max_completion_length=args.new_tokens, learning_rate=args.lr,
+                     beta=args.beta, temperature=1.0, max_steps=args.steps, num_iterations=1, logging_steps=1,
+                     save_strategy="no", report_to=[], use_cpu=True, bf16=False, gradient_accumulation_steps=1,
+                     seed=0, lr_scheduler_type="constant", warmup_steps=0, disable_tqdm=True,
+                     dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok,
+                          callbacks=[Stamp()])
+    start = time.time()
+    trainer.train()
+    edges = [start] + stamps
+    times = [b - a for a, b in zip(edges, edges[1:])][1:]
+    return {"sec_per_step": statistics.median(times), "steps_timed": len(times), "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="tiny DeepSeek-V2 directory (default: build one)")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--impl", choices=["align", "trl"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+
+    torch.set_num_threads(2)
+    if args.impl:
+        result = run_align(args) if args.impl == "align" else run_trl(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    if args.model is None:
+        from align.tiny import build_tiny
+
+        args.model = str(Path(tempfile.mkdtemp()) / "tiny")
+        build_tiny(args.model)
+    results = {}
+    for impl in ("align", "trl"):
+        cmd = [sys.executable, __file__, "--impl", impl, "--model", args.model, "--steps", str(args.steps),
+               "--prompts", str(args.prompts), "--group", str(args.group), "--new-tokens", str(args.new_tokens),
+               "--lr", str(args.lr), "--beta", str(args.beta)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not line:
+            sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
+        results[impl] = json.loads(line[-1][7:])
+    a, t = results["align"], results["trl"]
+    print(f"GRPO on a tiny DeepSeek-V2, {args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, "
+          f"HF generate, CPU ({torch.get_num_threads()} threads)")
+    print(f"{'':8}{'s/step (median)':>18}{'peak RSS MB':>14}")
+    for name, r in results.items():
+        print(f"{name:8}{r['sec_per_step']:>18.3f}{r['peak_rss_mb']:>14.0f}")
+    print(f"ratio align/trl: time {a['sec_per_step'] / t['sec_per_step']:.2f}x, "
+          f"peak RSS {a['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Reward registry and the checks on reward outputs (named reward, named row)."""
+
+import math
+
+import pytest
+
+from rewards import RewardError, RewardSpec, get_reward, reward, score
+from rewards.math import exact_answer, extract_answer
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("3 + 4 = 7. Answer: 7", "7"), ("so \\boxed{12}", "12"), ("the result is 42", "42"),
+    ("Answer: 1,024", "1,024"), ("Answer: 3.", "3"), ("no number", None), ("Answer: 5\nAnswer: 6", "6"),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_exact_answer_reward():
+    assert exact_answer(None, ["Answer: 7", "Answer: 07", "Answer: 8", "x"], ["7", "7", "7", "7"]) == [1, 1, 0, 0]
+
+
+@reward("test_len")
+def _length(prompts, completions, **_):
+    return [float(len(c)) for c in completions]
+
+
+def test_lookup_by_name_and_module_path():
+    assert get_reward("exact_answer") is exact_answer
+    assert get_reward("test_len") is _length
+    assert get_reward("rewards.math:exact_answer") is exact_answer
+    with pytest.raises(KeyError, match="unknown reward 'nope'"):
+        get_reward("nope")
+    with pytest.raises(KeyError, match="cannot import"):
+        get_reward("rewards.math:nope")
+
+
+def test_weighted_total_and_components():
+    s = score([RewardSpec("exact_answer", 2.0), RewardSpec("test_len", 0.5)], ["p", "p"], ["Answer: 1", "ab"],
+              {"answer": ["1", "1"]}, ["r1", "r2"])
+    assert s.total.tolist() == [2.0 + 0.5 * 9, 0.5 * 2]
+    assert s.metrics()["reward/exact_answer"] == 0.5
+
+
+def bad_count(prompts, completions, **_):
+    return [1.0]
+
+
+def nan_reward(prompts, completions, **_):
+    return [1.0, math.nan]
+
+
+def raises(prompts, completions, **_):
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("fn,message", [
+    ("tests.test_rewards:bad_count", "reward 'tests.test_rewards:bad_count' returned 1 scores for 2 completions"),
+    ("tests.test_rewards:nan_reward", "reward 'tests.test_rewards:nan_reward' returned nan for data.jsonl:row 2"),
+    ("tests.test_rewards:raises", "reward 'tests.test_rewards:raises' raised RuntimeError: boom"),
+])
+def test_bad_reward_outputs_are_named(fn, message):
+    with pytest.raises(RewardError, match=message.replace("(", r"\(")):
+        score([RewardSpec(fn)], ["p", "p"], ["a", "b"], {}, ["data.jsonl:row 1", "data.jsonl:row 2"])
+
+
+def test_missing_column_names_reward_and_row():
+    with pytest.raises(RewardError, match="reward 'exact_answer' needs column 'answer', which d.jsonl:row 2"):
+        score([RewardSpec("exact_answer")], ["p", "p"], ["a", "b"], {"answer": ["1", None]},
+              ["d.jsonl:row 1", "d.jsonl:row 2"])
+    with pytest.raises(RewardError, match="needs column 'answer'"):
+        score([RewardSpec("exact_answer")], ["p"], ["a"], {}, ["d.jsonl:row 1"])
+
+
+def test_none_is_excluded_not_zero():
+    def partial(prompts, completions, **_):
+        return [None, 1.0, 3.0]
+
+    import sys
+    sys.modules[__name__].partial = partial
+    s = score([RewardSpec(f"{__name__}:partial")], ["p"] * 3, ["a"] * 3, {}, ["r"] * 3)
+    assert s.metrics()[f"reward/{__name__}:partial"] == 2.0

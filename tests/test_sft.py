@@ -1,0 +1,108 @@
+"""SFT end to end on the tiny model: loss falls, resume equals an uninterrupted run, bad input writes nothing."""
+
+import json
+import shutil
+
+import pytest
+
+from align.checkpoint import list_checkpoints
+from align.cli import main
+from align.config import ConfigError, load_config
+from align.data import DataError
+from align.metrics import read_metrics
+from align.sft import SFTConfig, batch_indices, train_sft
+
+from .conftest import DATA, chat, write_jsonl
+
+
+def _cfg(tiny_dir, out, *extra):
+    return load_config(SFTConfig, None, [f"model.path={tiny_dir}", f"output_dir={out}",
+                                         f"train_data=[{DATA}/arith/train.jsonl]",
+                                         f"eval_data=[{DATA}/arith/heldout.jsonl]", "lr=2e-3", "max_steps=6",
+                                         "batch_size=8", "save_every=3", "keep_last=0", "eval_every=0",
+                                         "warmup_ratio=0.2", *extra])
+
+
+def test_sft_lowers_heldout_loss_and_writes_hf_dirs(tiny_dir, tmp_path):
+    summary = train_sft(_cfg(tiny_dir, tmp_path / "run", "max_steps=12"))
+    assert summary["heldout_end"] < summary["heldout_start"] * 0.75
+    final = tmp_path / "run" / "final"
+    assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
+    assert (final / "tokenizer_config.json").is_file()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000003", "step-0000006",
+                                                                      "step-0000009", "step-0000012"]
+    rows = read_metrics(tmp_path / "run")
+    assert {"loss/sft", "loss/balance", "moe/load_max", "train/lr"} <= set(rows[1])
+
+
+def test_resume_gives_the_same_next_losses(tiny_dir, tmp_path):
+    full = tmp_path / "full"
+    train_sft(_cfg(tiny_dir, full))
+    # an "interrupted" run: the same directory as it stood right after the step-3 checkpoint
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-0000006")
+    shutil.rmtree(cut / "final")
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= 3))
+    train_sft(_cfg(tiny_dir, cut))
+    a = {r["step"]: r for r in read_metrics(full) if "loss/sft" in r}
+    b = {r["step"]: r for r in read_metrics(cut) if "loss/sft" in r}
+    for step in (4, 5, 6):
+        assert b[step]["loss/sft"] == pytest.approx(a[step]["loss/sft"], rel=1e-5, abs=1e-6), step
+
+
+def test_lora_sft_checkpoint_is_adapter_only_and_final_is_merged(tiny_dir, tmp_path):
+    train_sft(_cfg(tiny_dir, tmp_path / "lora", "model.lora.enabled=true", "max_steps=3"))
+    ck = tmp_path / "lora" / "checkpoints" / "step-0000003"
+    assert (ck / "adapter_config.json").is_file() and not (ck / "model.safetensors").exists()
+    final = tmp_path / "lora" / "final"
+    assert (final / "model.safetensors").is_file() and (final / "adapter" / "adapter_config.json").is_file()
+
+
+def test_batch_order_is_a_function_of_step():
+    seen = [i for s in range(5) for i in batch_indices(10, 4, s, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert batch_indices(10, 4, 3, 3) == batch_indices(10, 4, 3, 3)
+
+
+def test_malformed_row_stops_before_anything_is_written(tiny_dir, tmp_path):
+    rows = [chat(f"q{i}", f"a{i}") for i in range(1000)]
+    rows[411] = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "out"
+    cfg = load_config(SFTConfig, None, [f"model.path={tiny_dir}", f"output_dir={out}", f"train_data=[{data}]"])
+    with pytest.raises(DataError, match=r"d.jsonl:row 412: field 'messages\[1\].content' is empty"):
+        train_sft(cfg)
+    assert not out.exists()
+
+
+def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["sft", f"model.path={tiny_dir}", f"output_dir={out}", f"train_data=[{DATA}/arith/train.jsonl]",
+                 "learning_rate=1"]) == 2
+    assert "unknown key 'learning_rate'" in capsys.readouterr().err
+    assert main(["sft", f"model.path={tmp_path}/missing", f"output_dir={out}",
+                 f"train_data=[{DATA}/arith/train.jsonl]"]) == 2
+    assert "model directory" in capsys.readouterr().err
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "config.json").write_text("{")
+    assert main(["sft", f"model.path={tmp_path}/unreadable", f"output_dir={out}",
+                 f"train_data=[{DATA}/arith/train.jsonl]"]) == 2
+    assert "unreadable" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_balance_loss_refused_for_a_dense_model(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from align.policy import load_tokenizer
+    from align.tiny import build_tiny
+
+    build_tiny(tmp_path / "t")
+    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    load_tokenizer(tmp_path / "t").save_pretrained(tmp_path / "llama")
+    cfg = _cfg(tmp_path / "llama", tmp_path / "out", "balance_alpha=0.01")
+    with pytest.raises(ConfigError, match="needs a DeepSeek-V2 MoE model"):
+        train_sft(cfg)
