@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="held-out arithmetic accuracy of a model directory")
     e.add_argument("model")
     e.add_argument("--data", default=None, help="prompt file with an `answer` column (default: bundled held-out)")
-    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--limit", type=int, default=0)
     e.set_defaults(func=_cmd_eval)
 

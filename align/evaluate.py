@@ -10,7 +10,7 @@ from .rollout.hf import HFEngine
 from .rollout.protocol import SamplingConfig
 
 
-def accuracy(engine, rows: list[PromptRow], max_new_tokens: int = 32, batch_size: int = 128) -> dict:
+def accuracy(engine, rows: list[PromptRow], max_new_tokens: int = 64, batch_size: int = 128) -> dict:
     from rewards.math import exact_answer
 
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -24,7 +24,7 @@ def accuracy(engine, rows: list[PromptRow], max_new_tokens: int = 32, batch_size
             "truncated": out.truncated.float().mean().item(), "examples": out.completions[:3]}
 
 
-def evaluate_arithmetic(model_dir: str, data: str | None = None, max_new_tokens: int = 32, limit: int = 0) -> dict:
+def evaluate_arithmetic(model_dir: str, data: str | None = None, max_new_tokens: int = 64, limit: int = 0) -> dict:
     """Accuracy of the model in `model_dir` on the bundled held-out arithmetic (or `data`)."""
     from .policy import ModelConfig, load_policy, load_tokenizer
 

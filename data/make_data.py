@@ -8,10 +8,9 @@ Writes, next to this file:
   safety/{train,heldout}.jsonl   polite refusals of plainly harmful requests
 Held-out arithmetic uses number pairs never seen in training; held-out helpful / safety rows use unseen subjects.
 
-The SFT arithmetic chats are imperfect demonstrations on purpose: in ARITH_NOISE of them the final "Answer:" line
-disagrees with the (correct) sum worked out just before it, as human-written demonstrations carry slips. An SFT model
-imitates those slips; the GRPO stage's verifiable exact-answer reward is what removes them (the paper's reason for
-RL after SFT). Held-out rows and RL prompts carry the true `answer`.
+Arithmetic answers work digit by digit, then state the result ("47 + 38: 7 + 8 = 15, 4 + 3 + 1 = 8. Answer: 85"), so
+every problem reuses the same single-digit facts and carry procedure: what the RL stage sharpens on its prompts
+carries over to unseen held-out pairs.
 """
 
 from __future__ import annotations
@@ -21,10 +20,10 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MAX_OPERAND = 30  # operands are 0..MAX_OPERAND-1
-ARITH_HELDOUT = 100
-ARITH_RL = 200
-ARITH_NOISE = 0.25
+MAX_OPERAND = 100  # operands are 0..MAX_OPERAND-1
+ARITH_HELDOUT = 200
+ARITH_RL = 500
+ARITH_TRAIN = 1500
 
 ARITH_PROMPTS = ["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "Calculate {a} plus {b}."]
 
@@ -71,20 +70,24 @@ def _chat(user: str, assistant: str, **extra) -> dict:
 def arithmetic(rng: random.Random) -> tuple[list[dict], list[dict]]:
     pairs = [(a, b) for a in range(MAX_OPERAND) for b in range(MAX_OPERAND)]
     rng.shuffle(pairs)
-    held, rl, train = pairs[:ARITH_HELDOUT], pairs[ARITH_HELDOUT:ARITH_HELDOUT + ARITH_RL], \
-        pairs[ARITH_HELDOUT + ARITH_RL:]
+    held, rl = pairs[:ARITH_HELDOUT], pairs[ARITH_HELDOUT:ARITH_HELDOUT + ARITH_RL]
+    train = pairs[ARITH_HELDOUT + ARITH_RL:ARITH_HELDOUT + ARITH_RL + ARITH_TRAIN]
     write("arith/rl_prompts.jsonl", [{"prompt": [{"role": "user", "content": rng.choice(ARITH_PROMPTS).format(
         a=a, b=b)}], "answer": str(a + b)} for a, b in rl])
 
-    def row(a: int, b: int, noise: float = 0.0) -> dict:
+    def row(a: int, b: int) -> dict:
         q = rng.choice(ARITH_PROMPTS).format(a=a, b=b)
-        final = a + b
-        if rng.random() < noise:  # a slip in the final line only
-            final = max(0, a + b + rng.choice([-2, -1, 1, 2]))
-            final = final if final != a + b else a + b + 1
-        return _chat(q, f"{a} + {b} = {a + b}. Answer: {final}", answer=str(a + b))
+        return _chat(q, worked_sum(a, b), answer=str(a + b))
 
-    return [row(a, b, ARITH_NOISE) for a, b in train], [row(a, b) for a, b in held]
+    return [row(a, b) for a, b in train], [row(a, b) for a, b in held]
+
+
+def worked_sum(a: int, b: int) -> str:
+    """Units, then tens with the carry: "47 + 38: 7 + 8 = 15, 4 + 3 + 1 = 8. Answer: 85"."""
+    units = a % 10 + b % 10
+    carry = " + 1" if units >= 10 else ""
+    tens = a // 10 + b // 10 + units // 10
+    return f"{a} + {b}: {a % 10} + {b % 10} = {units}, {a // 10} + {b // 10}{carry} = {tens}. Answer: {a + b}"
 
 
 def helpful(rng: random.Random) -> tuple[list[dict], list[dict]]:

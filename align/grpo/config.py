@@ -43,7 +43,7 @@ class GRPOConfig:
     balance_alpha: float = option(0.0, "α of the expert-level balance loss during RL (0: off).")
     ref_offload: bool = option(False, "Keep the frozen reference on CPU between uses (full fine-tuning only).")
     eval_every: int = option(10, "Steps between held-out accuracy evaluations (0: start and end only).")
-    eval_max_new_tokens: int = option(32, "Completion length for held-out evaluation.")
+    eval_max_new_tokens: int = option(64, "Completion length for held-out evaluation.")
     save_every: int = option(10, "Steps between checkpoints (0: only at the end).")
     keep_last: int = option(2, "Checkpoints kept (0: all).")
     logprob_chunk: int = option(1024, "Tokens per LM-head chunk.")

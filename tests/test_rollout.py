@@ -1,0 +1,62 @@
+"""The HF rollout engine: layout, completion masks, truncation flags, sampling log-probs."""
+
+import torch
+
+from align.grpo.reference import Reference
+from align.logprobs import forward_logprobs
+from align.policy import ModelConfig, load_policy
+from align.rollout.hf import HFEngine, completion_mask_from_stops
+from align.rollout.protocol import SamplingConfig
+
+PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "content": "Hi, how do I make tea?"}]]
+
+
+def test_completion_mask_hand_computed():
+    ids = torch.tensor([[5, 6, 2, 0, 0], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]])  # 2 = stop, 0 = pad
+    mask, truncated = completion_mask_from_stops(ids, [2])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+
+
+def test_generate_layout_and_logprobs_match_the_trainer(tiny_dir, tokenizer):
+    torch.manual_seed(0)
+    model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
+    out = HFEngine(model, tokenizer).generate(PROMPTS, n=3, sampling=SamplingConfig(max_new_tokens=6))
+    n, c = out.completion_ids.shape
+    assert n == 6 and out.group_size == 3 and out.num_prompts == 2 and c <= 6
+    assert torch.equal(out.prompt_ids[0], out.prompt_ids[2]) and out.prompt_mask[0, 0] == 0  # repeated, left-padded
+    assert len(out.completions) == 6 and out.truncated.dtype == torch.bool
+    ids = torch.cat([out.prompt_ids, out.completion_ids], 1)
+    mask = torch.cat([out.prompt_mask, out.completion_mask], 1)
+    trainer = forward_logprobs(model, ids, c, mask).logprobs
+    m = out.completion_mask.bool()
+    assert torch.allclose(trainer[m], out.sampling_logprobs[m], atol=1e-4)
+    assert (out.sampling_logprobs[~m] == 0).all()
+
+
+def test_greedy_is_deterministic_and_stops_at_eos(tiny_dir, tokenizer):
+    model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
+    engine = HFEngine(model, tokenizer)
+    a = engine.generate(PROMPTS, n=1, sampling=SamplingConfig(temperature=0, max_new_tokens=5))
+    b = engine.generate(PROMPTS, n=1, sampling=SamplingConfig(temperature=0, max_new_tokens=5))
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    for ids, m, t in zip(a.completion_ids, a.completion_mask, a.truncated):
+        kept = ids[m.bool()].tolist()
+        assert t or kept[-1] == tokenizer.eos_token_id
+
+
+def test_select_keeps_rows():
+    from align.rollout.protocol import Rollouts
+
+    z = torch.zeros(4, 3, dtype=torch.long)
+    r = Rollouts(z, z, z + torch.arange(4).unsqueeze(1), z, z.float(), torch.zeros(4, dtype=torch.bool),
+                 ["a", "b", "c", "d"], 2)
+    s = r.select(torch.tensor([2, 3]))
+    assert s.completions == ["c", "d"] and s.completion_ids[:, 0].tolist() == [2, 3] and s.num_prompts == 1
+
+
+def test_beta_zero_loads_no_reference(tiny_dir):
+    ref = Reference(ModelConfig(path=str(tiny_dir)), beta=0.0, device="cpu")
+    assert ref.model is None and ref.logprobs(None, None, None, 1, 8, 1.0, 8) is None
+    full = Reference(ModelConfig(path=str(tiny_dir)), beta=0.04, device="cpu")
+    assert full.model is not None and not any(p.requires_grad for p in full.model.parameters())
