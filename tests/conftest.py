@@ -39,3 +39,19 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def chat(user: str, assistant: str) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+def interrupted_copy(run: Path, to: Path, last_step: int) -> Path:
+    """A copy of a finished run directory as it stood right after the checkpoint of `last_step` was written."""
+    import shutil
+
+    from align.checkpoint import list_checkpoints
+
+    shutil.copytree(run, to)
+    for ck in list_checkpoints(to):
+        if int(ck.name.split("-")[1]) > last_step:
+            shutil.rmtree(ck)
+    shutil.rmtree(to / "final")
+    lines = (to / "metrics.jsonl").read_text().splitlines()
+    (to / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= last_step))
+    return to

@@ -1,8 +1,5 @@
 """GRPO on the tiny model: identities at the first step, the direction of one update, resume, bad input."""
 
-import json
-import shutil
-
 import pytest
 import torch
 
@@ -13,7 +10,7 @@ from align.logprobs import forward_logprobs
 from align.metrics import read_metrics
 from rewards import RewardError
 
-from .conftest import DATA, write_jsonl
+from .conftest import DATA, interrupted_copy, write_jsonl
 
 
 def char_count(prompts, completions, **_):
@@ -70,13 +67,7 @@ def test_one_update_moves_logprobs_in_the_advantage_direction(tiny_dir):
 def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
     full = tmp_path / "full"
     train_grpo(_cfg(tiny_dir, full, "steps=3"))
-    cut = tmp_path / "cut"
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-0000003")
-    shutil.rmtree(cut / "final")
-    lines = (cut / "metrics.jsonl").read_text().splitlines()
-    (cut / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= 1))
-    shutil.rmtree(cut / "checkpoints" / "step-0000002")
+    cut = interrupted_copy(full, tmp_path / "cut", last_step=1)
     train_grpo(_cfg(tiny_dir, cut, "steps=3"))
     a = {r["step"]: r for r in read_metrics(full)}
     b = {r["step"]: r for r in read_metrics(cut)}

@@ -1,8 +1,5 @@
 """SFT end to end on the tiny model: loss falls, resume equals an uninterrupted run, bad input writes nothing."""
 
-import json
-import shutil
-
 import pytest
 
 from align.checkpoint import list_checkpoints
@@ -12,7 +9,7 @@ from align.data import DataError
 from align.metrics import read_metrics
 from align.sft import SFTConfig, batch_indices, train_sft
 
-from .conftest import DATA, chat, write_jsonl
+from .conftest import DATA, chat, interrupted_copy, write_jsonl
 
 
 def _cfg(tiny_dir, out, *extra):
@@ -38,13 +35,7 @@ def test_sft_lowers_heldout_loss_and_writes_hf_dirs(tiny_dir, tmp_path):
 def test_resume_gives_the_same_next_losses(tiny_dir, tmp_path):
     full = tmp_path / "full"
     train_sft(_cfg(tiny_dir, full))
-    # an "interrupted" run: the same directory as it stood right after the step-3 checkpoint
-    cut = tmp_path / "cut"
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-0000006")
-    shutil.rmtree(cut / "final")
-    lines = (cut / "metrics.jsonl").read_text().splitlines()
-    (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= 3))
+    cut = interrupted_copy(full, tmp_path / "cut", last_step=3)
     train_sft(_cfg(tiny_dir, cut))
     a = {r["step"]: r for r in read_metrics(full) if "loss/sft" in r}
     b = {r["step"]: r for r in read_metrics(cut) if "loss/sft" in r}
