@@ -32,11 +32,15 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, te
     lse = torch.logsumexp(logits, dim=-1)                              # [n]
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # [n]
     if with_entropy:
-        probs = torch.softmax(logits, dim=-1)
-        entropy = lse - (probs * logits).sum(-1)                       # [n]
+        with torch.no_grad():
+            detached = logits.detach()
+            entropy = lse.detach() - (torch.softmax(detached, dim=-1) * detached).sum(-1)  # [n]
     else:
         entropy = torch.zeros_like(logp)
     return logp, entropy
+
+
+CHECKPOINT_ABOVE = 1 << 24  # logits elements per chunk (64 MB in fp32) above which backward recomputes them
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -45,7 +49,9 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     """Log-prob of each target token (and optionally the entropy of its distribution).
 
     hidden: [..., H] final hidden states; weight: [V, H] LM head; targets: [...] token ids.
-    Returns logprobs [...] (fp32) and entropy [...] or None. Entropy is computed without gradient.
+    Returns logprobs [...] (fp32) and entropy [...] or None. Entropy is computed without gradient. Under autograd a
+    chunk whose logits exceed CHECKPOINT_ABOVE elements is checkpointed; smaller ones (tiny vocabularies) are not
+    worth the recompute.
     """
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])                           # [N, H]
@@ -53,15 +59,12 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     logps, ents = [], []
     for start in range(0, t.numel(), chunk_tokens):
         hc, tc = h[start:start + chunk_tokens], t[start:start + chunk_tokens]
-        if torch.is_grad_enabled() and (hc.requires_grad or weight.requires_grad):
-            logp, _ = checkpoint(_chunk, hc, weight, tc, temperature, False, use_reentrant=False)
-            if with_entropy:
-                with torch.no_grad():
-                    _, ent = _chunk(hc, weight, tc, temperature, True)
-                ents.append(ent)
+        needs_grad = torch.is_grad_enabled() and (hc.requires_grad or weight.requires_grad)
+        if needs_grad and tc.numel() * weight.shape[0] > CHECKPOINT_ABOVE:
+            logp, ent = checkpoint(_chunk, hc, weight, tc, temperature, with_entropy, use_reentrant=False)
         else:
             logp, ent = _chunk(hc, weight, tc, temperature, with_entropy)
-            ents.append(ent)
+        ents.append(ent)
         logps.append(logp)
     logp = torch.cat(logps).reshape(shape)
     entropy = torch.cat(ents).reshape(shape) if with_entropy else None

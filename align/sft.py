@@ -56,6 +56,7 @@ class SFTConfig:
     keep_last: int = option(2, help="Checkpoints kept (0: all).")
     log_every: int = option(10, help="Steps between console log lines.")
     logprob_chunk: int = option(1024, help="Tokens per LM-head chunk (logits are never materialised in full).")
+    tensorboard: bool = option(True, help="Also write TensorBoard event files (when tensorboard is installed).")
     seed: int = option(0, help="Seed for data order and initialisation.")
 
     def validate(self) -> None:
@@ -163,7 +164,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         start_step, best = state["step"], state.get("heldout", {})
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    log = MetricsLogger(cfg.output_dir, enabled=accelerator.is_main_process, prefix="sft ")
+    log = MetricsLogger(cfg.output_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard, prefix="sft ")
     pad_id = tokenizer.pad_token_id
     if accelerator.is_main_process:
         print(f"sft: {len(train_rows)} rows ({data_stats['truncated']} truncated, {data_stats['dropped']} dropped), "

@@ -5,7 +5,7 @@
 
 Both run in their own subprocess (so peak RSS is each one's own) with the same model directory, prompts, G, prompt
 count per step, completion length, lr, β, temperature, HF `generate` for rollouts, one update per generation (μ = 1),
-fp32 on CPU, two threads. The first step of each is warm-up and not timed. Prints seconds per step (median),
+fp32 on CPU, two threads, no TensorBoard / W&B logging in either. The first step of each is warm-up and not timed. Prints seconds per step (median),
 peak RSS and the ratios.
 """
 
@@ -42,7 +42,7 @@ def run_align(args) -> dict:
         "rewards=[{name: exact_answer, weight: 1.0}]", f"group_size={args.group}",
         f"prompts_per_step={args.prompts}", f"steps={args.steps}", f"sampling.max_new_tokens={args.new_tokens}",
         "sampling.temperature=1.0", f"lr={args.lr}", f"beta={args.beta}", "save_every=0", "eval_every=0",
-        f"micro_batch_size={args.prompts * args.group}", "balance_alpha=0"])
+        f"micro_batch_size={args.prompts * args.group}", "balance_alpha=0", "tensorboard=false"])
     train_grpo(cfg)
     times = [r["perf/step_s"] for r in read_metrics(out) if "perf/step_s" in r][1:]
     return {"sec_per_step": statistics.median(times), "steps_timed": len(times), "peak_rss_mb": peak_rss_mb()}

@@ -47,6 +47,7 @@ class GRPOConfig:
     save_every: int = option(10, "Steps between checkpoints (0: only at the end).")
     keep_last: int = option(2, "Checkpoints kept (0: all).")
     logprob_chunk: int = option(1024, "Tokens per LM-head chunk.")
+    tensorboard: bool = option(True, help="Also write TensorBoard event files (when tensorboard is installed).")
     seed: int = option(0, "Seed for prompt order and sampling.")
 
     def validate(self) -> None:

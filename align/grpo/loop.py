@@ -154,7 +154,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     engine = HFEngine(model, tokenizer)
-    log = MetricsLogger(cfg.output_dir, prefix="grpo ")
+    log = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard, prefix="grpo ")
     G, needs_old = cfg.group_size, cfg.inner_epochs > 1 or cfg.minibatches > 1
     print(f"grpo: {len(train_rows)} prompts, {cfg.steps} steps of {cfg.prompts_per_step} x G={G}, "
           f"{'resuming at step ' + str(start) if resume else 'new run'}", flush=True)
