@@ -58,5 +58,5 @@ def run_quickstart(out_dir: str = "runs/quickstart", overrides: list[str] | None
                            for name, path in (("tiny", tiny_dir), ("sft", sft_dir / "final"),
                                               ("grpo", grpo_dir / "final"))}
     print("quickstart: held-out arithmetic accuracy " +
-          ", ".join(f"{k} {v:.0%}" for k, v in summary["accuracy"].items()), flush=True)
+          ", ".join(f"{k} {v:.1%}" for k, v in summary["accuracy"].items()), flush=True)
     return summary
