@@ -67,13 +67,14 @@ def _logprobs_no_grad(model, batch: dict, cfg: GRPOConfig) -> torch.Tensor:
 def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConfig, moe, gen):
     """μ epochs x minibatches optimizer steps over one batch of rollouts.
 
-    Returns statistics averaged over the updates, and the last micro-batch's router logits (for expert load).
+    Returns statistics averaged over the updates, and the last micro-batch's router logits with its token mask
+    (for expert load).
     """
     n_rows = batch["input_ids"].shape[0]
     mask = batch["loss_mask"]                                                      # [N, C]
     stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/kl", "loss/clip_frac", "loss/balance",
                                                      "policy/entropy", "policy/ratio", "train/grad_norm")}
-    router_logits = ()
+    router_logits, token_mask = (), None
     for _ in range(cfg.inner_epochs):
         order = torch.randperm(n_rows, generator=gen)
         for rows in order.chunk(cfg.minibatches):
@@ -102,14 +103,14 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
                     stats["policy/entropy"].append(out.entropy[m].mean().item())
                 minibatch_loss += loss.item()
                 stats["loss/balance"].append(balance.item())
-                router_logits = out.router_logits
+                router_logits, token_mask = out.router_logits, batch["attention_mask"][micro].reshape(-1)
             stats["loss/policy"].append(minibatch_loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
             stats["train/grad_norm"].append(float(grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    return {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}, router_logits
+    return {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}, (router_logits, token_mask)
 
 
 def train_grpo(cfg: GRPOConfig) -> dict:
@@ -197,10 +198,11 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             t_ref = time.time()
             # 6. μ epochs of clipped-surrogate updates
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # minibatch order: a function of step
-            update_stats, router_logits = _update(model, optimizer, scheduler, accelerator, batch, cfg, moe, gen)
+            update_stats, (router_logits, token_mask) = _update(model, optimizer, scheduler, accelerator, batch, cfg,
+                                                                moe, gen)
             metrics.update(update_stats)
             if moe is not None:
-                metrics.update(expert_load(router_logits, moe["top_k"], None, **moe["routing"]))
+                metrics.update(expert_load(router_logits, moe["top_k"], token_mask, **moe["routing"]))
             metrics.update({"perf/ref_s": t_ref - t_reward, "perf/update_s": time.time() - t_ref})
         # 7. weight sync to the rollout engine
         engine.sync_weights(model)
