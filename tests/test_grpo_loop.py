@@ -34,6 +34,7 @@ def test_first_step_ratio_one_and_kl_zero(tiny_dir, tmp_path, lora):
     assert first["loss/kl"] == 0.0
     assert first["policy/ratio"] == 1.0
     assert first["loss/clip_frac"] == 0.0
+    assert first["rollout/logprob_gap"] < 1e-3  # HF sampling log-probs agree with the trainer's (fp32)
 
 
 def test_multiple_inner_epochs_use_precomputed_old_logprobs(tiny_dir, tmp_path):
@@ -54,6 +55,7 @@ def test_one_update_moves_logprobs_in_the_advantage_direction(tiny_dir):
     cfg = _cfg(tiny_dir, "unused", "beta=0", "micro_batch_size=8")
     ids = torch.randint(3, 1000, (2, 12))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones(2, 5),
+             "sampling_logprobs": torch.zeros(2, 5),
              "advantages": torch.tensor([1.0, -1.0]), "n": 5, "old_logprobs": None, "ref_logprobs": None}
     before = forward_logprobs(model, ids, 5).logprobs.sum(1).detach()
     opt = build_optimizer(model, 1e-3, 0.0)

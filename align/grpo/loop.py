@@ -73,9 +73,10 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
     n_rows = batch["input_ids"].shape[0]
     mask = batch["loss_mask"]                                                      # [N, C]
     stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/kl", "loss/clip_frac", "loss/balance",
-                                                     "policy/entropy", "policy/ratio", "train/grad_norm")}
+                                                     "policy/entropy", "policy/ratio", "train/grad_norm",
+                                                     "rollout/logprob_gap")}
     router_logits, token_mask = (), None
-    for _ in range(cfg.inner_epochs):
+    for epoch in range(cfg.inner_epochs):
         order = torch.randperm(n_rows, generator=gen)
         for rows in order.chunk(cfg.minibatches):
             minibatch_loss = 0.0
@@ -101,6 +102,9 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
                     stats["loss/clip_frac"].append(tok["clipped"][m].float().mean().item())
                     stats["policy/ratio"].append(tok["ratio"][m].mean().item())
                     stats["policy/entropy"].append(out.entropy[m].mean().item())
+                    if epoch == 0:  # engine's sampling log-probs vs the trainer's (before any update moved it)
+                        gap = (logprobs.detach() - batch["sampling_logprobs"][micro]).abs()
+                        stats["rollout/logprob_gap"].append(gap[m].mean().item())
                 minibatch_loss += loss.item()
                 stats["loss/balance"].append(balance.item())
                 router_logits, token_mask = out.router_logits, batch["attention_mask"][micro].reshape(-1)
@@ -189,6 +193,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             batch = {"input_ids": torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1).to(device),
                      "attention_mask": torch.cat([rollouts.prompt_mask, rollouts.completion_mask], 1).to(device),
                      "loss_mask": loss_mask.to(device), "advantages": advantages.to(device),
+                     "sampling_logprobs": rollouts.sampling_logprobs.to(device),
                      "n": rollouts.completion_ids.shape[1]}
             # 5. old (only when the policy moves between minibatches) and reference log-probs, no grad
             batch["old_logprobs"] = _logprobs_no_grad(model, batch, cfg) if needs_old else None
