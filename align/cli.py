@@ -3,6 +3,7 @@
     align tiny OUT_DIR [--preset tiny|tiny-q-lora]      build a tiny DeepSeek-V2 + tokenizer offline
     align sft  [RECIPE.yaml] [key=value ...]            supervised fine-tuning
     align grpo [RECIPE.yaml] [key=value ...]            GRPO
+    align rm   [RECIPE.yaml] [key=value ...]            reward model (Bradley-Terry) on preference pairs
     align eval MODEL_DIR [--data FILE] [...]            held-out arithmetic accuracy
     align quickstart [OUT_DIR] [key=value ...]          tiny model -> SFT -> GRPO on the bundled data
 
@@ -52,6 +53,12 @@ def _cmd_grpo(args) -> int:
     return _stage(GRPOConfig, train_grpo, args)
 
 
+def _cmd_rm(args) -> int:
+    from .rm import RMConfig, train_rm
+
+    return _stage(RMConfig, train_rm, args)
+
+
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate_arithmetic
 
@@ -77,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_cmd_tiny)
 
-    for name, func, text in (("sft", _cmd_sft, "supervised fine-tuning"), ("grpo", _cmd_grpo, "GRPO")):
+    for name, func, text in (("sft", _cmd_sft, "supervised fine-tuning"), ("grpo", _cmd_grpo, "GRPO"),
+                             ("rm", _cmd_rm, "train a Bradley-Terry reward model on chosen / rejected pairs")):
         s = sub.add_parser(name, help=text)
         s.add_argument("overrides", nargs="*", help="an optional recipe YAML, then key=value overrides")
         s.add_argument("--help-config", action="store_true", help="list every config key")

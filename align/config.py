@@ -80,6 +80,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return {str(k): _coerce(v, val_tp, f"{key}.{k}", where) for k, v in value.items()}
     if tp is Any:
         return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' expects a mapping, got {value!r}")
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -20,7 +20,7 @@ from .tokenizer import train_tokenizer
 
 
 def corpus_texts(folder: Path | None = None) -> list[str]:
-    """Every message text of the bundled JSONL datasets, rendered as chats (the tokenizer's training corpus)."""
+    """Every message of the bundled chat datasets (`messages` rows): the tokenizer's training corpus."""
     folder = folder or data_dir()
     texts = []
     for path in sorted(folder.rglob("*.jsonl")):
@@ -28,9 +28,6 @@ def corpus_texts(folder: Path | None = None) -> list[str]:
             row = json.loads(line)
             for m in row.get("messages", []):
                 texts.append(("User: " if m["role"] == "user" else "Assistant: ") + m["content"])
-            for key in ("prompt", "chosen", "rejected", "completion"):
-                if isinstance(row.get(key), str):
-                    texts.append(row[key])
     if not texts:
         raise FileNotFoundError(f"no JSONL text found under {folder} to train the tokenizer on")
     return texts

@@ -6,6 +6,10 @@ Writes, next to this file:
                                  held-out: the GRPO stage's prompts, as RL prompts in the paper are not SFT data
   helpful/{train,heldout}.jsonl  short helpful chats (facts, definitions, how-tos)
   safety/{train,heldout}.jsonl   polite refusals of plainly harmful requests
+  helpful_pref/{train,heldout}.jsonl  preference pairs {prompt, chosen, rejected}: a correct helpful answer over an
+                                 unhelpful, wrong or evasive one (for RM_helpful)
+  safety_pref/{train,heldout}.jsonl   preference pairs: a refusal over compliance for harmful requests, and a helpful
+                                 answer over a needless refusal for benign ones (for RM_safety)
 Held-out arithmetic uses number pairs never seen in training; held-out helpful / safety rows use unseen subjects.
 
 Arithmetic answers work digit by digit, then state the result ("47 + 38: 7 + 8 = 15, 4 + 3 + 1 = 8. Answer: 85"), so
@@ -121,6 +125,51 @@ def safety(rng: random.Random) -> tuple[list[dict], list[dict]]:
     return rows(harmful[4:]), rows(harmful[:4])
 
 
+UNHELPFUL = ["I don't know.", "That is not something I can answer.", "Why do you want to know?",
+             "Maybe. It depends.", "Look it up yourself."]
+COMPLY = ["Sure! Here is how to {x}: first get the tools, then follow these steps carefully.",
+          "Of course. To {x}, start by finding a target and making a plan.",
+          "Happy to help you {x}. Step one: gather what you need."]
+
+
+def _pair(user: str, chosen: str, rejected: str) -> dict:
+    return {"prompt": [{"role": "user", "content": user}], "chosen": chosen, "rejected": rejected}
+
+
+def _benign(caps, opps, hows) -> list[tuple[str, str, str]]:
+    """(question, good answer, a wrong answer) for the helpful subjects."""
+    out = []
+    all_cities = [c for _, c in CAPITALS]
+    for country, city in caps:
+        wrong = all_cities[(all_cities.index(city) + 3) % len(all_cities)]
+        out.append((f"What is the capital of {country}?", f"The capital of {country} is {city}.",
+                    f"The capital of {country} is {wrong}."))
+    for w, o in opps:
+        out.append((f"What is the opposite of {w}?", f"The opposite of {w} is {o}.", f"The opposite of {w} is {w}."))
+    for task, how in hows:
+        out.append((f"How do I {task}?", how, "You should not do that."))
+    return out
+
+
+def preferences(rng: random.Random) -> dict[str, tuple[list[dict], list[dict]]]:
+    caps, opps, hows, harmful = list(CAPITALS), list(OPPOSITES), list(HOWTOS), list(HARMFUL)
+    for x in (caps, opps, hows, harmful):
+        rng.shuffle(x)
+    splits = {"train": (caps[5:], opps[4:], hows[4:], harmful[5:]), "heldout": (caps[:5], opps[:4], hows[:4],
+                                                                               harmful[:5])}
+    out: dict[str, dict[str, list[dict]]] = {"helpful_pref": {}, "safety_pref": {}}
+    for split, (c, o, h, bad) in splits.items():
+        benign = _benign(c, o, h)
+        helpful = [_pair(q, good, rng.choice([wrong, rng.choice(UNHELPFUL)])) for q, good, wrong in benign]
+        safety = [_pair(p.format(x=x), rng.choice(REFUSALS), rng.choice(COMPLY).format(x=x))
+                  for x in bad for p in HARMFUL_PROMPTS]
+        safety += [_pair(q, good, rng.choice(REFUSALS)) for q, good, _ in benign]
+        rng.shuffle(helpful)
+        rng.shuffle(safety)
+        out["helpful_pref"][split], out["safety_pref"][split] = helpful, safety
+    return {name: (d["train"], d["heldout"]) for name, d in out.items()}
+
+
 def write(name: str, rows: list[dict]) -> None:
     path = HERE / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +186,9 @@ def main() -> None:
         rng.shuffle(train)
         write(f"{task.__name__.replace('arithmetic', 'arith')}/train.jsonl", train)
         write(f"{task.__name__.replace('arithmetic', 'arith')}/heldout.jsonl", held)
+    for name, (train, held) in preferences(rng).items():
+        write(f"{name}/train.jsonl", train)
+        write(f"{name}/heldout.jsonl", held)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,27 @@
-"""Score completions with several named rewards and combine them: total_i = Σ_k c_k · r_k,i.
+"""Score completions with several named rewards and combine them.
+
+    mode "sum"        total_i = Σ_k c_k · r_k,i                     then GRPO normalises the total within each group
+    mode "normalize"  total_i = Σ_k c_k · z_k,i, z = (r − mean_group r) / std_group r per component (GDPO-style:
+                      a component with a large scale cannot drown the others)
 
 Each reward is called once per batch with the prompts, the completions and the rows' other columns (one entry per
 completion). Its output is checked: one score per completion, each a finite float or None (the reward does not
-apply to that row: excluded from the component's statistics, and from the total). A reward that raises, returns
-the wrong number of scores or a non-finite value, or needs a column a row lacks, stops the run with a `RewardError`
-naming the reward and the row; nothing is silently turned into 0.
+apply: left out of that component's statistics and normalisation, adding nothing to the total, never counted as 0).
+A reward that raises, returns the wrong number of scores or a non-finite value, or needs a column a row lacks, is a
+`RewardError` naming the reward and the row. With `on_error="skip"` the batch is re-scored one prompt group at a time
+and the groups that fail are dropped (counted in `reward/skipped_groups`) instead of stopping the run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 import math
 
 import torch
 
-from .registry import get_reward
+from .registry import RewardResult, get_reward
 
 
 class RewardError(RuntimeError):
@@ -26,24 +32,47 @@ class RewardError(RuntimeError):
 class RewardSpec:
     name: str
     weight: float = 1.0
+    label: str = ""
+    args: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The component's name in metrics: the label, else the reward name."""
+        return self.label or self.name
 
     def load(self):
-        return get_reward(self.name)
+        """The scoring function (a factory is called once with `args`; the result is cached)."""
+        cached = getattr(self, "_fn", None)
+        if cached is not None:
+            return cached
+        fn = get_reward(self.name)
+        if getattr(fn, "is_factory", False):
+            try:
+                fn = fn(**self.args)
+            except TypeError as e:
+                raise KeyError(f"reward {self.name!r} takes settings in 'args': {e}") from None
+        elif self.args:
+            raise KeyError(f"reward {self.name!r} takes no 'args' (got {sorted(self.args)})")
+        object.__setattr__(self, "_fn", fn)
+        return fn
 
 
 @dataclasses.dataclass
 class Scores:
-    total: torch.Tensor                      # [N] weighted sum over the components that apply
+    total: torch.Tensor                      # [N] combined reward
     components: dict[str, torch.Tensor]      # name -> [N], NaN where the reward returned None
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)
+    keep: torch.Tensor | None = None         # [N] bool: rows kept (False where a group was skipped)
 
     def metrics(self) -> dict[str, float]:
-        out = {"reward/total": self.total.mean().item(), "reward/total_std": self.total.std().item()
-               if self.total.numel() > 1 else 0.0}
+        out = {"reward/total": self.total.mean().item(),
+               "reward/total_std": self.total.std().item() if self.total.numel() > 1 else 0.0}
         for name, values in self.components.items():
             ok = values[~values.isnan()]
             out[f"reward/{name}"] = ok.mean().item() if ok.numel() else float("nan")
             out[f"reward/{name}_std"] = ok.std().item() if ok.numel() > 1 else 0.0
-        return out
+            out[f"reward/{name}_applies"] = ok.numel() / max(1, values.numel())
+        return {**out, **self.extra}
 
 
 def _required_columns(fn) -> list[str]:
@@ -52,10 +81,29 @@ def _required_columns(fn) -> list[str]:
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("prompts", "completions")]
 
 
+def check_columns(specs: list[RewardSpec], rows: list[dict]) -> None:
+    """Before any work: every row has every column each reward requires. rows: column dicts with a 'row' label."""
+    for spec in specs:
+        for col in _required_columns(spec.load()):
+            for r in rows:
+                if r.get(col) is None:
+                    raise RewardError(f"reward '{spec.key}' needs column '{col}', which {r.get('row', 'a row')} "
+                                      f"does not have")
+
+
+def _call(fn, prompts, completions, columns):
+    out = fn(prompts=prompts, completions=completions, **columns)
+    if inspect.isawaitable(out):
+        out = asyncio.run(out)
+    return out
+
+
 def _check_output(name: str, values, n: int, rows: list[str]) -> list[float | None]:
-    if not isinstance(values, (list, tuple)) and not (isinstance(values, torch.Tensor) and values.ndim == 1):
-        raise RewardError(f"reward '{name}' returned {type(values).__name__}; expected a list of {n} floats")
-    values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    if isinstance(values, torch.Tensor) and values.ndim == 1:
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise RewardError(f"reward '{name}' returned {type(values).__name__}; expected a list of {n} floats "
+                          f"(batch from {rows[0]})")
     if len(values) != n:
         raise RewardError(f"reward '{name}' returned {len(values)} scores for {n} completions "
                           f"(first row of the batch: {rows[0]})")
@@ -74,37 +122,70 @@ def _check_output(name: str, values, n: int, rows: list[str]) -> list[float | No
     return out
 
 
-def check_columns(specs: list[RewardSpec], rows: list[dict]) -> None:
-    """Before any work: every row has every column each reward requires. rows: column dicts with a 'row' label."""
-    for spec in specs:
-        for col in _required_columns(spec.load()):
-            for r in rows:
-                if r.get(col) is None:
-                    raise RewardError(f"reward '{spec.name}' needs column '{col}', which {r.get('row', 'a row')} "
-                                      f"does not have")
+def _run_one(spec: RewardSpec, prompts, completions, columns, rows) -> tuple[list, dict]:
+    fn = spec.load()
+    for col in _required_columns(fn):
+        values = columns.get(col)
+        missing = range(len(completions)) if values is None else [i for i, v in enumerate(values) if v is None]
+        for i in missing:
+            raise RewardError(f"reward '{spec.key}' needs column '{col}', which {rows[i]} does not have")
+    try:
+        raw = _call(fn, prompts, completions, columns)
+    except RewardError:
+        raise
+    except Exception as e:
+        raise RewardError(f"reward '{spec.key}' raised {type(e).__name__}: {e} (batch from {rows[0]})") from e
+    metrics = {}
+    if isinstance(raw, RewardResult):
+        raw, metrics = raw.scores, raw.metrics
+    return _check_output(spec.key, raw, len(completions), rows), metrics
 
 
-def score(specs: list[RewardSpec], prompts: list[str], completions: list[str], columns: dict[str, list],
-          rows: list[str]) -> Scores:
+def _group_z(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group z-score ignoring NaN (None); NaN stays NaN, a constant group gives 0."""
+    v = values.view(-1, group_size)                                                   # [B, G]
+    ok = ~v.isnan()
+    n = ok.sum(1, keepdim=True).clamp_min(1)
+    mean = torch.where(ok, v, 0).sum(1, keepdim=True) / n
+    var = torch.where(ok, (v - mean) ** 2, 0).sum(1, keepdim=True) / (n - 1).clamp_min(1)
+    std = var.sqrt()
+    z = torch.where(std > 1e-6, (v - mean) / std.clamp_min(1e-6), torch.zeros_like(v))
+    return torch.where(ok, z, torch.full_like(v, math.nan)).view(-1)
+
+
+def score(specs: list[RewardSpec], prompts: list, completions: list[str], columns: dict[str, list],
+          rows: list[str], group_size: int = 1, mode: str = "sum", on_error: str = "fail") -> Scores:
     """Run every reward on the batch. columns: name -> one value per completion; rows: a label per completion."""
+    if mode not in ("sum", "normalize"):
+        raise ValueError(f"unknown reward combination {mode!r}; expected 'sum' or 'normalize'")
     n = len(completions)
-    total = torch.zeros(n)
-    components = {}
+    keep = torch.ones(n, dtype=torch.bool)
+    components: dict[str, list] = {}
+    extra: dict[str, float] = {}
     for spec in specs:
-        fn = spec.load()
-        for col in _required_columns(fn):
-            values = columns.get(col)
-            missing = range(n) if values is None else [i for i, v in enumerate(values) if v is None]
-            for i in missing:
-                raise RewardError(f"reward '{spec.name}' needs column '{col}', which {rows[i]} does not have")
         try:
-            raw = fn(prompts=prompts, completions=completions, **columns)
+            values, metrics = _run_one(spec, prompts, completions, columns, rows)
         except RewardError:
-            raise
-        except Exception as e:
-            raise RewardError(f"reward '{spec.name}' raised {type(e).__name__}: {e} (batch from {rows[0]})") from e
-        values = _check_output(spec.name, raw, n, rows)
-        comp = torch.tensor([math.nan if v is None else v for v in values])                   # [N]
-        components[spec.name] = comp
+            if on_error != "skip":
+                raise
+            values, metrics = [None] * n, {}
+            for s in range(0, n, group_size):  # find the groups that fail, keep the others
+                sl = slice(s, s + group_size)
+                try:
+                    part, _ = _run_one(spec, prompts[sl], completions[sl], {k: v[sl] for k, v in columns.items()},
+                                       rows[sl])
+                    values[sl] = part
+                except RewardError:
+                    keep[sl] = False
+        components[spec.key] = values
+        extra.update({f"reward/{spec.key}/{k}": v for k, v in metrics.items()})
+    comps = {k: torch.tensor([math.nan if v is None else v for v in vals], dtype=torch.float)
+             for k, vals in components.items()}
+    total = torch.zeros(n)
+    for spec in specs:
+        comp = comps[spec.key]
+        if mode == "normalize":
+            comp = _group_z(comp, group_size)
         total += spec.weight * torch.nan_to_num(comp, nan=0.0)
-    return Scores(total, components)
+    extra["reward/skipped_groups"] = float((~keep).sum().item() // max(1, group_size))
+    return Scores(total, comps, extra, keep)

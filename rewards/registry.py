@@ -1,33 +1,56 @@
 """Reward functions by name.
 
-A reward is a plain function `(prompts, completions, **columns) -> list[float | None]`: one score per completion,
-None where it does not apply. Register one with `@reward("name")`; `get_reward(spec)` finds it by registered name,
-by `package.module:function`, or by an entry point in the group `align.rewards` (so a pip-installed package adds
-rewards).
+A reward is a plain function `(prompts, completions, **columns) -> list[float | None]` (or an `async def` one): one
+score per completion, None where it does not apply. It may return a `RewardResult` to report extra metrics (logged
+as `reward/<name>/<metric>`). Register one with `@reward("name")`. A reward that needs settings (a model path, a
+length limit) is a factory registered with `@reward_factory("name")`: called once with the recipe's `args`, it
+returns the scoring function.
+
+`get_reward(spec)` finds a reward by registered name, by `package.module:function`, or by an entry point in the
+group `align.rewards` (so a pip-installed package adds rewards).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
 RewardFn = Callable[..., list]
 ENTRY_POINT_GROUP = "align.rewards"
+BUILTIN_MODULES = ("rewards.math", "rewards.rules", "rewards.code", "rewards.model")
 _REGISTRY: dict[str, RewardFn] = {}
 
 
+@dataclasses.dataclass
+class RewardResult:
+    scores: list                                                  # one float or None per completion
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _register(name: str, fn, factory: bool):
+    if name in _REGISTRY and _REGISTRY[name] is not fn:
+        raise ValueError(f"reward {name!r} is already registered by {_REGISTRY[name].__module__}")
+    _REGISTRY[name] = fn
+    fn.reward_name = name
+    fn.is_factory = factory
+    return fn
+
+
 def reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: register `fn` under `name`."""
+    """Decorator: register the scoring function `fn` under `name`."""
+    return lambda fn: _register(name, fn, factory=False)
 
-    def register(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"reward {name!r} is already registered by {_REGISTRY[name].__module__}")
-        _REGISTRY[name] = fn
-        fn.reward_name = name
-        return fn
 
-    return register
+def reward_factory(name: str) -> Callable:
+    """Decorator: register a factory `(**args) -> scoring function` under `name`."""
+    return lambda fn: _register(name, fn, factory=True)
+
+
+def _load_builtins() -> None:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
 def registered() -> list[str]:
@@ -35,12 +58,8 @@ def registered() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _load_builtins() -> None:
-    importlib.import_module("rewards.math")
-
-
 def get_reward(spec: str) -> RewardFn:
-    """Resolve a reward by registered name, `module:function`, or entry point name."""
+    """Resolve a reward (or reward factory) by registered name, `module:function`, or entry point name."""
     _load_builtins()
     if spec in _REGISTRY:
         return _REGISTRY[spec]

@@ -113,3 +113,18 @@ def test_bad_reward_stops_the_run_naming_it(tiny_dir, tmp_path, name, match):
     cfg = _cfg(tiny_dir, tmp_path / "out", f"rewards=[{{name: 'tests.test_grpo_loop:{name}'}}]")
     with pytest.raises(RewardError, match=match):
         train_grpo(cfg)
+
+
+def fails_on_odd_numbers(prompts, completions, answer, **_):
+    if any(int(a) % 2 for a in answer):
+        raise ValueError("odd")
+    return [0.0] * len(completions)
+
+
+def test_skip_policy_keeps_training_and_counts_skipped_groups(tiny_dir, tmp_path):
+    bad = "{name: 'tests.test_grpo_loop:fails_on_odd_numbers'}"
+    cfg = _cfg(tiny_dir, tmp_path / "out", f"rewards=[{bad}, {{name: 'tests.test_grpo_loop:char_count'}}]",
+               "on_reward_error=skip", "prompts_per_step=4", "steps=1")
+    train_grpo(cfg)
+    m = read_metrics(tmp_path / "out")[0]
+    assert m["reward/skipped_groups"] >= 1

@@ -18,7 +18,12 @@ class GRPOConfig:
     model: ModelConfig = option(help="The policy (model.path: usually the SFT stage's final/ directory).")
     output_dir: str = option(help="Run directory: checkpoints/, final/, metrics.jsonl.")
     train_data: list[str] = option(help="Prompt files: rows with `prompt` (or `messages`) + columns for rewards.")
-    rewards: list[RewardSpec] = option(help="Reward functions with weights, e.g. [{name: exact_answer, weight: 1}].")
+    rewards: list[RewardSpec] = option(help="Rewards: [{name: exact_answer, weight: 1, label: ..., args: {...}}]; "
+                                       "name is registered, module:function, or an align.rewards entry point.")
+    reward_mode: Literal["sum", "normalize"] = option(
+        "sum", "sum: Σ c_k r_k, then group-normalise; normalize: group-normalise each component, then Σ c_k z_k.")
+    on_reward_error: Literal["fail", "skip"] = option(
+        "fail", "A reward that raises / returns NaN / the wrong count: fail stops the run; skip drops that group.")
     eval_data: list[str] = option(factory=list, help="Held-out prompts with an `answer` column (greedy accuracy).")
     engine: Literal["hf"] = option("hf", "Rollout engine: hf (transformers generate).")
     sampling: SamplingConfig = option(factory=SamplingConfig, help="Rollout sampling settings.")
@@ -74,5 +79,7 @@ class GRPOConfig:
                 spec.load()
             except KeyError as e:
                 raise ConfigError(f"key 'rewards[{i}].name': {e.args[0]}") from None
+        keys = [spec.key for spec in self.rewards]
+        require(len(set(keys)) == len(keys), "rewards", "uniquely named (give repeated rewards a label)", keys)
         for key in ("eval_every", "save_every", "keep_last", "warmup_steps", "max_grad_norm"):
             require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))

@@ -174,14 +174,16 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         rollouts = engine.generate([r.messages for r in picked], n=G, sampling=cfg.sampling)
         t_gen = time.time()
         # 2. rewards, per component and weighted total
-        scores = score(cfg.rewards, prompts, rollouts.completions, columns, columns["row"])
+        scores = score(cfg.rewards, prompts, rollouts.completions, columns, columns["row"], G, cfg.reward_mode,
+                       cfg.on_reward_error)
         t_reward = time.time()
-        # 3. group-normalised advantages (optionally dropping groups with no signal)
+        # 3. group-normalised advantages (optionally dropping groups with no signal, and skipped groups)
         advantages = group_advantages(scores.total, G, cfg.scale_rewards)           # [N]
         zero = zero_std_groups(scores.total, G)                                     # [B]
-        if cfg.drop_zero_std_groups and zero.any():
-            keep = (~zero).repeat_interleave(G).nonzero().squeeze(-1)
-            rollouts, advantages = rollouts.select(keep), advantages[keep]
+        keep = scores.keep & ~(zero.repeat_interleave(G) & cfg.drop_zero_std_groups)  # [N]
+        if not keep.all():
+            rows = keep.nonzero().squeeze(-1)
+            rollouts, advantages = rollouts.select(rows), advantages[rows]
         metrics = {**scores.metrics(), "reward/zero_std_frac": zero.float().mean().item(),
                    "rollout/completion_len": rollouts.completion_mask.sum(1).float().mean().item(),
                    "rollout/truncated_frac": rollouts.truncated.float().mean().item()}

@@ -1,0 +1,116 @@
+"""Learned rewards: a local sequence-classification reward model, and a remote HTTP scorer.
+
+`classifier` (RM_helpful / RM_safety as in the paper): an HF `*ForSequenceClassification` directory with one output
+(as `align rm` writes). Each (prompt, completion) is rendered with the reward model's chat template and scored in
+batches on `device`; with `offload=true` the model waits on CPU between uses.
+
+`http`: POST {"prompts", "completions", "columns"} as JSON to `url`, expect {"scores": [...]}. Timeouts and retries
+with backoff; a server that stays down is a clear error naming the URL (the run's fail / skip policy applies).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import torch
+
+from .registry import reward_factory
+
+
+def _as_messages(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def render_pairs(tokenizer, prompts, completions) -> list[str]:
+    """Chat-template text of each (prompt, completion) as one conversation."""
+    return [tokenizer.apply_chat_template(_as_messages(p) + [{"role": "assistant", "content": c}], tokenize=False)
+            for p, c in zip(prompts, completions)]
+
+
+class ClassifierReward:
+    def __init__(self, path: str, batch_size: int = 32, device: str = "auto", offload: bool = False,
+                 max_length: int = 1024):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        self.offload = offload and self.device.type != "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "right"
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval().requires_grad_(False)
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"reward model {path} has {self.model.config.num_labels} outputs; expected 1")
+        self.model.to("cpu" if self.offload else self.device)
+        self.batch_size, self.max_length = batch_size, max_length
+
+    @torch.no_grad()
+    def scores(self, texts: list[str]) -> list[float]:
+        if self.offload:
+            self.model.to(self.device)
+        try:
+            out = []
+            for s in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[s:s + self.batch_size], padding=True, truncation=True,
+                                     max_length=self.max_length, add_special_tokens=False, return_tensors="pt")
+                out += self.model(**enc.to(self.device)).logits[:, 0].float().cpu().tolist()
+            return out
+        finally:
+            if self.offload:
+                self.model.to("cpu")
+
+    def __call__(self, prompts, completions, **_) -> list[float]:
+        return self.scores(render_pairs(self.tokenizer, prompts, completions))
+
+
+@reward_factory("classifier")
+def classifier(path: str, batch_size: int = 32, device: str = "auto", offload: bool = False,
+               max_length: int = 1024):
+    """Score with a local sequence-classification reward model (e.g. one trained by `align rm`)."""
+    return ClassifierReward(path, batch_size, device, offload, max_length)
+
+
+class HTTPRewardError(RuntimeError):
+    pass
+
+
+@reward_factory("http")
+def http(url: str, timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.5, headers: dict | None = None):
+    """Score with a remote server: POST JSON {prompts, completions, columns} -> {"scores": [...]}."""
+
+    def score(prompts, completions, **columns) -> list:
+        body = json.dumps({"prompts": prompts, "completions": completions,
+                           "columns": {k: v for k, v in columns.items() if _jsonable(v)}}).encode()
+        last = None
+        for attempt in range(retries + 1):
+            req = urllib.request.Request(url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+            try:
+                with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                    payload = json.loads(resp.read())
+                if not isinstance(payload, dict) or "scores" not in payload:
+                    raise HTTPRewardError(f"reward server {url} answered without a 'scores' list")
+                return payload["scores"]
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}"
+                if e.code < 500:
+                    break  # a client error will not go away by retrying
+            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
+                last = str(getattr(e, "reason", e))
+            if attempt < retries:
+                time.sleep(backoff_s * 2 ** attempt)
+        raise HTTPRewardError(f"reward server {url} is unreachable or failing after {retries + 1} attempts ({last})")
+
+    return score
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
