@@ -4,8 +4,8 @@
     align sft  [RECIPE.yaml] [key=value ...]            supervised fine-tuning
     align grpo [RECIPE.yaml] [key=value ...]            GRPO
     align rm   [RECIPE.yaml] [key=value ...]            reward model (Bradley-Terry) on preference pairs
-    align eval MODEL_DIR [--data FILE] [...]            held-out arithmetic accuracy
-    align quickstart [OUT_DIR] [key=value ...]          tiny model -> SFT -> GRPO on the bundled data
+    align eval MODEL_DIR [--reasoning F --helpful F --safety F --rm-helpful D --rm-safety D]
+    align run RECIPE [key=value ...] [--check]          a chain of stages from a recipe (`align run quickstart`)
 
 `align sft --help-config` lists every key with its default and meaning. Bad input (unknown keys, unreadable files,
 malformed rows) is reported as `error: <place>: <what>` with exit status 2, before anything is written.
@@ -60,17 +60,28 @@ def _cmd_rm(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .evaluate import evaluate_arithmetic
+    from .evaluate import EvalConfig, evaluate
+    from .policy import check_model_dir
+    from .resources import data_dir
 
-    print(json.dumps(evaluate_arithmetic(args.model, args.data, max_new_tokens=args.max_new_tokens,
-                                         limit=args.limit), indent=1))
+    check_model_dir(args.model)
+    cfg = EvalConfig(reasoning=args.reasoning or str(data_dir() / "arith" / "heldout.jsonl"),
+                     helpful=args.helpful or str(data_dir() / "helpful" / "heldout.jsonl"),
+                     safety=args.safety or str(data_dir() / "safety" / "heldout.jsonl"),
+                     reward_models={k: v for k, v in (("helpful", args.rm_helpful), ("safety", args.rm_safety)) if v},
+                     max_new_tokens=args.max_new_tokens)
+    print(json.dumps(evaluate(args.model, cfg), indent=1))
     return 0
 
 
-def _cmd_quickstart(args) -> int:
-    from .quickstart import run_quickstart
+def _cmd_run(args) -> int:
+    from .recipe import load_recipe, run_recipe
 
-    print(json.dumps(run_quickstart(args.out_dir, list(args.overrides)), indent=1, default=str))
+    if args.check:
+        run_dir, stages, _, _ = load_recipe(args.recipe, list(args.overrides))
+        print(f"{args.recipe}: valid; stages {', '.join(s.name for s in stages)} -> {run_dir}")
+        return 0
+    print(json.dumps(run_recipe(args.recipe, list(args.overrides)), indent=1, default=str))
     return 0
 
 
@@ -91,17 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--help-config", action="store_true", help="list every config key")
         s.set_defaults(func=func)
 
-    e = sub.add_parser("eval", help="held-out arithmetic accuracy of a model directory")
+    e = sub.add_parser("eval", help="held-out accuracy, rule pass rate and RM scores of a model directory")
     e.add_argument("model")
-    e.add_argument("--data", default=None, help="prompt file with an `answer` column (default: bundled held-out)")
+    e.add_argument("--reasoning", help="prompts with an `answer` column (default: bundled held-out arithmetic)")
+    e.add_argument("--helpful", help="helpful prompts (default: bundled held-out)")
+    e.add_argument("--safety", help="harmful prompts (default: bundled held-out)")
+    e.add_argument("--rm-helpful", help="RM_helpful directory (helpful score skipped without it)")
+    e.add_argument("--rm-safety", help="RM_safety directory (safety score skipped without it)")
     e.add_argument("--max-new-tokens", type=int, default=64)
-    e.add_argument("--limit", type=int, default=0)
     e.set_defaults(func=_cmd_eval)
 
-    q = sub.add_parser("quickstart", help="tiny model -> SFT -> GRPO on the bundled data, on CPU")
-    q.add_argument("out_dir", nargs="?", default="runs/quickstart")
-    q.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.steps=10")
-    q.set_defaults(func=_cmd_quickstart)
+    r = sub.add_parser("run", help="run a recipe's stages (resumes where it stopped)")
+    r.add_argument("recipe", help="a recipe file or a bundled recipe name (quickstart, deepseek-v2-lite, ...)")
+    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.sft.epochs=2")
+    r.add_argument("--check", action="store_true", help="validate the recipe and stop")
+    r.set_defaults(func=_cmd_run)
     return p
 
 

@@ -156,7 +156,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw  # not YAML (e.g. "@stage"): the plain string
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -188,15 +192,17 @@ def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
     return values, _key_lines(node)
 
 
-def build_config(cls: type, values: dict, source: str = "<config>", lines: dict[str, int] | None = None):
-    """Build and validate `cls` from a nested dict."""
-    cfg = _build(cls, values, "", source, lines or {})
+def build_config(cls: type, values: dict, source: str = "<config>", lines: dict[str, int] | None = None,
+                 prefix: str = ""):
+    """Build and validate `cls` from a nested dict; `prefix` is prepended to key names in messages."""
+    cfg = _build(cls, values, prefix, source, lines or {})
     check = getattr(cfg, "validate", None)
     if check is not None:
         try:
             check()
         except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+            where = f"{source} ({prefix.rstrip('.')})" if prefix else source
+            raise ConfigError(f"{where}: {e}") from None
     return cfg
 
 

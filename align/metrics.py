@@ -39,11 +39,21 @@ class MetricsLogger:
             self._tb.flush()
         if echo:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            print(f"{self.prefix}step {step}: {shown}", flush=True)
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"{self.prefix}step {step}: {shown}")
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def progress(iterable, total: int, initial: int, desc: str, enabled: bool = True):
+    """A progress bar with ETA over the steps of a stage (only on a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, initial=initial, desc=desc, disable=None if enabled else True,
+                dynamic_ncols=True, leave=False)
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:

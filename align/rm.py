@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .checkpoint import atomic_dir
 from .config import option, require
 from .data import DataError, _as_messages, load_rows
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, progress
 from .optim import build_optimizer, warmup_cosine
 from .policy import check_model_dir, load_tokenizer
 from .sft import batch_indices
@@ -105,7 +105,7 @@ def train_rm(cfg: RMConfig) -> dict:
     start = time.time()
     acc_start = pair_accuracy(model, tokenizer, held, cfg.max_length, device) if held else None
     model.train()
-    for step in range(steps):
+    for step in progress(range(steps), steps, 0, "rm"):
         batch = [train[i] for i in batch_indices(len(train), cfg.batch_size, step, cfg.seed)]
         r = _rewards(model, tokenizer, [c for c, _ in batch] + [x for _, x in batch], cfg.max_length, device)
         margin = r[:len(batch)] - r[len(batch):]                                        # [B]

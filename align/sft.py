@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, config_to_dict, option, require
 from .data import IGNORE, collate, collate_packed, load_chats, pack, tokenize_chats
 from .logprobs import forward_logprobs
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, progress
 from .moe import expert_balance_loss, expert_load, routing_kwargs
 from .optim import build_optimizer, warmup_cosine
 from .policy import ModelConfig, check_model_dir, is_deepseek_v2, load_for_training, load_tokenizer
@@ -176,7 +176,8 @@ def train_sft(cfg: SFTConfig) -> dict:
         heldout["start"] = heldout_loss(model, held_rows, cfg, pad_id, device)
         log.log(0, {"eval/loss": heldout["start"]})
     t0 = time.time()
-    for step in range(start_step, total_steps):
+    steps = range(start_step, total_steps)
+    for step in progress(steps, total_steps, start_step, "sft", accelerator.is_main_process):
         # -- this process's micro-batches of global batch `step`
         idx = batch_indices(len(train_rows), global_batch, step, cfg.seed)
         mine = idx[rank * cfg.batch_size * cfg.grad_accum:(rank + 1) * cfg.batch_size * cfg.grad_accum]

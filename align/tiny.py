@@ -13,10 +13,26 @@ from pathlib import Path
 import torch
 from transformers import DeepseekV2ForCausalLM
 
+import dataclasses
+
 from .checkpoint import atomic_dir
+from .config import option
 from .presets import parameter_counts, preset_config
 from .resources import data_dir
 from .tokenizer import train_tokenizer
+
+
+@dataclasses.dataclass
+class TinyConfig:
+    output_dir: str = option(help="Where the model + tokenizer directory goes.")
+    preset: str = option("tiny", "Model preset: tiny (q_proj) or tiny-q-lora (q_a_proj / q_b_proj).")
+    seed: int = option(0, "Seed of the random weights.")
+
+    def validate(self) -> None:
+        from .config import require
+        from .presets import PRESETS
+
+        require(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}", self.preset)
 
 
 def corpus_texts(folder: Path | None = None) -> list[str]:

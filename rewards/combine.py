@@ -40,6 +40,17 @@ class RewardSpec:
         """The component's name in metrics: the label, else the reward name."""
         return self.label or self.name
 
+    def check(self) -> None:
+        """Resolve the reward and check `args` against it without building anything (for config validation)."""
+        fn = get_reward(self.name)
+        if getattr(fn, "is_factory", False):
+            try:
+                inspect.signature(fn).bind(**self.args)
+            except TypeError as e:
+                raise KeyError(f"reward {self.name!r} takes settings in 'args': {e}") from None
+        elif self.args:
+            raise KeyError(f"reward {self.name!r} takes no 'args' (got {sorted(self.args)})")
+
     def load(self):
         """The scoring function (a factory is called once with `args`; the result is cached)."""
         cached = getattr(self, "_fn", None)

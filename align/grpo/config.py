@@ -76,7 +76,7 @@ class GRPOConfig:
         for i, spec in enumerate(self.rewards):
             require(bool(spec.name), f"rewards[{i}].name", "a reward name", spec.name)
             try:
-                spec.load()
+                spec.check()
             except KeyError as e:
                 raise ConfigError(f"key 'rewards[{i}].name': {e.args[0]}") from None
         keys = [spec.key for spec in self.rewards]

@@ -31,7 +31,7 @@ from ..config import ConfigError, config_to_dict
 from ..data import load_prompts
 from ..evaluate import accuracy
 from ..logprobs import forward_logprobs
-from ..metrics import MetricsLogger
+from ..metrics import MetricsLogger, progress
 from ..moe import expert_balance_loss, expert_load, routing_kwargs
 from ..optim import build_optimizer, warmup_cosine
 from ..policy import check_model_dir, is_deepseek_v2, load_for_training, load_tokenizer
@@ -167,7 +167,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         history["accuracy_start"] = accuracy(engine, eval_rows, cfg.eval_max_new_tokens)["accuracy"]
         log.log(0, {"eval/accuracy": history["accuracy_start"]})
 
-    for step in range(start, cfg.steps):
+    for step in progress(range(start, cfg.steps), cfg.steps, start, "grpo"):
         t0 = time.time()
         # 1. rollouts: G completions per prompt from the current policy
         picked, prompts, columns = _prompt_batch(train_rows, cfg, step)

@@ -1,0 +1,190 @@
+"""`align run RECIPE [key=value ...]`: run a chain of stages (tiny / sft / rm / grpo) from one YAML recipe.
+
+    run_dir: runs/quickstart
+    eval: {reasoning: "{data}/arith/heldout.jsonl", reward_models: {safety: "@rm_safety"}, ...}
+    stages:
+      sft:       {kind: sft, model: {path: "@tiny"}, train_data: [...], ...}
+      reasoning: {kind: grpo, model: {path: "@sft"}, rewards: [{name: math}], ...}
+
+Each stage takes its kind's config keys (see `align sft --help-config` etc.) except `output_dir`, which is
+RUN_DIR/<stage>. A string "@name" stands for the output model of an earlier stage; "{data}" for the bundled data
+directory. RECIPE is a file path or the name of a bundled recipe (`align run quickstart`). Overrides address keys
+with dots: `stages.sft.epochs=2`, `run_dir=/tmp/x`.
+
+Everything is validated before the first stage starts (unknown keys, types, values, data files that do not exist,
+unknown rewards, references to stages that do not come earlier), with the file, line and key named. Running the same
+command again skips finished stages and resumes an interrupted one from its last checkpoint. After each stage that
+makes a policy, `align eval` runs (EvalConfig) and its figures go to RUN_DIR/<stage>/eval.json; at the end
+RUN_DIR/report.md and its plots summarise the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from .checkpoint import atomic_write_text
+from .config import ConfigError, build_config, merge_dicts, parse_overrides, read_yaml
+from .resources import data_dir, recipes_dir
+
+_REF = re.compile(r"^@([A-Za-z0-9_\-]+)$")
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    kind: str
+    config: object                      # the kind's config dataclass, references resolved
+    output: Path                        # the model directory the stage leaves for later stages
+
+
+def _kinds() -> dict[str, tuple[type, Callable, Callable[[Path], Path]]]:
+    """kind -> (config class, runner, the model directory it leaves in its output_dir)."""
+    from .grpo.config import GRPOConfig
+    from .grpo.loop import train_grpo
+    from .rm import RMConfig, train_rm
+    from .sft import SFTConfig, train_sft
+    from .tiny import TinyConfig, build_tiny
+
+    def tiny(cfg):
+        return build_tiny(cfg.output_dir, cfg.preset, cfg.seed)
+
+    return {"tiny": (TinyConfig, tiny, lambda d: d), "sft": (SFTConfig, train_sft, lambda d: d / "final"),
+            "rm": (RMConfig, train_rm, lambda d: d / "final"), "grpo": (GRPOConfig, train_grpo, lambda d: d / "final")}
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    bundled = recipes_dir() / f"{recipe}.yaml"
+    if bundled.is_file():
+        return bundled
+    known = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+    raise ConfigError(f"recipe {recipe!r} is neither a file nor a bundled recipe ({', '.join(known)})")
+
+
+def _substitute(value, data: str, outputs: dict[str, Path], where: str, key: str, lines: dict[str, int]):
+    """Replace {data} and @stage references in every string of a stage's values."""
+    if isinstance(value, dict):
+        return {k: _substitute(v, data, outputs, where, f"{key}.{k}", lines) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, data, outputs, where, f"{key}[{i}]", lines) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+    m = _REF.match(value)
+    if m:
+        if m.group(1) not in outputs:
+            line = lines.get(key.split("[")[0])
+            raise ConfigError(f"{where}{':' + str(line) if line else ''}: key '{key}' refers to '{value}', which no "
+                              f"earlier stage makes (earlier stages: {', '.join(outputs) or 'none'})")
+        return str(outputs[m.group(1)])
+    return value.replace("{data}", data)
+
+
+def _check_paths(cfg, stage_key: str, source: str, lines: dict[str, int]) -> None:
+    """Data files named by a stage must exist (model paths made by earlier stages are checked when they run)."""
+    for field in ("train_data", "eval_data"):
+        for i, path in enumerate(getattr(cfg, field, None) or []):
+            if not Path(path).exists():
+                line = lines.get(f"{stage_key}.{field}")
+                raise ConfigError(f"{source}{':' + str(line) if line else ''}: key '{stage_key}.{field}[{i}]': data "
+                                  f"file {path} does not exist")
+
+
+def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, list[Stage], object, dict]:
+    """Parse and validate a recipe; returns (run_dir, stages, eval config or None, raw values)."""
+    from .evaluate import EvalConfig
+
+    path = resolve_recipe_path(recipe)
+    values, lines = read_yaml(path)
+    values = merge_dicts(values, parse_overrides(overrides or []))
+    source = f"{path} + overrides" if overrides else str(path)
+    unknown = sorted(set(values) - {"run_dir", "stages", "eval", "description"})
+    if unknown:
+        raise ConfigError(f"{source}:{lines.get(unknown[0], '?')}: unknown key '{unknown[0]}'; a recipe has "
+                          f"run_dir, description, eval, stages")
+    stages_raw = values.get("stages")
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        raise ConfigError(f"{source}: key 'stages' must be a mapping of stage name -> settings")
+    run_dir = Path(values.get("run_dir") or f"runs/{path.stem}")
+    data, kinds = str(data_dir()), _kinds()
+    outputs: dict[str, Path] = {}
+    stages = []
+    for name, raw in stages_raw.items():
+        key = f"stages.{name}"
+        if not isinstance(raw, dict) or raw.get("kind") not in kinds:
+            got = raw.get("kind") if isinstance(raw, dict) else raw
+            raise ConfigError(f"{source}:{lines.get(key, '?')}: key '{key}.kind' must be one of {sorted(kinds)}, "
+                              f"got {got!r}")
+        cls, _, output_of = kinds[raw["kind"]]
+        settings = {k: v for k, v in raw.items() if k != "kind"}
+        if "output_dir" in settings:
+            raise ConfigError(f"{source}:{lines.get(key + '.output_dir', '?')}: key '{key}.output_dir' is set by "
+                              f"the recipe (run_dir/{name}); remove it")
+        settings = _substitute(settings, data, outputs, source, key, lines)
+        settings["output_dir"] = str(run_dir / name)
+        cfg = build_config(cls, settings, source, lines, prefix=key + ".")
+        _check_paths(cfg, key, source, lines)
+        outputs[name] = output_of(run_dir / name)
+        stages.append(Stage(name, raw["kind"], cfg, outputs[name]))
+    eval_cfg = None
+    if values.get("eval"):
+        ev = _substitute(values["eval"], data, outputs, source, "eval", lines)
+        eval_cfg = build_config(EvalConfig, ev, source, lines, prefix="eval.")
+        for field in ("reasoning", "helpful", "safety"):
+            if getattr(eval_cfg, field) and not Path(getattr(eval_cfg, field)).exists():
+                raise ConfigError(f"{source}:{lines.get('eval.' + field, '?')}: key 'eval.{field}': data file "
+                                  f"{getattr(eval_cfg, field)} does not exist")
+    return run_dir, stages, eval_cfg, values
+
+
+def _finished(stage: Stage) -> bool:
+    return (stage.output / "config.json").is_file()
+
+
+def _evaluate_stage(stage: Stage, run_dir: Path, eval_cfg, evaluate) -> None:
+    """(Re-)evaluate a finished policy stage when its eval.json is missing or lacks an RM now available."""
+    ready = {k: v for k, v in eval_cfg.reward_models.items() if (Path(v) / "config.json").is_file()}
+    result_file = run_dir / stage.name / "eval.json"
+    old = json.loads(result_file.read_text()) if result_file.is_file() else None
+    if old is not None and all(f"eval/{k}_rm" in old for k in ready if getattr(eval_cfg, k, "")):
+        return
+    result = evaluate(str(stage.output), dataclasses.replace(eval_cfg, reward_models=ready))
+    atomic_write_text(result_file, json.dumps(result, indent=1))
+    shown = ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items() if k.startswith("eval/"))
+    print(f"run: eval of '{stage.name}': {shown}", flush=True)
+
+
+def run_recipe(recipe: str, overrides: list[str] | None = None) -> dict:
+    """Run every stage not finished yet, evaluate after each policy stage, write the report."""
+    from .evaluate import evaluate
+    from .report import write_report
+
+    run_dir, stages, eval_cfg, values = load_recipe(recipe, overrides)  # all validation before any work
+    kinds = _kinds()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.json", json.dumps(values, indent=1, default=str))
+    summary: dict = {"run_dir": str(run_dir), "stages": {}}
+    done: list[Stage] = []
+    for stage in stages:
+        _, runner, _ = kinds[stage.kind]
+        if _finished(stage):
+            print(f"run: stage '{stage.name}' already finished ({stage.output})", flush=True)
+        else:
+            print(f"run: stage '{stage.name}' ({stage.kind})", flush=True)
+            runner(stage.config)
+        done.append(stage)
+        if eval_cfg is not None:  # evaluate new policies, and earlier ones once a reward model they lack exists
+            for policy in (s for s in done if s.kind in ("tiny", "sft", "grpo")):
+                _evaluate_stage(policy, run_dir, eval_cfg, evaluate)
+    for stage in stages:
+        result_file = run_dir / stage.name / "eval.json"
+        if result_file.is_file():
+            summary["stages"][stage.name] = json.loads(result_file.read_text())
+    summary["report"] = str(write_report(run_dir, [(s.name, s.kind) for s in stages]))
+    print(f"run: report at {summary['report']}", flush=True)
+    return summary
