@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from importlib import resources
+import importlib
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -12,9 +12,9 @@ def _find(package: str, folder: str) -> Path:
     local = _ROOT / folder
     if local.is_dir():
         return local
-    try:  # installed wheel: pyproject maps data/ -> align/_data and recipes/ -> align/_recipes
-        return Path(str(resources.files(package)))
-    except ModuleNotFoundError as e:
+    try:  # installed wheel: pyproject maps data/ -> align/_data and recipes/ -> align/_recipes (namespace packages)
+        return Path(next(iter(importlib.import_module(package).__path__)))
+    except (ModuleNotFoundError, StopIteration) as e:
         raise FileNotFoundError(f"bundled folder {folder!r} not found next to {_ROOT} nor as {package}") from e
 
 
