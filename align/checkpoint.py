@@ -113,6 +113,9 @@ def save_training_checkpoint(accelerator, model, tokenizer, output_dir: str | Pa
         with atomic_dir(final) as tmp:
             accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            from .faults import fault_point
+
+            fault_point("checkpoint", step)  # tests: die with the model written, trainer state not yet
             rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()

@@ -28,6 +28,7 @@ class DataError(ValueError):
 
 def _check_jsonl(path: Path) -> None:
     """Find the first unparseable line ourselves: `datasets` reports JSONL errors without a line number."""
+    rows = 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -42,6 +43,9 @@ def _check_jsonl(path: Path) -> None:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(value, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(value).__name__}")
+            rows += 1
+    if rows == 0:
+        raise DataError(f"{path}: no rows")
 
 
 def load_rows(path: str | Path):
@@ -62,6 +66,8 @@ def load_rows(path: str | Path):
             if suffix == ".jsonl" or suffix == ".json":
                 if suffix == ".jsonl":
                     _check_jsonl(path)
+                elif not path.read_bytes().strip():
+                    raise DataError(f"{path}: no rows")
                 ds = datasets.load_dataset("json", data_files=str(path), split="train")
             elif suffix == ".parquet":
                 ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
@@ -74,6 +80,12 @@ def load_rows(path: str | Path):
         raise DataError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
     if len(ds) == 0:
         raise DataError(f"{path}: no rows")
+    if "id" in ds.column_names:
+        seen: dict = {}
+        for i, row_id in enumerate(ds["id"]):
+            if row_id is not None and row_id in seen:
+                raise DataError(f"{path}:row {i + 1}: field 'id' {row_id!r} repeats row {seen[row_id] + 1}")
+            seen[row_id] = i
     return ds
 
 

@@ -1,11 +1,13 @@
 """Metrics: one JSON object per line in OUTPUT/metrics.jsonl (appended, so a resumed run continues the file), a short
-console line, and TensorBoard event files when `tensorboard` is installed. Names are namespaced: `loss/sft`,
+console line, TensorBoard event files when `tensorboard` is installed, and Weights & Biases when `wandb` is installed
+and WANDB_PROJECT is set (the run is named after the output directory). Names are namespaced: `loss/sft`,
 `reward/helpful`, `moe/load_max`."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -16,7 +18,15 @@ class MetricsLogger:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.prefix = prefix
         self.start = time.time()
-        self._tb = None
+        self._tb = self._wandb = None
+        if enabled and os.environ.get("WANDB_PROJECT"):
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project=os.environ["WANDB_PROJECT"], name=str(output_dir), resume="allow",
+                                         id=str(output_dir).strip("/").replace("/", "-")[-64:])
+            except ImportError:
+                self._wandb = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -24,6 +34,17 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
             except ImportError:
                 self._tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume from the checkpoint of `step`: drop rows of later steps (they will be logged again)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        from .checkpoint import atomic_write_text
+
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["step"] <= step]
+        if len(kept) != len(rows):
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
         if not self.enabled:
@@ -37,6 +58,8 @@ class MetricsLogger:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         if echo:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             from tqdm.auto import tqdm
@@ -46,6 +69,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def progress(iterable, total: int, initial: int, desc: str, enabled: bool = True):

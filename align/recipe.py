@@ -85,8 +85,13 @@ def _substitute(value, data: str, outputs: dict[str, Path], where: str, key: str
     return value.replace("{data}", data)
 
 
-def _check_paths(cfg, stage_key: str, source: str, lines: dict[str, int]) -> None:
-    """Data files named by a stage must exist (model paths made by earlier stages are checked when they run)."""
+def _check_paths(cfg, stage_key: str, source: str, lines: dict[str, int], made: set[str]) -> None:
+    """Data files and model directories named by a stage must exist, unless an earlier stage makes them."""
+    model = getattr(cfg, "model", None)
+    model_path = getattr(model, "path", model)
+    if isinstance(model_path, str) and model_path not in made and not Path(model_path).is_dir():
+        key = f"{stage_key}.model.path" if hasattr(model, "path") else f"{stage_key}.model"
+        raise ConfigError(f"{source}:{lines.get(key, '?')}: key '{key}': model directory {model_path} does not exist")
     for field in ("train_data", "eval_data"):
         for i, path in enumerate(getattr(cfg, field, None) or []):
             if not Path(path).exists():
@@ -128,7 +133,7 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, 
         settings = _substitute(settings, data, outputs, source, key, lines)
         settings["output_dir"] = str(run_dir / name)
         cfg = build_config(cls, settings, source, lines, prefix=key + ".")
-        _check_paths(cfg, key, source, lines)
+        _check_paths(cfg, key, source, lines, {str(p) for p in outputs.values()})
         outputs[name] = output_of(run_dir / name)
         stages.append(Stage(name, raw["kind"], cfg, outputs[name]))
     eval_cfg = None

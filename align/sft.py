@@ -137,7 +137,9 @@ def train_sft(cfg: SFTConfig) -> dict:
     from accelerate.utils import set_seed
 
     # -- everything that can fail on bad input happens before the first write
-    check_model_dir(cfg.model.path)
+    context = check_model_dir(cfg.model.path).get("max_position_embeddings")
+    if context and cfg.max_length > context:
+        raise ConfigError(f"key 'max_length' is {cfg.max_length}, beyond the model's context of {context} tokens")
     tokenizer = load_tokenizer(cfg.model.path)
     train_rows, held_rows, data_stats = _prepare_data(cfg, tokenizer)
 
@@ -165,6 +167,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     log = MetricsLogger(cfg.output_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard, prefix="sft ")
+    log.truncate_after(start_step)
     pad_id = tokenizer.pad_token_id
     if accelerator.is_main_process:
         print(f"sft: {len(train_rows)} rows ({data_stats['truncated']} truncated, {data_stats['dropped']} dropped), "

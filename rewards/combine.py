@@ -34,6 +34,8 @@ class RewardSpec:
     weight: float = 1.0
     label: str = ""
     args: dict = dataclasses.field(default_factory=dict)
+    isolate: bool = False        # score in a separate worker process (survives hangs and crashes)
+    timeout_s: float = 0.0       # with isolate: stop a call that takes longer (0 = no limit)
 
     @property
     def key(self) -> str:
@@ -56,6 +58,16 @@ class RewardSpec:
         cached = getattr(self, "_fn", None)
         if cached is not None:
             return cached
+        if self.isolate or self.timeout_s:
+            from .isolation import IsolatedReward
+
+            self.check()
+            fn = IsolatedReward({"name": self.name, "args": self.args, "label": self.label}, self.key,
+                                self.timeout_s)
+            plain = get_reward(self.name)
+            fn.required_columns = [] if getattr(plain, "is_factory", False) else _required_columns(plain)
+            object.__setattr__(self, "_fn", fn)
+            return fn
         fn = get_reward(self.name)
         if getattr(fn, "is_factory", False):
             try:
@@ -87,6 +99,8 @@ class Scores:
 
 
 def _required_columns(fn) -> list[str]:
+    if hasattr(fn, "required_columns"):
+        return fn.required_columns
     params = inspect.signature(fn).parameters.values()
     return [p.name for p in params if p.default is inspect.Parameter.empty
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("prompts", "completions")]
@@ -142,8 +156,8 @@ def _run_one(spec: RewardSpec, prompts, completions, columns, rows) -> tuple[lis
             raise RewardError(f"reward '{spec.key}' needs column '{col}', which {rows[i]} does not have")
     try:
         raw = _call(fn, prompts, completions, columns)
-    except RewardError:
-        raise
+    except RewardError as e:
+        raise e if "batch from" in str(e) or " for " in str(e) else RewardError(f"{e} (batch from {rows[0]})")
     except Exception as e:
         raise RewardError(f"reward '{spec.key}' raised {type(e).__name__}: {e} (batch from {rows[0]})") from e
     metrics = {}

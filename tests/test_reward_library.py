@@ -215,3 +215,19 @@ def test_example_plugin_recipe_resolves_both_rewards():
     assert polite(None, ["Happy to help!", "No."]) == [1.0, 0.0]
     assert brief(None, ["short answer"]) == [1.0]
     assert cfg.rewards[0].name == "politeness"  # found through the align.rewards entry point, not an import path
+
+
+def hangs_on_slow(prompts, completions, **_):
+    if any("slow" in c for c in completions):
+        time.sleep(60)
+    return [1.0] * len(completions)
+
+
+def test_isolated_reward_that_hangs_is_skipped_and_the_others_still_score():
+    specs = [RewardSpec(f"{__name__}:hangs_on_slow", timeout_s=3.0), RewardSpec("answer_format")]
+    t = time.time()
+    s = score(specs, ["p"] * 4, ["Answer: 1", "x", "slow", "Answer: 2"], {}, [f"r{i}" for i in range(4)],
+              group_size=2, on_error="skip")
+    assert s.keep.tolist() == [True, True, False, False]
+    assert s.components["answer_format"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert time.time() - t < 30

@@ -30,6 +30,7 @@ from .. import checkpoint as ckpt
 from ..config import ConfigError, config_to_dict
 from ..data import load_prompts
 from ..evaluate import accuracy
+from ..faults import fault_point
 from ..logprobs import forward_logprobs
 from ..metrics import MetricsLogger, progress
 from ..moe import expert_balance_loss, expert_load, routing_kwargs
@@ -123,9 +124,17 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     from accelerate.utils import set_seed
 
     # -- everything that can fail on bad input happens before the first write
-    check_model_dir(cfg.model.path)
+    model_json = check_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model.path)
     train_rows = [r for path in cfg.train_data for r in load_prompts(path)]
+    context = model_json.get("max_position_embeddings")
+    if context:
+        for r in train_rows:
+            text = tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
+            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if n + cfg.sampling.max_new_tokens > context:
+                raise ConfigError(f"{r.columns['row']}: prompt of {n} tokens + sampling.max_new_tokens="
+                                  f"{cfg.sampling.max_new_tokens} exceeds the model's context of {context} tokens")
     eval_rows = [r for path in cfg.eval_data for r in load_prompts(path)]
     for r in eval_rows:
         if r.columns.get("answer") is None:
@@ -160,6 +169,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     model.train()
     engine = HFEngine(model, tokenizer)
     log = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard, prefix="grpo ")
+    log.truncate_after(start)
     G, needs_old = cfg.group_size, cfg.inner_epochs > 1 or cfg.minibatches > 1
     print(f"grpo: {len(train_rows)} prompts, {cfg.steps} steps of {cfg.prompts_per_step} x G={G}, "
           f"{'resuming at step ' + str(start) if resume else 'new run'}", flush=True)
@@ -172,10 +182,12 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         # 1. rollouts: G completions per prompt from the current policy
         picked, prompts, columns = _prompt_batch(train_rows, cfg, step)
         rollouts = engine.generate([r.messages for r in picked], n=G, sampling=cfg.sampling)
+        fault_point("generation", step + 1)
         t_gen = time.time()
         # 2. rewards, per component and weighted total
         scores = score(cfg.rewards, prompts, rollouts.completions, columns, columns["row"], G, cfg.reward_mode,
                        cfg.on_reward_error)
+        fault_point("scoring", step + 1)
         t_reward = time.time()
         # 3. group-normalised advantages (optionally dropping groups with no signal, and skipped groups)
         advantages = group_advantages(scores.total, G, cfg.scale_rewards)           # [N]
@@ -208,6 +220,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             update_stats, (router_logits, token_mask) = _update(model, optimizer, scheduler, accelerator, batch, cfg,
                                                                 moe, gen)
             metrics.update(update_stats)
+            fault_point("update", step + 1)
             if moe is not None:
                 metrics.update(expert_load(router_logits, moe["top_k"], token_mask, **moe["routing"]))
             metrics.update({"perf/ref_s": t_ref - t_reward, "perf/update_s": time.time() - t_ref})

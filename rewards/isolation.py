@@ -1,0 +1,51 @@
+"""Run a reward in its own worker process: a reward that hangs is stopped at its timeout, one that crashes its
+process (segfault, os._exit, out of memory) is reported, and neither takes the trainer down with it.
+
+The worker rebuilds the reward from its spec (name, args), so factories and closures need not be picklable; it
+keeps the built reward between calls. On a timeout or a crash the worker is killed and a fresh one starts next time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+from concurrent.futures.process import BrokenProcessPool
+
+_BUILT: dict = {}
+
+
+def _score_in_worker(spec: dict, prompts, completions, columns):
+    from .combine import RewardSpec, _call
+
+    key = repr(sorted((k, repr(v)) for k, v in spec.items()))
+    if key not in _BUILT:
+        _BUILT[key] = RewardSpec(**spec).load()
+    return _call(_BUILT[key], prompts, completions, columns)
+
+
+class IsolatedReward:
+    def __init__(self, spec: dict, label: str, timeout_s: float):
+        self.spec, self.label, self.timeout_s = spec, label, timeout_s
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def _kill(self) -> None:
+        if self._pool is not None:
+            for proc in list(getattr(self._pool, "_processes", {}).values()):
+                proc.kill()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __call__(self, prompts, completions, **columns):
+        from .combine import RewardError
+
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+        future = self._pool.submit(_score_in_worker, self.spec, prompts, completions, columns)
+        try:
+            return future.result(timeout=self.timeout_s or None)
+        except cf.TimeoutError:
+            self._kill()
+            raise RewardError(f"reward '{self.label}' timed out after {self.timeout_s} s (its worker was stopped)")
+        except BrokenProcessPool:
+            self._kill()
+            raise RewardError(f"reward '{self.label}' crashed its worker process")
