@@ -14,6 +14,14 @@ from concurrent.futures.process import BrokenProcessPool
 _BUILT: dict = {}
 
 
+def kill_pool(pool: cf.ProcessPoolExecutor | None) -> None:
+    """End a process pool's workers now (a stuck task cannot be cancelled otherwise)."""
+    if pool is not None:
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _score_in_worker(spec: dict, prompts, completions, columns):
     from .combine import RewardSpec, _call
 
@@ -29,11 +37,8 @@ class IsolatedReward:
         self._pool: cf.ProcessPoolExecutor | None = None
 
     def _kill(self) -> None:
-        if self._pool is not None:
-            for proc in list(getattr(self._pool, "_processes", {}).values()):
-                proc.kill()
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        kill_pool(self._pool)
+        self._pool = None
 
     def __call__(self, prompts, completions, **columns):
         from .combine import RewardError

@@ -82,11 +82,10 @@ class MathVerifier:
         return self._pool
 
     def _kill(self) -> None:  # a stuck check cannot be cancelled: end the workers, start fresh next time
-        if self._pool is not None:
-            for proc in list(getattr(self._pool, "_processes", {}).values()):
-                proc.kill()
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        from .isolation import kill_pool
+
+        kill_pool(self._pool)
+        self._pool = None
 
     def check(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
         """True / False per pair, None where the check timed out or crashed."""
