@@ -143,7 +143,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model.path)
     train_rows, held_rows, data_stats = _prepare_data(cfg, tokenizer)
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # CPU: gloo across processes
     set_seed(cfg.seed)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     global_batch = cfg.batch_size * cfg.grad_accum * world
@@ -199,6 +199,9 @@ def train_sft(cfg: SFTConfig) -> dict:
             loss_sum += nll.item() / n_tokens.item() * world
             balance_sum += balance.item() / len(micro)
             router = router_logits
+        if world > 1:  # each process summed its share of the global token mean: add the shares up
+            shares = accelerator.reduce(torch.tensor([loss_sum, balance_sum], device=device), reduction="sum")
+            loss_sum, balance_sum = shares[0].item() / world, shares[1].item() / world
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
         optimizer.step()
         scheduler.step()

@@ -144,7 +144,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     except RewardError as e:
         raise ConfigError(str(e)) from None
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # CPU: gloo across processes
     if accelerator.num_processes > 1:
         raise ConfigError("align grpo runs as one process for now (the hybrid-engine multi-GPU path is planned)")
     set_seed(cfg.seed)
