@@ -1,6 +1,7 @@
-"""align's reward library: a registry of reward functions and their weighted combination."""
+"""align's reward library: a registry of reward functions, built-in rewards, and their weighted combination."""
 
-from .combine import RewardError, RewardSpec, Scores, score
-from .registry import get_reward, registered, reward
+from .combine import RewardError, RewardSpec, Scores, check_columns, score
+from .registry import RewardResult, get_reward, registered, reward, reward_factory
 
-__all__ = ["RewardError", "RewardSpec", "Scores", "get_reward", "registered", "reward", "score"]
+__all__ = ["RewardError", "RewardResult", "RewardSpec", "Scores", "check_columns", "get_reward", "registered",
+           "reward", "reward_factory", "score"]
