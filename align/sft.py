@@ -166,7 +166,8 @@ def train_sft(cfg: SFTConfig) -> dict:
         start_step, best = state["step"], state.get("heldout", {})
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    log = MetricsLogger(cfg.output_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard, prefix="sft ")
+    log = MetricsLogger(cfg.output_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard,
+                        prefix="sft ")
     log.truncate_after(start_step)
     pad_id = tokenizer.pad_token_id
     if accelerator.is_main_process:

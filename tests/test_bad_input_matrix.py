@@ -10,7 +10,7 @@ import time
 import pytest
 
 from align.config import ConfigError, load_config
-from align.data import DataError, load_chats, load_prompts
+from align.data import DataError
 from align.grpo.config import GRPOConfig
 from align.grpo.loop import train_grpo
 from align.recipe import run_recipe

@@ -4,7 +4,6 @@ uninterrupted run's (same seed, same data order). Disk-full and out-of-memory du
 previous checkpoint usable."""
 
 import errno
-import json
 import os
 import subprocess
 import sys

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rewards import RewardError, RewardSpec, score
-from rewards.math import MathVerifier, extract_answer, math_reward, same_answer
+from rewards.math import extract_answer, math_reward, same_answer
 from rewards.model import HTTPRewardError
 from rewards.model import http as http_reward
 from rewards.registry import get_reward
