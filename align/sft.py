@@ -171,9 +171,9 @@ def train_sft(cfg: SFTConfig) -> dict:
     log.truncate_after(start_step)
     pad_id = tokenizer.pad_token_id
     if accelerator.is_main_process:
+        where = f"resuming at step {start_step}" if resume else "new run"
         print(f"sft: {len(train_rows)} rows ({data_stats['truncated']} truncated, {data_stats['dropped']} dropped), "
-              f"{total_steps} steps of {global_batch}, {'resuming at step ' + str(start_step) if resume else 'new run'}",
-              flush=True)
+              f"{total_steps} steps of {global_batch}, {where}", flush=True)
 
     heldout = dict(best)
     if held_rows and start_step == 0:
