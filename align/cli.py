@@ -64,7 +64,9 @@ def _cmd_eval(args) -> int:
     from .policy import check_model_dir
     from .resources import data_dir
 
-    check_model_dir(args.model)
+    for path in (args.model, args.rm_helpful, args.rm_safety):
+        if path:
+            check_model_dir(path)
     cfg = EvalConfig(reasoning=args.reasoning or str(data_dir() / "arith" / "heldout.jsonl"),
                      helpful=args.helpful or str(data_dir() / "helpful" / "heldout.jsonl"),
                      safety=args.safety or str(data_dir() / "safety" / "heldout.jsonl"),

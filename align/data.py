@@ -114,7 +114,7 @@ def _check_messages(messages, where: str, field: str, need_assistant_last: bool)
                         f"{messages[-1]['role']!r}")
 
 
-def _as_messages(value, role: str, where: str, field: str) -> list[dict]:
+def as_messages(value, role: str, where: str, field: str) -> list[dict]:
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: field '{field}' is empty")
@@ -131,8 +131,8 @@ def row_messages(row: dict, where: str) -> list[dict]:
         _check_messages(row["messages"], where, "messages", need_assistant_last=True)
         return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
     if row.get("prompt") is not None or row.get("completion") is not None:
-        prompt = _as_messages(row.get("prompt"), "user", where, "prompt")
-        completion = _as_messages(row.get("completion"), "assistant", where, "completion")
+        prompt = as_messages(row.get("prompt"), "user", where, "prompt")
+        completion = as_messages(row.get("completion"), "assistant", where, "completion")
         if completion[-1]["role"] != "assistant":
             raise DataError(f"{where}: field 'completion' must end with an assistant message")
         return prompt + completion
@@ -142,7 +142,7 @@ def row_messages(row: dict, where: str) -> list[dict]:
 def row_prompt(row: dict, where: str) -> list[dict]:
     """The prompt of a row for generation: `prompt`, or `messages` without its final assistant turn."""
     if row.get("prompt") is not None:
-        return _as_messages(row["prompt"], "user", where, "prompt")
+        return as_messages(row["prompt"], "user", where, "prompt")
     if row.get("messages") is not None:
         _check_messages(row["messages"], where, "messages", need_assistant_last=False)
         msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]

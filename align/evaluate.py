@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
-
 from .config import option
 from .data import PromptRow, load_prompts
-from .resources import data_dir
 from .rollout.hf import HFEngine
 from .rollout.protocol import SamplingConfig
 
@@ -81,12 +78,3 @@ def evaluate(model_dir: str, cfg: EvalConfig) -> dict:
             out["eval/refusal_rate"] = sum(bool(_REFUSAL.search(c)) for c in completions) / len(rows)
     return out
 
-
-def evaluate_arithmetic(model_dir: str, data: str | None = None, max_new_tokens: int = 64, limit: int = 0) -> dict:
-    """Accuracy of the model in `model_dir` on the bundled held-out arithmetic (or `data`)."""
-    from .policy import ModelConfig, load_policy, load_tokenizer
-
-    path = Path(data) if data else data_dir() / "arith" / "heldout.jsonl"
-    rows = load_prompts(path)[: limit or None]
-    engine = HFEngine(load_policy(ModelConfig(path=model_dir), "cpu", trainable=False), load_tokenizer(model_dir))
-    return {"model": model_dir, "data": str(path), **accuracy(engine, rows, max_new_tokens)}

@@ -82,7 +82,7 @@ def check_model_dir(path: str | Path) -> dict:
     """Refuse an unusable model directory with a clear message; returns its config.json."""
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"model directory {path} does not exist (model.path)")
+        raise ConfigError(f"model directory {path} does not exist")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ConfigError(f"model directory {path} has no config.json: not an HF checkpoint directory")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_dir
 from .config import option, require
-from .data import DataError, _as_messages, load_rows
+from .data import DataError, as_messages, load_rows
 from .metrics import MetricsLogger, progress
 from .optim import build_optimizer, warmup_cosine
 from .policy import check_model_dir, load_tokenizer
@@ -61,8 +61,8 @@ def load_pairs(path, tokenizer) -> list[tuple[str, str]]:
         for key in ("prompt", "chosen", "rejected"):
             if row.get(key) is None:
                 raise DataError(f"{where}: missing field '{key}'")
-        prompt = _as_messages(row["prompt"], "user", where, "prompt")
-        sides = [prompt + _as_messages(row[k], "assistant", where, k) for k in ("chosen", "rejected")]
+        prompt = as_messages(row["prompt"], "user", where, "prompt")
+        sides = [prompt + as_messages(row[k], "assistant", where, k) for k in ("chosen", "rejected")]
         out.append(tuple(tokenizer.apply_chat_template(s, tokenize=False) for s in sides))
     return out
 

@@ -35,8 +35,12 @@ def render_pairs(tokenizer, prompts, completions) -> list[str]:
 class ClassifierReward:
     def __init__(self, path: str, batch_size: int = 32, device: str = "auto", offload: bool = False,
                  max_length: int = 1024):
+        from pathlib import Path
+
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"reward model directory {path} does not exist or has no config.json")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         self.offload = offload and self.device.type != "cpu"

@@ -210,7 +210,7 @@ def test_example_plugin_recipe_resolves_both_rewards():
 
     from .conftest import ROOT
 
-    cfg = load_config(GRPOConfig, ROOT / "recipes" / "plugin-example.yaml")
+    cfg = load_config(GRPOConfig, ROOT / "examples" / "align-reward-plugin" / "grpo-recipe.yaml")
     polite, brief = (spec.load() for spec in cfg.rewards)
     assert polite(None, ["Happy to help!", "No."]) == [1.0, 0.0]
     assert brief(None, ["short answer"]) == [1.0]

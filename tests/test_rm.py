@@ -46,3 +46,12 @@ def test_bad_preference_row_is_named(tiny_dir, tmp_path):
     with pytest.raises(DataError, match=r"p.jsonl:row 2: missing field 'rejected'"):
         train_rm(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_refuses_a_missing_reward_model_directory(tiny_dir, tmp_path, capsys):
+    from align.cli import main
+
+    assert main(["eval", str(tiny_dir), "--rm-safety", str(tmp_path / "no-rm")]) == 2
+    assert f"model directory {tmp_path / 'no-rm'} does not exist" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="reward model directory .*no-rm does not exist"):
+        RewardSpec("classifier", args={"path": str(tmp_path / "no-rm")}).load()

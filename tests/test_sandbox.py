@@ -1,6 +1,5 @@
 """The sandbox contains each attack and leaves the host untouched; the code reward's table of cases."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -57,8 +56,7 @@ def test_huge_file_is_cut_at_the_file_size_limit():
 
 def test_signalling_the_parent_is_refused():
     r = run_python("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)", limits=LIMITS)
-    assert not r.ok  # and this test process is still alive to assert it
-    assert os.getpid() > 0
+    assert not r.ok and "os.kill is not allowed" in r.stderr  # and this test process is still alive
 
 
 def test_spawning_a_shell_is_refused(tmp_path):
