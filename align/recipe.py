@@ -29,6 +29,7 @@ from pathlib import Path
 from .checkpoint import atomic_write_text
 from .config import ConfigError, build_config, merge_dicts, parse_overrides, read_yaml
 from .resources import data_dir, recipes_dir
+from .rollout.protocol import RolloutConfig
 
 _REF = re.compile(r"^@([A-Za-z0-9_\-]+)$")
 
@@ -108,10 +109,14 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, 
     values, lines = read_yaml(path)
     values = merge_dicts(values, parse_overrides(overrides or []))
     source = f"{path} + overrides" if overrides else str(path)
-    unknown = sorted(set(values) - {"run_dir", "stages", "eval", "description"})
+    unknown = sorted(set(values) - {"run_dir", "stages", "eval", "description", "rollout"})
     if unknown:
         raise ConfigError(f"{source}:{lines.get(unknown[0], '?')}: unknown key '{unknown[0]}'; a recipe has "
-                          f"run_dir, description, eval, stages")
+                          f"run_dir, description, eval, rollout, stages")
+    rollout = values.get("rollout") or {}  # defaults for every grpo stage's `rollout` (e.g. rollout.engine=vllm)
+    if not isinstance(rollout, dict):
+        raise ConfigError(f"{source}:{lines.get('rollout', '?')}: key 'rollout' must be a mapping, got {rollout!r}")
+    build_config(RolloutConfig, dict(rollout), source, lines, prefix="rollout.")
     stages_raw = values.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise ConfigError(f"{source}: key 'stages' must be a mapping of stage name -> settings")
@@ -127,6 +132,8 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, 
                               f"got {got!r}")
         cls, _, output_of = kinds[raw["kind"]]
         settings = {k: v for k, v in raw.items() if k != "kind"}
+        if raw["kind"] == "grpo" and rollout:
+            settings["rollout"] = merge_dicts(rollout, settings.get("rollout") or {})
         if "output_dir" in settings:
             raise ConfigError(f"{source}:{lines.get(key + '.output_dir', '?')}: key '{key}.output_dir' is set by "
                               f"the recipe (run_dir/{name}); remove it")

@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from align.grpo.core import (aggregate, clipped_surrogate, group_advantages, grpo_loss, grpo_token_loss, k3_kl,
-                             zero_std_groups)
+from align.grpo.core import (
+    aggregate,
+    clipped_surrogate,
+    group_advantages,
+    grpo_loss,
+    grpo_token_loss,
+    k3_kl,
+    mismatch_stats,
+    tis_weights,
+    zero_std_groups,
+)
 
 
 def test_advantages_hand_computed():
@@ -126,3 +135,40 @@ def test_ratio_one_and_kl_zero_at_identity():
     # gradient of the surrogate at ρ = 1 is −A ∇log π (per token, before aggregation)
     per_token.sum().backward()
     assert torch.allclose(lp.grad, -torch.tensor([1.0, -1.0, 0.5]).unsqueeze(1).expand(3, 5))
+
+
+# -- truncated importance sampling (vLLM / trainer mismatch)
+
+def test_tis_weights_hand_values():
+    old = torch.tensor([[math.log(0.5), math.log(0.9), math.log(0.3)]])
+    samp = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.6)]])
+    w = tis_weights(old, samp, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[1.0, 2.0, 0.5]]), atol=1e-6)  # 1, min(3, 2), 0.5
+    assert torch.equal(tis_weights(old, samp, cap=0), torch.ones_like(old))
+
+
+def test_tis_weights_are_detached_and_scale_only_the_surrogate():
+    logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old = logprobs.detach()
+    samp = old - torch.tensor([[math.log(2.0), 0.0]])        # sampler was 2x less likely on token 0
+    ref = old + 0.1
+    adv, mask = torch.tensor([1.0]), torch.ones(1, 2)
+    w = tis_weights(old, samp, cap=5.0)
+    assert not w.requires_grad
+    weighted, _ = grpo_token_loss(logprobs, old, ref, adv, mask, beta=0.5, weights=w)
+    plain, stats = grpo_token_loss(logprobs, old, ref, adv, mask, beta=0.5)
+    kl_part = 0.5 * stats["kl"]
+    assert torch.allclose(weighted - kl_part, (plain - kl_part) * w)
+    assert torch.allclose(weighted[0, 1], plain[0, 1])
+
+
+def test_mismatch_stats_hand_values():
+    old = torch.tensor([[-1.0, -1.0, -5.0]])
+    samp = torch.tensor([[-1.5, -0.5, -9.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    s = mismatch_stats(old, samp, mask, cap=math.exp(0.4))
+    assert s["rollout/logprob_gap"] == pytest.approx(0.5)
+    d = torch.tensor([0.5, -0.5])
+    assert s["rollout/kl_sampler"] == pytest.approx((torch.exp(d) - d - 1).mean().item())
+    assert s["rollout/tis_clip_frac"] == pytest.approx(0.5)
+    assert mismatch_stats(old, samp, torch.zeros(1, 3), 2.0) == {}

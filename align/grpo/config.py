@@ -9,7 +9,7 @@ from rewards.combine import RewardSpec
 
 from ..config import ConfigError, option, require
 from ..policy import ModelConfig
-from ..rollout.protocol import SamplingConfig
+from ..rollout.protocol import RolloutConfig, SamplingConfig
 from .core import AGGREGATIONS
 
 
@@ -25,7 +25,7 @@ class GRPOConfig:
     on_reward_error: Literal["fail", "skip"] = option(
         "fail", "A reward that raises / returns NaN / the wrong count: fail stops the run; skip drops that group.")
     eval_data: list[str] = option(factory=list, help="Held-out prompts with an `answer` column (greedy accuracy).")
-    engine: Literal["hf"] = option("hf", "Rollout engine: hf (transformers generate).")
+    rollout: RolloutConfig = option(factory=RolloutConfig, help="Rollout engine (hf | vllm) and memory schedule.")
     sampling: SamplingConfig = option(factory=SamplingConfig, help="Rollout sampling settings.")
     group_size: int = option(64, "G: completions sampled per prompt (DeepSeekMath: 64).")
     prompts_per_step: int = option(16, "B: prompts per exploration stage (DeepSeekMath: 1024 samples = 16 x 64).")
@@ -41,6 +41,8 @@ class GRPOConfig:
     beta: float = option(0.04, "β: weight of the k3 KL penalty to the reference (DeepSeekMath: 0.04; 0 skips π_ref).")
     clip_eps_low: float = option(0.2, "ε_low: ratio clipped below 1 − ε_low.")
     clip_eps_high: float = option(0.2, "ε_high: ratio clipped above 1 + ε_high (DAPO: 0.28).")
+    tis_cap: float = option(2.0, "C of truncated importance sampling: each token's surrogate is weighted by "
+                            "min(π_θold / π_sampler, C) against engine / trainer mismatch (0: off).")
     aggregation: str = option("sequence_mean", "Loss aggregation: sequence_mean | token_mean | constant.")
     scale_rewards: Literal["group", "none"] = option("group", "group: divide by the group's std; none: Dr. GRPO.")
     drop_zero_std_groups: bool = option(False, "Leave out groups whose rewards are all equal (DAPO's filter).")
@@ -58,6 +60,12 @@ class GRPOConfig:
     def validate(self) -> None:
         self.model.validate()
         self.sampling.validate()
+        self.rollout.validate()
+        if self.rollout.engine == "vllm":
+            from ..rollout.vllm import vllm_missing
+
+            missing = vllm_missing()
+            require(missing is None, "rollout.engine", f"an engine installed here; {missing}", "vllm")
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)
         require(bool(self.rewards), "rewards", "at least one reward", self.rewards)
         require(self.group_size >= 2, "group_size", ">= 2 (GRPO compares G samples of one prompt; G = 1 has no "
@@ -72,6 +80,7 @@ class GRPOConfig:
         require(0 <= self.clip_eps_low < 1, "clip_eps_low", "in [0, 1)", self.clip_eps_low)
         require(self.clip_eps_high >= 0, "clip_eps_high", ">= 0", self.clip_eps_high)
         require(self.aggregation in AGGREGATIONS, "aggregation", f"one of {sorted(AGGREGATIONS)}", self.aggregation)
+        require(self.tis_cap >= 0, "tis_cap", ">= 0 (0: off)", self.tis_cap)
         require(self.balance_alpha >= 0, "balance_alpha", ">= 0", self.balance_alpha)
         for i, spec in enumerate(self.rewards):
             require(bool(spec.name), f"rewards[{i}].name", "a reward name", spec.name)

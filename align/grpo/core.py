@@ -16,12 +16,22 @@ Deviations, each optional: std is the unbiased sample std (as TRL), and a group 
 advantage 0 rather than 0/0; scale="none" drops the std division (Dr. GRPO); ε_low and ε_high may differ (DAPO's
 clip-higher).
 
+Rollout/trainer mismatch (a vLLM engine samples with other kernels and precision than the trainer's forward pass):
+truncated importance sampling (Yao et al., 2025, "Your efficient RL framework secretly brings you off-policy RL
+training") multiplies each token's loss by a detached weight
+
+    w_t = min(π_θold(o_t) / π_sampler(o_t), C)                   tis_weights
+
+so the gradient estimates the objective under π_θold although the tokens were drawn from π_sampler. With the
+transformers engine π_sampler = π_θold to ~1e-6 and w = 1.
+
 Each aggregation returns (numerator, denominator) so that a batch split into micro-batches sums numerators and
 denominators separately and gets exactly the full-batch loss.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -66,6 +76,34 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     return loss, ratio, clipped < unclipped
 
 
+def tis_weights(old_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights min(exp(old − sampling), cap) [N, T], detached; cap <= 0 gives all ones."""
+    if cap <= 0:
+        return torch.ones_like(old_logprobs)
+    log_w = (old_logprobs - sampling_logprobs).detach()                    # [N, T]
+    return torch.exp(log_w.clamp(max=math.log(cap)))                       # [N, T]
+
+
+def mismatch_stats(old_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, mask: torch.Tensor,
+                   cap: float) -> dict[str, float]:
+    """How far the engine's sampling log-probs are from the trainer's, over masked tokens.
+
+    rollout/logprob_gap    mean |log π_θold − log π_sampler|
+    rollout/kl_sampler     k3 estimate of KL(π_sampler ‖ π_θold) (tokens were drawn from π_sampler)
+    rollout/tis_clip_frac  share of tokens whose weight hit the cap
+    """
+    m = mask.bool()
+    if not m.any():
+        return {}
+    old, samp = old_logprobs.detach()[m].float(), sampling_logprobs.detach()[m].float()
+    delta = old - samp
+    out = {"rollout/logprob_gap": delta.abs().mean().item(),
+           "rollout/kl_sampler": (torch.exp(delta) - delta - 1).mean().item()}
+    if cap > 0:
+        out["rollout/tis_clip_frac"] = (delta > math.log(cap)).float().mean().item()
+    return out
+
+
 def _sequence_mean(per_token, mask, max_tokens):
     lengths = mask.sum(dim=1)                                              # [N]
     per_seq = (per_token * mask).sum(dim=1) / lengths.clamp_min(1)         # [N]
@@ -93,10 +131,14 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_tokens
 
 def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
                     advantages: torch.Tensor, completion_mask: torch.Tensor, beta: float = 0.04,
-                    eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token GRPO loss [N, T] and per-token statistics (kl, ratio, clipped) for logging."""
+                    eps_low: float = 0.2, eps_high: float = 0.2, weights: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token GRPO loss [N, T] and per-token statistics (kl, ratio, clipped) for logging.
+
+    `weights` [N, T] (detached, e.g. `tis_weights`) multiply the surrogate term, not the KL penalty.
+    """
     policy_loss, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high)
-    per_token = policy_loss                                                # [N, T]
+    per_token = policy_loss if weights is None else policy_loss * weights  # [N, T]
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None and beta:
         kl = k3_kl(logprobs, ref_logprobs)                                 # [N, T]
@@ -107,9 +149,9 @@ def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, beta: float = 0.04,
               eps_low: float = 0.2, eps_high: float = 0.2, aggregation: str = "sequence_mean",
-              max_tokens: int | None = None) -> torch.Tensor:
+              max_tokens: int | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The full-batch GRPO loss (to minimise): aggregate(grpo_token_loss)."""
     per_token, _ = grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, beta,
-                                   eps_low, eps_high)
+                                   eps_low, eps_high, weights)
     num, den = aggregate(per_token, completion_mask, aggregation, max_tokens or logprobs.shape[1])
     return num / den.clamp_min(1)

@@ -12,9 +12,14 @@ One exploration stage, in data-flow order:
 
 The maths is in `core` (pure functions). Old log-probs: with μ = 1 and one minibatch the policy is still π_θold
 when the loss is taken, so the trainer's own detached log-probs serve (ρ = 1 exactly, its gradient is ∇ log π);
-otherwise they are computed once by the policy before the first update. The engine's sampling log-probs are kept
-on the rollouts (and their gap to the trainer's logged) for the mismatch correction of the vLLM engine; the loss
-never uses them. Log-probs use logits / sampling temperature, the distribution the completions were drawn from.
+otherwise they are computed once by the policy before the first update. The engine's sampling log-probs enter
+only through truncated importance sampling (`core.tis_weights`: weight min(π_θold / π_sampler, C) on the
+surrogate; ~1 with the transformers engine, the correction for vLLM's kernels and precision), and their gap to
+π_θold is logged. Log-probs use logits / sampling temperature, the distribution the completions were drawn from.
+
+Engines (`rollout.engine`): hf samples with the policy itself; vllm is a colocated vllm.LLM that gets the new
+weights in memory after every update (perf/sync_s) and, on GPU, sleeps while the policy trains; the policy can
+be offloaded to CPU while vLLM generates (`rollout.offload_policy`).
 """
 
 from __future__ import annotations
@@ -34,12 +39,20 @@ from ..faults import fault_point
 from ..logprobs import forward_logprobs
 from ..metrics import MetricsLogger, progress
 from ..moe import expert_balance_loss, expert_load, routing_kwargs
+from ..offload import offloaded
 from ..optim import build_optimizer, warmup_cosine
 from ..policy import check_model_dir, is_deepseek_v2, load_for_training, load_tokenizer
 from ..rollout.hf import HFEngine
 from ..sft import batch_indices
 from .config import GRPOConfig
-from .core import aggregate, group_advantages, grpo_token_loss, zero_std_groups
+from .core import (
+    aggregate,
+    group_advantages,
+    grpo_token_loss,
+    mismatch_stats,
+    tis_weights,
+    zero_std_groups,
+)
 from .reference import Reference
 
 
@@ -75,7 +88,8 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
     mask = batch["loss_mask"]                                                      # [N, C]
     stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/kl", "loss/clip_frac", "loss/balance",
                                                      "policy/entropy", "policy/ratio", "train/grad_norm",
-                                                     "rollout/logprob_gap")}
+                                                     "rollout/logprob_gap", "rollout/kl_sampler",
+                                                     "rollout/tis_clip_frac")}
     router_logits, token_mask = (), None
     for epoch in range(cfg.inner_epochs):
         order = torch.randperm(n_rows, generator=gen)
@@ -88,8 +102,10 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
                 logprobs = out.logprobs                                             # [n, C]
                 old = batch["old_logprobs"][micro] if batch["old_logprobs"] is not None else logprobs.detach()
                 ref = batch["ref_logprobs"][micro] if batch["ref_logprobs"] is not None else None
+                sampled = batch["sampling_logprobs"][micro]                         # [n, C] engine's
                 per_token, tok = grpo_token_loss(logprobs, old, ref, batch["advantages"][micro], mask[micro],
-                                                 cfg.beta, cfg.clip_eps_low, cfg.clip_eps_high)
+                                                 cfg.beta, cfg.clip_eps_low, cfg.clip_eps_high,
+                                                 weights=tis_weights(old, sampled, cfg.tis_cap))
                 num, _ = aggregate(per_token, mask[micro], cfg.aggregation, batch["n"])
                 loss = num / den
                 balance = torch.zeros((), device=loss.device)
@@ -103,9 +119,9 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
                     stats["loss/clip_frac"].append(tok["clipped"][m].float().mean().item())
                     stats["policy/ratio"].append(tok["ratio"][m].mean().item())
                     stats["policy/entropy"].append(out.entropy[m].mean().item())
-                    if epoch == 0:  # engine's sampling log-probs vs the trainer's (before any update moved it)
-                        gap = (logprobs.detach() - batch["sampling_logprobs"][micro]).abs()
-                        stats["rollout/logprob_gap"].append(gap[m].mean().item())
+                    if epoch == 0:  # engine's sampling log-probs vs the trainer's π_θold
+                        for k, v in mismatch_stats(old, sampled, m, cfg.tis_cap).items():
+                            stats[k].append(v)
                 minibatch_loss += loss.item()
                 stats["loss/balance"].append(balance.item())
                 router_logits, token_mask = out.router_logits, batch["attention_mask"][micro].reshape(-1)
@@ -167,7 +183,14 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         start, history = state["step"], state.get("history", {})
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    engine = HFEngine(model, tokenizer)
+    if cfg.rollout.engine == "vllm":
+        from ..rollout.vllm import VLLMEngine
+
+        engine = VLLMEngine(cfg.model.path, tokenizer, cfg.rollout, dtype=next(model.parameters()).dtype,
+                            device=device, seed=cfg.seed, max_model_len=context or 4096)
+        engine.sync_weights(model)  # resumed or adapted weights, not the ones on disk
+    else:
+        engine = HFEngine(model, tokenizer)
     log = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard, prefix="grpo ")
     log.truncate_after(start)
     G, needs_old = cfg.group_size, cfg.inner_epochs > 1 or cfg.minibatches > 1
@@ -181,7 +204,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         t0 = time.time()
         # 1. rollouts: G completions per prompt from the current policy
         picked, prompts, columns = _prompt_batch(train_rows, cfg, step)
-        rollouts = engine.generate([r.messages for r in picked], n=G, sampling=cfg.sampling)
+        with offloaded(model, optimizer, enabled=cfg.rollout.offload_policy and cfg.rollout.engine == "vllm"):
+            rollouts = engine.generate([r.messages for r in picked], n=G, sampling=cfg.sampling)
         fault_point("generation", step + 1)
         t_gen = time.time()
         # 2. rewards, per component and weighted total
@@ -226,7 +250,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             metrics.update({"perf/ref_s": t_ref - t_reward, "perf/update_s": time.time() - t_ref})
         # 7. weight sync to the rollout engine
         engine.sync_weights(model)
-        metrics.update({"perf/generate_s": t_gen - t0, "perf/reward_s": t_reward - t_gen,
+        metrics.update({"perf/generate_s": t_gen - t0, "perf/sync_s": engine.last_sync_s,
+                        "perf/reward_s": t_reward - t_gen,
                         "perf/step_s": time.time() - t0, "train/lr": scheduler.get_last_lr()[0]})
         done = step + 1
         if eval_rows and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):

@@ -20,17 +20,23 @@ def completion_mask_from_stops(ids: torch.Tensor, stop_ids: list[int]) -> tuple[
     return mask.long(), ~is_stop.any(dim=1)
 
 
+def prompt_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
+    """Chat prompts rendered with the tokenizer's template plus the generation prompt (every engine uses this)."""
+    return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+
+
 class HFEngine:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        self.last_sync_s = 0.0
 
     def sync_weights(self, model) -> None:
         self.model = model  # generation runs on the training model itself
 
     def encode_prompts(self, prompts: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
-        texts = [self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        enc = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+        enc = self.tokenizer(prompt_texts(self.tokenizer, prompts), padding=True, add_special_tokens=False,
+                             return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
     @torch.no_grad()

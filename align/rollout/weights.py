@@ -1,0 +1,54 @@
+"""The policy's current weights as a rollout engine loads them: LoRA merged on the fly, checkpoint names.
+
+`merged_state_dict` never modifies the model: each adapted weight is returned as W + ΔW with ΔW from peft's own
+`get_delta_weight` (so fan-in/fan-out, scaling and the fused-expert einsum are peft's), while the model keeps W and
+the adapters. (peft's `merge_adapter()` / `unmerge_adapter()` pair adds then subtracts ΔW in place, which drifts the
+base weights by float rounding every step.)
+
+`checkpoint_state_dict` turns transformers' in-memory layout (routed experts fused into 3-D `gate_up_proj` /
+`down_proj`) back into the per-expert checkpoint names other loaders (vLLM) expect, with transformers'
+`revert_weight_conversion`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
+
+
+def unwrap(model):
+    """The module under accelerate / DDP wrappers."""
+    return getattr(model, "module", model)
+
+
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """Full-model weights {name: tensor} under the base model's own names, LoRA deltas added; no copies without LoRA."""
+    inner = unwrap(model)
+    if not hasattr(inner, "peft_config"):
+        return {k: v.detach() for k, v in inner.state_dict().items()}
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    base = inner.get_base_model()
+    out = {_BASE_LAYER.sub("", k): v.detach() for k, v in base.state_dict().items() if ".lora_" not in k}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if not isinstance(module, LoraLayer) or module.merged or getattr(module, "disable_adapters", False):
+                continue
+            leaf = module.parameter_name if isinstance(module, ParamWrapper) else "weight"
+            key = f"{_BASE_LAYER.sub('', name)}.{leaf}"
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    out[key] = out[key] + module.get_delta_weight(adapter).to(out[key].dtype)
+    return out
+
+
+def checkpoint_state_dict(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` renamed / split into the checkpoint layout (per-expert `experts.{i}.gate_proj.weight` ...)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    inner = unwrap(model)
+    base = inner.get_base_model() if hasattr(inner, "peft_config") else inner
+    return revert_weight_conversion(base, state_dict)
