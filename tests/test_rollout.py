@@ -60,3 +60,19 @@ def test_beta_zero_loads_no_reference(tiny_dir):
     assert ref.model is None and ref.logprobs(None, None, None, 1, 8, 1.0, 8) is None
     full = Reference(ModelConfig(path=str(tiny_dir)), beta=0.04, device="cpu")
     assert full.model is not None and not any(p.requires_grad for p in full.model.parameters())
+
+
+def test_stop_string_ends_the_completion_and_masks_what_follows(tiny_dir, tokenizer):
+    model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
+    engine = HFEngine(model, tokenizer)
+    free = engine.generate(PROMPTS, n=1, sampling=SamplingConfig(temperature=0, max_new_tokens=12))
+    row = max(range(len(PROMPTS)), key=lambda i: len(free.completions[i]))
+    text = free.completions[row]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    out = engine.generate(PROMPTS, n=1, sampling=SamplingConfig(temperature=0, max_new_tokens=12, stop=[stop]))
+    kept = out.completion_mask[row].sum().item()
+    assert stop in out.completions[row]  # ... and the token that completed it is the last one kept
+    assert stop not in tokenizer.decode(out.completion_ids[row, :kept - 1], skip_special_tokens=True)
+    assert kept < free.completion_mask[row].sum().item() and not out.truncated[row]
+    assert (out.completion_mask[row, kept:] == 0).all() and (out.sampling_logprobs[row, kept:] == 0).all()
+    assert out.completion_ids[row, :kept].tolist() == free.completion_ids[row, :kept].tolist()

@@ -177,3 +177,17 @@ def test_sleep_and_wake_keep_parity(tiny_dir, tokenizer):
     r.completion_ids, r.completion_mask = r.completion_ids.cuda(), r.completion_mask.cuda()
     r.sampling_logprobs = r.sampling_logprobs.cuda()
     assert _gap(model, r) < 1e-3
+
+
+def test_stop_strings_give_the_same_rollouts_as_transformers(tiny_dir, tokenizer, engine):
+    from align.policy import ModelConfig, load_policy
+
+    model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
+    hf = HFEngine(model, tokenizer)
+    free = hf.generate(PROMPTS, n=1, sampling=SamplingConfig(temperature=0, max_new_tokens=12))
+    stops = [t[len(t) // 2:len(t) // 2 + 2] for t in free.completions if len(t) > 4][:2]
+    sampling = SamplingConfig(temperature=0, max_new_tokens=12, stop=stops)
+    v, h = engine.generate(PROMPTS, n=1, sampling=sampling), hf.generate(PROMPTS, n=1, sampling=sampling)
+    assert v.completions == h.completions
+    assert torch.equal(v.truncated, h.truncated)
+    assert v.completion_mask.sum(1).tolist() == h.completion_mask.sum(1).tolist()

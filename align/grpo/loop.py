@@ -24,6 +24,7 @@ be offloaded to CPU while vLLM generates (`rollout.offload_policy`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -56,8 +57,11 @@ from .core import (
 from .reference import Reference
 
 
-def _prompt_batch(rows, cfg: GRPOConfig, step: int):
+def _prompt_batch(rows, cfg: GRPOConfig, step: int, rank: int = 0, world: int = 1):
+    """This process's share of step `step`'s B prompts (B / world consecutive ones), each repeated G times."""
     picked = [rows[i] for i in batch_indices(len(rows), cfg.prompts_per_step, step, cfg.seed)]
+    share = cfg.prompts_per_step // world
+    picked = picked[rank * share:(rank + 1) * share]
     G = cfg.group_size
     prompts = [r.messages for r in picked for _ in range(G)]                       # N prompts (repeated G times)
     names = sorted({k for r in picked for k in r.columns})
@@ -78,6 +82,25 @@ def _logprobs_no_grad(model, batch: dict, cfg: GRPOConfig) -> torch.Tensor:
     return torch.cat(parts)                                                        # [N, C]
 
 
+def _micro_loss(model, batch: dict, micro: torch.Tensor, den: torch.Tensor, cfg: GRPOConfig, moe):
+    """One micro-batch's share of the minibatch loss (numerator / the minibatch's global denominator)."""
+    mask = batch["loss_mask"][micro]                                               # [n, C]
+    out = _policy_logprobs(model, batch, micro, cfg, with_entropy=True, router_logits=moe is not None)
+    logprobs = out.logprobs                                                        # [n, C]
+    old = batch["old_logprobs"][micro] if batch["old_logprobs"] is not None else logprobs.detach()
+    ref = batch["ref_logprobs"][micro] if batch["ref_logprobs"] is not None else None
+    sampled = batch["sampling_logprobs"][micro]                                    # [n, C] the engine's
+    per_token, tok = grpo_token_loss(logprobs, old, ref, batch["advantages"][micro], mask, cfg.beta,
+                                     cfg.clip_eps_low, cfg.clip_eps_high,
+                                     weights=tis_weights(old, sampled, cfg.tis_cap))   # [n, C]
+    num, _ = aggregate(per_token, mask, cfg.aggregation, batch["n"])
+    balance = torch.zeros((), device=logprobs.device)
+    if moe is not None and cfg.balance_alpha > 0:
+        balance = expert_balance_loss(out.router_logits, moe["top_k"], cfg.balance_alpha,
+                                      batch["attention_mask"][micro].reshape(-1), **moe["routing"])
+    return num / den, balance, out, logprobs, old, sampled, tok
+
+
 def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConfig, moe, gen):
     """μ epochs x minibatches optimizer steps over one batch of rollouts.
 
@@ -96,23 +119,17 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
         for rows in order.chunk(cfg.minibatches):
             minibatch_loss = 0.0
             den = aggregate(torch.zeros_like(mask[rows], dtype=torch.float), mask[rows], cfg.aggregation,
-                            batch["n"])[1].clamp_min(1)
-            for micro in rows.split(cfg.micro_batch_size):
-                out = _policy_logprobs(model, batch, micro, cfg, with_entropy=True, router_logits=moe is not None)
-                logprobs = out.logprobs                                             # [n, C]
-                old = batch["old_logprobs"][micro] if batch["old_logprobs"] is not None else logprobs.detach()
-                ref = batch["ref_logprobs"][micro] if batch["ref_logprobs"] is not None else None
-                sampled = batch["sampling_logprobs"][micro]                         # [n, C] engine's
-                per_token, tok = grpo_token_loss(logprobs, old, ref, batch["advantages"][micro], mask[micro],
-                                                 cfg.beta, cfg.clip_eps_low, cfg.clip_eps_high,
-                                                 weights=tis_weights(old, sampled, cfg.tis_cap))
-                num, _ = aggregate(per_token, mask[micro], cfg.aggregation, batch["n"])
-                loss = num / den
-                balance = torch.zeros((), device=loss.device)
-                if moe is not None and cfg.balance_alpha > 0:
-                    balance = expert_balance_loss(out.router_logits, moe["top_k"], cfg.balance_alpha,
-                                                  batch["attention_mask"][micro].reshape(-1), **moe["routing"])
-                accelerator.backward(loss + balance * len(micro) / len(rows))
+                            batch["n"])[1].float()
+            # the loss is normalised by the global count (all processes); data-parallel gradients are averaged
+            # over processes, hence x world: the update equals one process taking the whole global batch
+            den = accelerator.reduce(den, reduction="sum").clamp_min(1) / accelerator.num_processes
+            micros = rows.split(cfg.micro_batch_size)
+            for i, micro in enumerate(micros):
+                sync = accelerator.no_sync(model) if i < len(micros) - 1 else contextlib.nullcontext()
+                with sync:  # gradients are all-reduced once per minibatch, at its last micro-batch
+                    loss, balance, out, logprobs, old, sampled, tok = _micro_loss(model, batch, micro, den, cfg,
+                                                                                  moe)
+                    accelerator.backward(loss + balance * len(micro) / len(rows))
                 m = mask[micro].bool()
                 if m.any():
                     stats["loss/kl"].append(tok["kl"][m].mean().item())
@@ -132,6 +149,18 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     return {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}, (router_logits, token_mask)
+
+
+def _mean_over_processes(metrics: dict[str, float], world: int) -> dict[str, float]:
+    """Each metric averaged over the processes that report it (every process logs its own share of the batch)."""
+    if world == 1:
+        return metrics
+    import torch.distributed as dist
+
+    every: list[dict] = [None] * world
+    dist.all_gather_object(every, metrics)
+    keys = sorted({k for m in every for k in m})
+    return {k: sum(m[k] for m in every if k in m) / sum(k in m for m in every) for k in keys}
 
 
 def train_grpo(cfg: GRPOConfig) -> dict:
@@ -161,9 +190,11 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         raise ConfigError(str(e)) from None
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # CPU: gloo across processes
-    if accelerator.num_processes > 1:
-        raise ConfigError("align grpo runs as one process for now (the hybrid-engine multi-GPU path is planned)")
-    set_seed(cfg.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.prompts_per_step % world:
+        raise ConfigError(f"key 'prompts_per_step' must be a multiple of the {world} processes (each takes an "
+                          f"equal share of the prompts), got {cfg.prompts_per_step}")
+    set_seed(cfg.seed + rank)  # each process samples its own completions
     device = accelerator.device
     resume = ckpt.latest_checkpoint(cfg.output_dir)
     model = load_for_training(cfg.model, device, resume)
@@ -187,23 +218,27 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         from ..rollout.vllm import VLLMEngine
 
         engine = VLLMEngine(cfg.model.path, tokenizer, cfg.rollout, dtype=next(model.parameters()).dtype,
-                            device=device, seed=cfg.seed, max_model_len=context or 4096)
+                            device=device, seed=cfg.seed + rank, max_model_len=context or 4096)
         engine.sync_weights(model)  # resumed or adapted weights, not the ones on disk
-    else:
-        engine = HFEngine(model, tokenizer)
-    log = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard, prefix="grpo ")
-    log.truncate_after(start)
+    else:  # sharded weights (FSDP2 / ZeRO-3): every process takes part in each decode step
+        engine = HFEngine(accelerator.unwrap_model(model), tokenizer, synced=world > 1)
+    log = MetricsLogger(cfg.output_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard,
+                        prefix="grpo ")
+    if accelerator.is_main_process:
+        log.truncate_after(start)
     G, needs_old = cfg.group_size, cfg.inner_epochs > 1 or cfg.minibatches > 1
-    print(f"grpo: {len(train_rows)} prompts, {cfg.steps} steps of {cfg.prompts_per_step} x G={G}, "
-          f"{'resuming at step ' + str(start) if resume else 'new run'}", flush=True)
+    if accelerator.is_main_process:
+        print(f"grpo: {len(train_rows)} prompts, {cfg.steps} steps of {cfg.prompts_per_step} x G={G}"
+              f"{f' over {world} processes' if world > 1 else ''}, "
+              f"{'resuming at step ' + str(start) if resume else 'new run'}", flush=True)
     if eval_rows and start == 0:
         history["accuracy_start"] = accuracy(engine, eval_rows, cfg.eval_max_new_tokens)["accuracy"]
         log.log(0, {"eval/accuracy": history["accuracy_start"]})
 
-    for step in progress(range(start, cfg.steps), cfg.steps, start, "grpo"):
+    for step in progress(range(start, cfg.steps), cfg.steps, start, "grpo", accelerator.is_main_process):
         t0 = time.time()
         # 1. rollouts: G completions per prompt from the current policy
-        picked, prompts, columns = _prompt_batch(train_rows, cfg, step)
+        picked, prompts, columns = _prompt_batch(train_rows, cfg, step, rank, world)
         with offloaded(model, optimizer, enabled=cfg.rollout.offload_policy and cfg.rollout.engine == "vllm"):
             rollouts = engine.generate([r.messages for r in picked], n=G, sampling=cfg.sampling)
         fault_point("generation", step + 1)
@@ -217,9 +252,11 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         advantages = group_advantages(scores.total, G, cfg.scale_rewards)           # [N]
         zero = zero_std_groups(scores.total, G)                                     # [B]
         keep = scores.keep & ~(zero.repeat_interleave(G) & cfg.drop_zero_std_groups)  # [N]
-        if not keep.all():
+        if not keep.all() and world == 1:
             rows = keep.nonzero().squeeze(-1)
             rollouts, advantages = rollouts.select(rows), advantages[rows]
+        elif not keep.all():  # several processes: keep the rows (equal work everywhere), take them out of the loss
+            advantages = torch.where(keep, advantages, torch.zeros_like(advantages))
         metrics = {**scores.metrics(), "reward/zero_std_frac": zero.float().mean().item(),
                    "rollout/completion_len": rollouts.completion_mask.sum(1).float().mean().item(),
                    "rollout/truncated_frac": rollouts.truncated.float().mean().item()}
@@ -228,6 +265,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             loss_mask = rollouts.completion_mask.clone()                            # [N, C]
             if cfg.mask_truncated:
                 loss_mask[rollouts.truncated] = 0
+            if world > 1:
+                loss_mask[~keep] = 0
             batch = {"input_ids": torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1).to(device),
                      "attention_mask": torch.cat([rollouts.prompt_mask, rollouts.completion_mask], 1).to(device),
                      "loss_mask": loss_mask.to(device), "advantages": advantages.to(device),
@@ -257,7 +296,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         if eval_rows and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
             history["accuracy_last"] = metrics["eval/accuracy"] = accuracy(
                 engine, eval_rows, cfg.eval_max_new_tokens)["accuracy"]
-        log.log(done, metrics)
+        log.log(done, _mean_over_processes(metrics, world))
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
             ckpt.save_training_checkpoint(accelerator, model, tokenizer, cfg.output_dir, done, optimizer, scheduler,
                                           {"history": history, "config": config_to_dict(cfg)}, cfg.keep_last)

@@ -20,19 +20,32 @@ def completion_mask_from_stops(ids: torch.Tensor, stop_ids: list[int]) -> tuple[
     return mask.long(), ~is_stop.any(dim=1)
 
 
+def stop_string_end(tokenizer, ids: list[int], stops: list[str]) -> int | None:
+    """Number of tokens up to and including the one that completes the first stop string, or None."""
+    text = ""
+    for k, t in enumerate(ids):
+        text += tokenizer.decode([t], skip_special_tokens=True)
+        if any(s in text for s in stops):
+            return k + 1
+    return None
+
+
 def prompt_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
     """Chat prompts rendered with the tokenizer's template plus the generation prompt (every engine uses this)."""
     return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, synced: bool = False):
+        """`synced`: several processes hold shards of the weights (FSDP2 / ZeRO-3): each keeps stepping until all
+        are done, so every decode step's all-gathers happen on every process."""
         self.model = model
         self.tokenizer = tokenizer
+        self.synced = synced
         self.last_sync_s = 0.0
 
     def sync_weights(self, model) -> None:
-        self.model = model  # generation runs on the training model itself
+        pass  # generation runs on the training model itself
 
     def encode_prompts(self, prompts: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(prompt_texts(self.tokenizer, prompts), padding=True, add_special_tokens=False,
@@ -60,7 +73,7 @@ class HFEngine:
                 top_p=None if greedy else sampling.top_p, top_k=None,
                 eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
                 stop_strings=sampling.stop or None, tokenizer=tok if sampling.stop else None,
-                output_logits=True, return_dict_in_generate=True)
+                output_logits=True, return_dict_in_generate=True, synced_gpus=self.synced)
             new = gen.sequences[:, ids.shape[1]:]                                        # [b, c]
             logits = torch.stack(gen.logits, dim=1).float()                              # [b, c, V]
             if not greedy:
@@ -74,9 +87,12 @@ class HFEngine:
                                     for o in outs])                                      # [N, C]
         sampling_logprobs = torch.cat([torch.nn.functional.pad(lp, (0, width - lp.shape[1])) for lp in logps])
         completion_mask, truncated = completion_mask_from_stops(completion_ids, stop_ids)
-        if sampling.stop:  # stopped on a stop string: not truncated even without EOS
-            texts = tok.batch_decode(completion_ids * completion_mask, skip_special_tokens=True)
-            truncated = truncated & torch.tensor([not any(s in t for s in sampling.stop) for t in texts])
+        if sampling.stop:  # a row that ends on a stop string: tokens after it are padding, and it is not truncated
+            for i in range(completion_ids.shape[0]):
+                end = stop_string_end(tok, completion_ids[i][completion_mask[i].bool()].tolist(), sampling.stop)
+                if end is not None:
+                    completion_mask[i, end:] = 0
+                    truncated[i] = False
         sampling_logprobs = sampling_logprobs * completion_mask
         texts = [tok.decode(ids[m.bool()], skip_special_tokens=True)
                  for ids, m in zip(completion_ids, completion_mask)]

@@ -76,8 +76,13 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if self.on_cpu:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        import logging
+
         from vllm import LLM
 
+        # Expected on every reload, not faults: MLA's W_UK_T / W_UV are derived by post-load processing, not loaded,
+        # and the rotary embedding has no weights.
+        logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
         kwargs = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                       distributed_executor_backend="uni", logprobs_mode="processed_logprobs",
                       enforce_eager=cfg.enforce_eager or self.on_cpu)
