@@ -26,6 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="A DeepSeek-V2 directory (default: build the tiny preset)")
@@ -52,7 +59,7 @@ def main() -> None:
     prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows[:args.prompts]]
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens, batch_size=args.prompts * args.group)
     model = load_policy(ModelConfig(path=args.model), device, trainable=False)
-    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'} "
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else cpu_name()} "
           f"({os.cpu_count()} cores), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"dtype {next(model.parameters()).dtype}; {args.prompts} prompts x G={args.group} x {args.new_tokens} "
           f"tokens", flush=True)
