@@ -65,3 +65,60 @@ def routing_kwargs(config) -> dict:
     """The routing settings of a DeepSeek-V2 config, as `select_experts` takes them."""
     return {"method": getattr(config, "topk_method", "greedy"), "n_group": getattr(config, "n_group", None),
             "topk_group": getattr(config, "topk_group", None)}
+
+
+EXPERTS_KERNELS = ("grouped_mm", "batched_mm", "eager")
+
+
+def measure_experts_impl(model, tokens: int = 4096, repeats: int = 3, cache: str | None = None) -> str:
+    """The fastest routed-experts kernel for this model on its device, by timing one MoE layer's forward+backward.
+
+    transformers' fused experts run as `grouped_mm`, `batched_mm` or `eager` loops; which one wins depends on the
+    device, the dtype and the expert shapes, so `experts_impl=auto` on an accelerator measures once and caches the
+    answer per (device, torch, shapes, dtype) in `cache` (default ~/.cache/align/experts_impl.json). Returns the
+    kernel's name; the model is left set to it.
+    """
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    p = next(model.parameters())
+    cfg = model.config
+    name = torch.cuda.get_device_name(p.device) if p.device.type == "cuda" else p.device.type
+    key = (f"{name}|torch {torch.__version__}|{p.dtype}|H{cfg.hidden_size} I{cfg.moe_intermediate_size} "
+           f"E{cfg.n_routed_experts} k{cfg.num_experts_per_tok}|{tokens}")
+    path = Path(cache or os.path.join(os.path.expanduser("~"), ".cache", "align", "experts_impl.json"))
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    if key in known:
+        model.set_experts_implementation(known[key]["best"])
+        return known[key]["best"]
+    layer = next(m for m in model.modules() if type(m).__name__ == "DeepseekV2Moe")
+    x = torch.randn(1, tokens, cfg.hidden_size, device=p.device, dtype=p.dtype, requires_grad=True)
+    sync = torch.cuda.synchronize if p.device.type == "cuda" else (lambda: None)
+    seconds = {}
+    for impl in EXPERTS_KERNELS:
+        model.set_experts_implementation(impl)
+        try:
+            times = []
+            for _ in range(repeats + 1):
+                sync()
+                t = time.perf_counter()
+                layer(x).float().pow(2).mean().backward()
+                sync()
+                times.append(time.perf_counter() - t)
+            seconds[impl] = sorted(times[1:])[len(times[1:]) // 2]
+        except Exception:  # a kernel this build / device lacks
+            continue
+    best = min(seconds, key=seconds.get)
+    model.set_experts_implementation(best)
+    model.zero_grad(set_to_none=True)
+    known[key] = {"best": best, "seconds": seconds}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return best

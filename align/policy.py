@@ -57,7 +57,8 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "Weights dtype: auto = bfloat16 on GPU, float32 on CPU.")
     experts_impl: Literal["auto", "eager", "grouped_mm", "batched_mm"] = option(
-        "auto", "Routed-experts kernel: auto = grouped_mm (measured fastest or equal; benchmarks/experts_impl.py).")
+        "auto", "Routed-experts kernel: auto = measured once per device and shape on an accelerator (cached in "
+        "~/.cache/align), grouped_mm on CPU (benchmarks/experts_impl.py).")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
     lora: LoRAConfig = option(factory=LoRAConfig, help="LoRA settings.")
 
@@ -73,9 +74,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_experts_impl(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "grouped_mm"  # CPU: equal to eager in training, ~15% faster generating; GPU: the grouped GEMM
-    return name
+    """The kernel to set before measuring: auto = grouped_mm (on CPU also the final choice: equal to eager in
+    training, ~15% faster generating, benchmarks/experts_impl.py; kept fixed there so CPU runs are reproducible)."""
+    return "grouped_mm" if name == "auto" else name
 
 
 def check_model_dir(path: str | Path) -> dict:
@@ -175,6 +176,10 @@ def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu", trainable:
     if is_deepseek_v2(model.config) and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(resolve_experts_impl(cfg.experts_impl, device))
     model.to(device)
+    if cfg.experts_impl == "auto" and device.type != "cpu" and is_deepseek_v2(model.config) and trainable:
+        from .moe import measure_experts_impl
+
+        measure_experts_impl(model)  # per device by measurement, cached
     if cfg.gradient_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

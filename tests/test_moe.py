@@ -49,3 +49,20 @@ def test_selection_matches_transformers_router(method, n_group, topk_group):
     logits, _, idx = router(hidden)
     ours = select_experts(torch.softmax(logits, -1), cfg.num_experts_per_tok, method, n_group, topk_group)
     assert torch.equal(ours.sort(-1).values, idx.sort(-1).values)
+
+
+def test_measure_experts_impl_times_every_kernel_and_caches(tiny_dir, tmp_path):
+    import json
+
+    from align.moe import EXPERTS_KERNELS, measure_experts_impl
+    from align.policy import ModelConfig, load_policy
+
+    model = load_policy(ModelConfig(path=str(tiny_dir)))
+    cache = tmp_path / "kernels.json"
+    best = measure_experts_impl(model, tokens=64, repeats=1, cache=str(cache))
+    entry = next(iter(json.loads(cache.read_text()).values()))
+    assert best in EXPERTS_KERNELS and entry["best"] == best
+    assert set(entry["seconds"]) == set(EXPERTS_KERNELS)
+    assert min(entry["seconds"], key=entry["seconds"].get) == best
+    assert measure_experts_impl(model, tokens=64, repeats=1, cache=str(cache)) == best  # from the cache
+    assert all(p.grad is None for p in model.parameters())

@@ -76,3 +76,24 @@ def test_stop_string_ends_the_completion_and_masks_what_follows(tiny_dir, tokeni
     assert kept < free.completion_mask[row].sum().item() and not out.truncated[row]
     assert (out.completion_mask[row, kept:] == 0).all() and (out.sampling_logprobs[row, kept:] == 0).all()
     assert out.completion_ids[row, :kept].tolist() == free.completion_ids[row, :kept].tolist()
+
+
+def test_sampling_logprobs_are_of_the_distribution_sampled_from(tiny_dir, tokenizer):
+    """Temperature: log softmax(logits / T), as the trainer computes them. top_p < 1: the nucleus renormalised, so
+    never below the full distribution's log-prob (both as vLLM reports them)."""
+    torch.manual_seed(0)
+    model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
+    engine = HFEngine(model, tokenizer)
+
+    def trainer(out, temperature):
+        ids = torch.cat([out.prompt_ids, out.completion_ids], 1)
+        mask = torch.cat([out.prompt_mask, out.completion_mask], 1)
+        return forward_logprobs(model, ids, out.completion_ids.shape[1], mask, temperature=temperature).logprobs
+
+    hot = engine.generate(PROMPTS, n=2, sampling=SamplingConfig(temperature=0.7, max_new_tokens=6))
+    m = hot.completion_mask.bool()
+    assert torch.allclose(trainer(hot, 0.7)[m], hot.sampling_logprobs[m], atol=1e-4)
+    nucleus = engine.generate(PROMPTS, n=2, sampling=SamplingConfig(temperature=1.0, top_p=0.3, max_new_tokens=6))
+    m = nucleus.completion_mask.bool()
+    gap = nucleus.sampling_logprobs[m] - trainer(nucleus, 1.0)[m]
+    assert (gap > -1e-4).all() and (gap > 1e-3).any()

@@ -1,13 +1,16 @@
 """Rollouts with transformers `generate` on the policy itself (no copy; weight sync is a no-op).
 
 Prompts are rendered with the tokenizer's chat template plus the generation prompt, left-padded, each repeated G
-times. Sampling log-probs come from the raw logits `generate` returns (`output_logits`), divided by the temperature:
-the processed `scores` are post-top-p and differ by ~2e-3 (../shared/DESIGN.md §2).
+times. Sampling log-probs are those of the distribution each token was drawn from (logits / temperature, and with
+top_p < 1 the nucleus renormalised), as vLLM reports them. They are taken one step at a time by a logits processor
+(`SampledLogprobs`): asking `generate` for all logits (`output_logits`) would hold steps x rows x vocab of them, 27 GB
+in bf16 for 256 rows x 512 tokens x 102,400.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from .protocol import Rollouts, SamplingConfig
 
@@ -18,6 +21,33 @@ def completion_mask_from_stops(ids: torch.Tensor, stop_ids: list[int]) -> tuple[
     seen = is_stop.long().cumsum(dim=1)                                                  # [N, C]
     mask = (seen == 0) | (is_stop & (seen == 1))                                         # up to first stop
     return mask.long(), ~is_stop.any(dim=1)
+
+
+class SampledLogprobs:
+    """A logits processor (after the temperature / top-p warpers, so it sees the scores sampling uses) that records
+    log softmax(scores)[sampled token] one step behind: at step t+1 the token drawn at step t is in input_ids.
+    Holds one step's scores [b, V] at a time."""
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def _record(self, tokens: torch.Tensor) -> None:
+        logp = self.previous - torch.logsumexp(self.previous, dim=-1, keepdim=True)          # [b, V]
+        self.steps.append(logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))                # [b]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self._record(input_ids[:, -1])
+        self.previous = scores.float()
+        return scores
+
+    def result(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """[b, c] log-probs of the c generated tokens."""
+        if self.previous is not None and len(self.steps) < new_tokens.shape[1]:
+            self._record(new_tokens[:, len(self.steps)])
+        self.previous = None
+        return torch.stack(self.steps, dim=1)[:, :new_tokens.shape[1]] if self.steps else new_tokens.float()[:, :0]
 
 
 def stop_string_end(tokenizer, ids: list[int], stops: list[str]) -> int | None:
@@ -67,18 +97,20 @@ class HFEngine:
             ids = prompt_ids[s:s + sampling.batch_size].to(device)
             mask = prompt_mask[s:s + sampling.batch_size].to(device)
             greedy = sampling.temperature == 0
+            recorder = SampledLogprobs()
+            warpers = [] if greedy else [TemperatureLogitsWarper(sampling.temperature)]
+            if not greedy and sampling.top_p < 1:
+                warpers.append(TopPLogitsWarper(sampling.top_p))
+            # our warpers, then the recorder: generate puts a caller's processors before its own, so temperature,
+            # top_p and top_k are passed as None (top_k=None also drops transformers' default top-k of 50)
             gen = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-                do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p, top_k=None,
+                do_sample=not greedy, temperature=None, top_p=None, top_k=None,
                 eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
                 stop_strings=sampling.stop or None, tokenizer=tok if sampling.stop else None,
-                output_logits=True, return_dict_in_generate=True, synced_gpus=self.synced)
-            new = gen.sequences[:, ids.shape[1]:]                                        # [b, c]
-            logits = torch.stack(gen.logits, dim=1).float()                              # [b, c, V]
-            if not greedy:
-                logits = logits / sampling.temperature
-            logps.append(torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1).cpu())
+                logits_processor=LogitsProcessorList([*warpers, recorder]), synced_gpus=self.synced)
+            new = gen[:, ids.shape[1]:]                                                  # [b, c]
+            logps.append(recorder.result(new).cpu())                                     # [b, c]
             outs.append(new.cpu())
         if was_training:
             model.train()

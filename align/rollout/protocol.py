@@ -5,9 +5,10 @@ Layout of a batch of B prompts x G samples, N = B*G rows, completions of prompt 
     prompt_ids        [N, P]  left-padded (prompt_mask 0 on padding)
     completion_ids    [N, C]  right-padded; the stop token, when generated, is included and masked in
     completion_mask   [N, C]  1 on generated tokens up to and including the first stop token
-    sampling_logprobs [N, C]  log-prob of each sampled token under the engine's sampling distribution
-                              (logits / temperature, before top-p truncation); may differ slightly from a training
-                              forward pass (kernels, precision): the loss always uses the trainer's own
+    sampling_logprobs [N, C]  log-prob of each sampled token under the distribution it was drawn from (logits /
+                              temperature; with top_p < 1 the nucleus renormalised), 0 off the mask; may differ
+                              slightly from a training forward pass (kernels, precision): the loss uses the
+                              trainer's own, and these only in the importance weights (grpo.core.tis_weights)
     truncated         [N]     True where max_new_tokens ran out before a stop token
 """
 
