@@ -97,3 +97,31 @@ def test_balance_loss_refused_for_a_dense_model(tmp_path):
     cfg = _cfg(tmp_path / "llama", tmp_path / "out", "balance_alpha=0.01")
     with pytest.raises(ConfigError, match="needs a DeepSeek-V2 MoE model"):
         train_sft(cfg)
+
+
+@pytest.mark.parametrize("chunk", [5, 4096])
+def test_chunked_sft_loss_equals_full_logits_cross_entropy(tiny_dir, chunk):
+    """The SFT loss from chunked log-probs (never all logits at once) = cross-entropy on the model's full logits,
+    value and gradient."""
+    import torch
+
+    from align.policy import ModelConfig, load_policy
+    from align.sft import IGNORE, _nll_sum
+
+    model = load_policy(ModelConfig(path=str(tiny_dir)))
+    torch.manual_seed(0)
+    ids = torch.randint(3, 1000, (3, 17))
+    labels = ids.clone()
+    labels[:, :6] = IGNORE                                                         # prompt tokens carry no loss
+    labels[2, 12:] = IGNORE
+    cfg = _cfg(tiny_dir, "unused", f"logprob_chunk={chunk}")
+    nll, count, _, _ = _nll_sum(model, {"input_ids": ids, "labels": labels}, cfg, None)
+    (nll / count).backward()
+    chunked_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    logits = model(input_ids=ids).logits[:, :-1]                                   # [B, T-1, V]
+    full = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=IGNORE)
+    full.backward()
+    assert (nll / count).item() == pytest.approx(full.item(), rel=1e-5)
+    assert torch.allclose(chunked_grad, model.lm_head.weight.grad, atol=1e-6)
