@@ -22,8 +22,8 @@ QUESTIONS = ("What is 12 + 34?", "What is 7 + 58?", "hello", "What is 90 + 9?")
 PROMPTS = [[{"role": "user", "content": q}] for q in QUESTIONS]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_dir, tokenizer):
+@pytest.fixture
+def engine(tiny_dir, tokenizer):  # the process's one vLLM instance, reloaded from tiny_dir for each test
     from align.rollout.vllm import VLLMEngine
 
     return VLLMEngine(str(tiny_dir), tokenizer, RolloutConfig(engine="vllm"), dtype=torch.float32, device="cpu",
@@ -123,17 +123,18 @@ def test_stale_expert_prepack_would_be_caught(tiny_dir, tokenizer, monkeypatch):
     import align.rollout.vllm as vllm_engine
     from align.policy import ModelConfig, load_policy
 
-    def reload_without_refresh(worker, weights):
+    def reload_without_refresh(worker, weights, path):
         worker.model_runner.reload_weights(weights_iterator=iter(weights.items()))
         return 0
 
     model = load_policy(ModelConfig(path=str(tiny_dir)))
-    with torch.no_grad():
+    with torch.no_grad():  # move only the routed experts
         for n, p in model.named_parameters():
-            if "experts" in n:
+            if "experts" in n and "shared" not in n:
                 p.add_(torch.randn_like(p) * 0.2)
     eng = vllm_engine.VLLMEngine(str(tiny_dir), tokenizer, RolloutConfig(engine="vllm"), dtype=torch.float32,
                                  device="cpu", seed=2, max_model_len=512)
+    assert _gap(model, eng.generate(PROMPTS, n=2, sampling=SamplingConfig(max_new_tokens=8))) > 1e-2
     monkeypatch.setattr(vllm_engine, "_reload_weights", reload_without_refresh)
     eng.sync_weights(model)
     assert _gap(model, eng.generate(PROMPTS, n=2, sampling=SamplingConfig(max_new_tokens=8))) > 1e-2
@@ -191,3 +192,27 @@ def test_stop_strings_give_the_same_rollouts_as_transformers(tiny_dir, tokenizer
     assert v.completions == h.completions
     assert torch.equal(v.truncated, h.truncated)
     assert v.completion_mask.sum(1).tolist() == h.completion_mask.sum(1).tolist()
+
+
+def test_a_new_engine_for_the_same_architecture_reuses_the_live_vllm_and_loads_its_path(tiny_dir, tokenizer,
+                                                                                       tmp_path):
+    """One vLLM per process (its distributed state is global); a second engine on another directory of the same
+    architecture gets that directory's weights, as a fresh one would."""
+    import shutil
+
+    from align.policy import ModelConfig, load_policy
+    from align.rollout.vllm import VLLMEngine
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dir, other)
+    moved = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    moved.save_pretrained(other)
+    a = VLLMEngine(str(tiny_dir), tokenizer, RolloutConfig(engine="vllm"), dtype=torch.float32, device="cpu",
+                   seed=0, max_model_len=512)
+    b = VLLMEngine(str(other), tokenizer, RolloutConfig(engine="vllm"), dtype=torch.float32, device="cpu",
+                   seed=0, max_model_len=512)
+    assert a.llm is b.llm
+    assert _gap(moved, b.generate(PROMPTS, n=2, sampling=SamplingConfig(max_new_tokens=8))) < TOL

@@ -50,10 +50,14 @@ def vllm_missing() -> str | None:
     return None
 
 
-def _reload_weights(worker, weights: dict[str, torch.Tensor]) -> int:
-    """Runs inside vLLM's worker: load `weights`, rerun post-load processing, refresh CPU expert prepacks."""
+def _reload_weights(worker, weights: dict[str, torch.Tensor] | None, path: str | None = None) -> int:
+    """Runs inside vLLM's worker: load `weights` (or the checkpoint at `path`), rerun post-load processing,
+    refresh CPU expert prepacks."""
     runner = worker.model_runner
-    runner.reload_weights(weights_iterator=iter(weights.items()))
+    if weights is not None:
+        runner.reload_weights(weights_iterator=iter(weights.items()))
+    else:
+        runner.reload_weights(weights_path=path)
     refreshed = 0
     for module in runner.get_model().modules():
         kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
@@ -62,6 +66,32 @@ def _reload_weights(worker, weights: dict[str, torch.Tensor]) -> int:
             experts.process_weights_after_loading(module)  # re-prepack the freshly loaded expert weights
             refreshed += 1
     return refreshed
+
+
+_SHARED: dict = {}  # the process's vllm.LLM and what it was built for
+
+
+def _shared_llm(key: tuple, build):
+    """One vllm.LLM per process. vLLM's distributed state is process-global: a second LLM built while another is
+    alive breaks the first when either is released. An engine for the same architecture and settings reuses the
+    live one (and reloads its weights); any other releases it first."""
+    import gc
+
+    if _SHARED.get("key") == key:
+        return _SHARED["llm"], True
+    if _SHARED.pop("llm", None) is not None:
+        _SHARED.clear()
+        gc.collect()
+    llm = build()
+    _SHARED.update(key=key, llm=llm)
+    return llm, False
+
+
+def _key_files(model_path: str) -> tuple[str, ...]:
+    from pathlib import Path
+
+    return tuple(p.read_text() if p.is_file() else "" for p in
+                 (Path(model_path) / name for name in ("config.json", "tokenizer.json", "tokenizer_config.json")))
 
 
 class VLLMEngine:
@@ -96,7 +126,12 @@ class VLLMEngine:
         else:
             kwargs["enable_sleep_mode"] = cfg.sleep
         threads = torch.get_num_threads()
-        self.llm = LLM(**kwargs)
+        key = (*_key_files(model_path), repr(sorted((k, str(v)) for k, v in kwargs.items() if k not in
+                                                    ("model", "seed"))))
+        self.llm, reused = _shared_llm(key, lambda: LLM(**kwargs))
+        if reused:  # same architecture and tokenizer: load this path's weights into the live engine
+            self.llm.collective_rpc(_reload_weights, args=(None, model_path))
+            self.llm.reset_prefix_cache()
         torch.set_num_threads(threads)  # vLLM lowers it for serving; the trainer shares this process
         self.asleep = False
         self.last_sync_s = 0.0
@@ -116,7 +151,7 @@ class VLLMEngine:
         t = time.perf_counter()
         self.wake()
         weights = checkpoint_state_dict(model, merged_state_dict(model))
-        self.llm.collective_rpc(_reload_weights, args=(weights,))
+        self.llm.collective_rpc(_reload_weights, args=(weights, None))
         self.llm.reset_prefix_cache()
         self.last_sync_s = time.perf_counter() - t
 
