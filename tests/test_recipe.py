@@ -54,6 +54,9 @@ def test_accelerate_configs_parse():
     ("stages.rm_safety.kind=dpo", r"key 'stages.rm_safety.kind' must be one of"),
     ("runn_dir=x", r"unknown key 'runn_dir'"),
     ("stages.reasoning.group_size=1", r"key 'group_size' must be >= 2"),
+    ("rollout.engin=vllm", r"unknown key 'rollout.engin' \(did you mean 'rollout.engine'"),
+    ("rollout.engine=sglang", r"rollout.engine"),
+    ("rollout.gpu_memory_utilization=1.5", r"key 'rollout.gpu_memory_utilization' must be in \(0, 1\]"),
 ])
 def test_bad_recipes_are_refused_before_any_work(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -138,3 +141,19 @@ def test_sigkill_in_stage_one_then_the_same_command_resumes(tmp_path):
     assert (tmp_path / "run" / "reasoning" / "final" / "config.json").is_file()
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "reasoning" / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 12 and set(range(1, 13)) <= set(steps)
+
+
+def test_a_recipe_wide_rollout_setting_reaches_every_grpo_stage(tmp_path):
+    _, stages, _, _ = load_recipe("quickstart", [f"run_dir={tmp_path}/run", "rollout.kv_cache_gb=0.25",
+                                                 "stages.preference.rollout.kv_cache_gb=0.5"])
+    grpo = {s.name: s.config.rollout.kv_cache_gb for s in stages if s.kind == "grpo"}
+    assert grpo == {"reasoning": 0.25, "preference": 0.5}  # a stage's own setting wins
+
+
+def test_vllm_engine_where_vllm_is_missing_is_refused_before_any_work(tmp_path, monkeypatch):
+    import align.rollout.vllm as engine
+
+    monkeypatch.setattr(engine, "vllm_missing", lambda: "vLLM is not usable here (ImportError: no module)")
+    with pytest.raises(ConfigError, match=r"key 'rollout.engine' must be an engine installed here; vLLM is not"):
+        run_recipe("quickstart", [f"run_dir={tmp_path}/run", "rollout.engine=vllm"])
+    assert not (tmp_path / "run").exists()
