@@ -209,7 +209,8 @@ def train_sft(cfg: SFTConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         # -- metrics, evaluation, checkpoint
-        metrics = {"loss/sft": loss_sum, "loss/balance": balance_sum, "train/grad_norm": float(grad_norm),
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # None: DeepSpeed clips in its step
+        metrics = {"loss/sft": loss_sum, "loss/balance": balance_sum, "train/grad_norm": grad_norm,
                    "train/lr": scheduler.get_last_lr()[0], "train/tokens": int(n_tokens.item()),
                    "perf/sec_per_step": (time.time() - t0) / (done - start_step)}
         if moe is not None:

@@ -144,7 +144,8 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
                 router_logits, token_mask = out.router_logits, batch["attention_mask"][micro].reshape(-1)
             stats["loss/policy"].append(minibatch_loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            stats["train/grad_norm"].append(float(grad_norm))
+            # None under DeepSpeed, which clips inside its own step
+            stats["train/grad_norm"].append(float("nan") if grad_norm is None else float(grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
