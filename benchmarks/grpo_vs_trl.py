@@ -2,11 +2,13 @@
 
     pip install -e ".[bench]"          # TRL is a benchmark-only extra
     python benchmarks/grpo_vs_trl.py [--model DIR] [--steps 6] [--prompts 8] [--group 8] [--new-tokens 24]
+                                     [--engine hf|vllm]
 
 Both run in their own subprocess (so peak RSS is each one's own) with the same model directory, prompts, G, prompt
 count per step, completion length, lr, β, temperature, HF `generate` for rollouts, one update per generation (μ = 1),
-fp32 on CPU, two threads, no TensorBoard / W&B logging in either. The first step of each is warm-up and not timed. Prints seconds per step (median),
-peak RSS and the ratios.
+fp32 on CPU, two threads, no TensorBoard / W&B logging in either. The first step of each is warm-up and not timed.
+Prints seconds per step (median), peak RSS and the ratios. `--engine vllm` gives align the vLLM engine instead
+(not like for like: TRL keeps HF generate; it shows what the engine is worth).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def run_align(args) -> dict:
         "rewards=[{name: exact_answer, weight: 1.0}]", f"group_size={args.group}",
         f"prompts_per_step={args.prompts}", f"steps={args.steps}", f"sampling.max_new_tokens={args.new_tokens}",
         "sampling.temperature=1.0", f"lr={args.lr}", f"beta={args.beta}", "save_every=0", "eval_every=0",
-        f"micro_batch_size={args.prompts * args.group}", "balance_alpha=0", "tensorboard=false"])
+        f"micro_batch_size={args.prompts * args.group}", "balance_alpha=0", "tensorboard=false",
+        f"rollout.engine={args.engine}"])
     train_grpo(cfg)
     times = [r["perf/step_s"] for r in read_metrics(out) if "perf/step_s" in r][1:]
     return {"sec_per_step": statistics.median(times), "steps_timed": len(times), "peak_rss_mb": peak_rss_mb()}
@@ -95,6 +98,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="align's rollout engine (hf: the like-for-like comparison; TRL always uses HF generate)")
     p.add_argument("--impl", choices=["align", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -114,7 +119,7 @@ def main() -> None:
     for impl in ("align", "trl"):
         cmd = [sys.executable, __file__, "--impl", impl, "--model", args.model, "--steps", str(args.steps),
                "--prompts", str(args.prompts), "--group", str(args.group), "--new-tokens", str(args.new_tokens),
-               "--lr", str(args.lr), "--beta", str(args.beta)]
+               "--lr", str(args.lr), "--beta", str(args.beta), "--engine", args.engine]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
@@ -122,7 +127,7 @@ def main() -> None:
         results[impl] = json.loads(line[-1][7:])
     a, t = results["align"], results["trl"]
     print(f"GRPO on a tiny DeepSeek-V2, {args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, "
-          f"HF generate, CPU ({torch.get_num_threads()} threads)")
+          f"TRL on HF generate, align on {args.engine}, CPU ({torch.get_num_threads()} threads)")
     print(f"{'':8}{'s/step (median)':>18}{'peak RSS MB':>14}")
     for name, r in results.items():
         print(f"{name:8}{r['sec_per_step']:>18.3f}{r['peak_rss_mb']:>14.0f}")

@@ -24,15 +24,23 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (DTensor; a collective: every process calls it in the same order)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """Full-model weights {name: tensor} under the base model's own names, LoRA deltas added; no copies without LoRA."""
+    """Full-model weights {name: tensor} under the base model's own names, LoRA deltas added; no copies without LoRA.
+
+    Under FSDP2 the shards are gathered (every process calls this, in step)."""
     inner = unwrap(model)
     if not hasattr(inner, "peft_config"):
-        return {k: v.detach() for k, v in inner.state_dict().items()}
+        return {k: _full(v) for k, v in inner.state_dict().items()}
     from peft.tuners.lora import LoraLayer, ParamWrapper
 
     base = inner.get_base_model()
-    out = {_BASE_LAYER.sub("", k): v.detach() for k, v in base.state_dict().items() if ".lora_" not in k}
+    out = {_BASE_LAYER.sub("", k): _full(v) for k, v in base.state_dict().items() if ".lora_" not in k}
     with torch.no_grad():
         for name, module in base.named_modules():
             if not isinstance(module, LoraLayer) or module.merged or getattr(module, "disable_adapters", False):
@@ -41,7 +49,7 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
             key = f"{_BASE_LAYER.sub('', name)}.{leaf}"
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    out[key] = out[key] + module.get_delta_weight(adapter).to(out[key].dtype)
+                    out[key] = out[key] + _full(module.get_delta_weight(adapter)).to(out[key].dtype)
     return out
 
 
