@@ -125,14 +125,19 @@ class VLLMEngine:
             kwargs["compilation_config"] = {"custom_ops": ["all", "-rotary_embedding"]}
         else:
             kwargs["enable_sleep_mode"] = cfg.sleep
-        threads = torch.get_num_threads()
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         key = (*_key_files(model_path), repr(sorted((k, str(v)) for k, v in kwargs.items() if k not in
                                                     ("model", "seed"))))
         self.llm, reused = _shared_llm(key, lambda: LLM(**kwargs))
         if reused:  # same architecture and tokenizer: load this path's weights into the live engine
             self.llm.collective_rpc(_reload_weights, args=(None, model_path))
             self.llm.reset_prefix_cache()
-        torch.set_num_threads(threads)  # vLLM lowers it for serving; the trainer shares this process
+        if self.on_cpu and os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind":
+            # vLLM's CPU worker lowers the thread count for serving and then replaces torch.set_num_threads by a
+            # no-op for the whole process (to protect its core binding); with no binding, give the trainer that
+            # shares this process its threads and its function back
+            set_threads(threads)
+            torch.set_num_threads = set_threads
         self.asleep = False
         self.last_sync_s = 0.0
 
