@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from .mla import absorbed_mla
 from .protocol import Rollouts, SamplingConfig
 
 
@@ -103,12 +104,13 @@ class HFEngine:
                 warpers.append(TopPLogitsWarper(sampling.top_p))
             # our warpers, then the recorder: generate puts a caller's processors before its own, so temperature,
             # top_p and top_k are passed as None (top_k=None also drops transformers' default top-k of 50)
-            gen = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-                do_sample=not greedy, temperature=None, top_p=None, top_k=None,
-                eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
-                stop_strings=sampling.stop or None, tokenizer=tok if sampling.stop else None,
-                logits_processor=LogitsProcessorList([*warpers, recorder]), synced_gpus=self.synced)
+            with absorbed_mla(model):  # decode steps read MLA's latent cache directly (see mla.py)
+                gen = model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
+                    do_sample=not greedy, temperature=None, top_p=None, top_k=None,
+                    eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
+                    stop_strings=sampling.stop or None, tokenizer=tok if sampling.stop else None,
+                    logits_processor=LogitsProcessorList([*warpers, recorder]), synced_gpus=self.synced)
             new = gen[:, ids.shape[1]:]                                                  # [b, c]
             logps.append(recorder.result(new).cpu())                                     # [b, c]
             outs.append(new.cpu())
