@@ -7,6 +7,13 @@ per 16k tokens).
 
 `forward_logprobs` runs a (peft / accelerate wrapped) causal LM through its own forward, so wrappers' hooks run,
 with the LM head swapped for a capture of the final hidden states, then applies the chunked projection.
+
+With `group_size` = G > 1 and rows laid out as groups of G sharing one prompt (GRPO's rollouts), the prompt is run
+once per group: a forward over the B distinct prompts returns its KV cache, which is repeated G times along the
+batch (autograd flows back through the repeat into the shared prompt), then the N = B·G completions run on it.
+The same log-probs and gradients as running every row whole (tested), for B·P + N·C tokens instead of N·(P + C).
+Not under gradient checkpointing (transformers turns the cache off there), nor when a group's prompts differ:
+then every row runs whole.
 """
 
 from __future__ import annotations
@@ -98,21 +105,60 @@ def _lm_head_captured(lm):
 class ForwardOut:
     logprobs: torch.Tensor                     # [B, n] log-prob of each of the last n tokens
     entropy: torch.Tensor | None               # [B, n]
-    router_logits: tuple[torch.Tensor, ...]    # per MoE layer [B*T, E] (empty for dense models)
+    router_logits: tuple[torch.Tensor, ...]    # per MoE layer [tokens, E] (empty for dense models)
+    router_mask: torch.Tensor | None = None    # [tokens] 1 on real tokens of router_logits' rows (None: the rows
+                                               # are input_ids' [B*T] and the attention mask tells)
+
+
+def _shared_prompt(input_ids, attention_mask, n_targets: int, group_size: int, model) -> bool:
+    """Whether rows come as groups of `group_size` with one prompt each (and the model can run them that way)."""
+    n, width = input_ids.shape
+    if group_size < 2 or n % group_size or width <= n_targets or attention_mask is None:
+        return False
+    if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return False  # transformers drops the cache under activation checkpointing in training
+    prompts = input_ids[:, : width - n_targets].reshape(n // group_size, group_size, -1)
+    masks = attention_mask[:, : width - n_targets].reshape(n // group_size, group_size, -1)
+    return bool((prompts == prompts[:, :1]).all() and (masks == masks[:, :1]).all())
+
+
+def _forward_shared_prompt(model, lm, input_ids, attention_mask, n_targets: int, group_size: int, kwargs):
+    """Final hidden states [N, n, H] for the last n tokens, each group's prompt run once; and router logits."""
+    P = input_ids.shape[1] - n_targets
+    with _lm_head_captured(lm) as (head, capture):
+        out = model(input_ids=input_ids[::group_size, :P], attention_mask=attention_mask[::group_size, :P],
+                    use_cache=True, logits_to_keep=1, **kwargs)
+        last = capture.hidden                                          # [B, 1, H] last prompt position
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(group_size)                     # [B*G, ...] per layer, differentiable
+        out_c = model(input_ids=input_ids[:, P:], attention_mask=attention_mask, past_key_values=cache,
+                      use_cache=True, logits_to_keep=n_targets, **kwargs)
+        hidden = torch.cat([last.repeat_interleave(group_size, 0), capture.hidden[:, :-1]], 1)  # [N, n, H]
+    routers = tuple(torch.cat([a, b]) for a, b in zip(getattr(out, "router_logits", None) or (),
+                                                      getattr(out_c, "router_logits", None) or ()))
+    router_mask = torch.cat([attention_mask[::group_size, :P].reshape(-1), attention_mask[:, P:].reshape(-1)])
+    return head, hidden, routers, router_mask
 
 
 def forward_logprobs(model, input_ids: torch.Tensor, n_targets: int, attention_mask: torch.Tensor | None = None,
                      position_ids: torch.Tensor | None = None, chunk_tokens: int = 1024, temperature: float = 1.0,
-                     with_entropy: bool = False, router_logits: bool = False) -> ForwardOut:
-    """Log-probs of the last `n_targets` tokens of each row of `input_ids` [B, T] under `model`."""
+                     with_entropy: bool = False, router_logits: bool = False, group_size: int = 1) -> ForwardOut:
+    """Log-probs of the last `n_targets` tokens of each row of `input_ids` [B, T] under `model`.
+
+    `group_size`: rows come in groups of that many sharing one prompt (see the module docstring)."""
     from .policy import causal_lm
 
     lm = causal_lm(model)
     kwargs = {"output_router_logits": True} if router_logits else {}
+    targets = input_ids[:, -n_targets:]                                # [B, n]
+    if position_ids is None and _shared_prompt(input_ids, attention_mask, n_targets, group_size, lm):
+        head, hidden, routers, router_mask = _forward_shared_prompt(model, lm, input_ids, attention_mask,
+                                                                    n_targets, group_size, kwargs)
+        logp, ent = chunked_token_logprobs(hidden, head.weight, targets, chunk_tokens, temperature, with_entropy)
+        return ForwardOut(logp, ent, routers, router_mask)
     with _lm_head_captured(lm) as (head, capture):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     logits_to_keep=n_targets + 1, use_cache=False, **kwargs)
     hidden = capture.hidden[:, :-1]                                    # [B, n, H]
-    targets = input_ids[:, -n_targets:]                                # [B, n]
     logp, ent = chunked_token_logprobs(hidden, head.weight, targets, chunk_tokens, temperature, with_entropy)
     return ForwardOut(logp, ent, tuple(getattr(out, "router_logits", None) or ()))

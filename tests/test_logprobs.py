@@ -49,3 +49,51 @@ def test_forward_logprobs_matches_model_logits(tiny_dir):
     logits = model(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(out.logprobs, token_logprobs_reference(logits[:, -7:-1], ids[:, -6:]), atol=1e-5)
     assert len(out.router_logits) == 2  # two MoE layers (the first layer is dense)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_forward_equals_whole_rows(tiny_dir, lora):
+    """GRPO rows (groups of G sharing a left-padded prompt): running each prompt once gives the same log-probs,
+    entropies, gradients and expert statistics as running every row whole, and falls back when prompts differ."""
+    from align.moe import expert_balance_loss, expert_load, routing_kwargs
+    from align.policy import LoRAConfig, ModelConfig, load_policy
+
+    torch.manual_seed(0)
+    model = load_policy(ModelConfig(path=str(tiny_dir), lora=LoRAConfig(enabled=lora)))
+    G, B, P, C = 3, 2, 7, 5
+    prompt = torch.randint(3, 1000, (B, P))
+    pmask = torch.ones(B, P, dtype=torch.long)
+    pmask[1, :3] = 0                                                               # left padding
+    comp = torch.randint(3, 1000, (B * G, C))
+    cmask = torch.ones(B * G, C, dtype=torch.long)
+    cmask[4, 3:] = 0                                                               # a short completion
+    ids = torch.cat([prompt.repeat_interleave(G, 0), comp], 1)
+    mask = torch.cat([pmask.repeat_interleave(G, 0), cmask], 1)
+    routing = routing_kwargs(model.config)
+    k = model.config.num_experts_per_tok
+
+    def run(group_size):
+        out = forward_logprobs(model, ids, C, mask, chunk_tokens=4, with_entropy=True, router_logits=True,
+                               group_size=group_size)
+        rmask = out.router_mask if out.router_mask is not None else mask.reshape(-1)
+        m = cmask.float()
+        (out.logprobs * m).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        balance = expert_balance_loss(out.router_logits, k, 0.1, rmask, **routing).item()
+        return out, grads, {**expert_load(out.router_logits, k, rmask, **routing), "balance": balance}
+
+    whole, g_whole, load_whole = run(1)
+    shared, g_shared, load_shared = run(G)
+    assert shared.router_mask is not None and whole.router_mask is None           # the shared path ran
+    m = cmask.bool()
+    assert torch.allclose(shared.logprobs[m], whole.logprobs[m], atol=1e-5)
+    assert torch.allclose(shared.entropy[m], whole.entropy[m], atol=1e-5)
+    assert g_shared.keys() == g_whole.keys() and len(g_whole) > 5
+    for n in g_whole:
+        assert torch.allclose(g_shared[n], g_whole[n], atol=1e-5, rtol=1e-4), n
+    # expert statistics count each prompt token once instead of G times: close, not equal
+    assert load_shared["moe/load_max"] == pytest.approx(load_whole["moe/load_max"], rel=0.5)
+    assert load_shared["balance"] == pytest.approx(load_whole["balance"], rel=0.5)
+    ids[1, 0] = ids[0, 0] + 1                                                      # group 0's prompts now differ
+    assert forward_logprobs(model, ids, C, mask, group_size=G).router_mask is None  # whole rows again

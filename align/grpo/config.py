@@ -73,8 +73,8 @@ class GRPOConfig:
         for key in ("prompts_per_step", "steps", "inner_epochs", "minibatches", "micro_batch_size",
                     "logprob_chunk", "eval_max_new_tokens"):
             require(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))
-        require(self.prompts_per_step * self.group_size >= self.minibatches, "minibatches",
-                "at most prompts_per_step x group_size", self.minibatches)
+        require(self.prompts_per_step >= self.minibatches, "minibatches",
+                "at most prompts_per_step (a minibatch holds whole groups of G completions)", self.minibatches)
         require(self.lr > 0, "lr", "positive", self.lr)
         require(self.beta >= 0, "beta", ">= 0", self.beta)
         require(0 <= self.clip_eps_low < 1, "clip_eps_low", "in [0, 1)", self.clip_eps_low)

@@ -70,15 +70,22 @@ def _prompt_batch(rows, cfg: GRPOConfig, step: int, rank: int = 0, world: int = 
 
 
 def _policy_logprobs(model, batch: dict, rows: torch.Tensor, cfg: GRPOConfig, **kw):
+    """Log-probs of the completion tokens of `rows` (whole groups: each group's prompt runs once)."""
     return forward_logprobs(model, batch["input_ids"][rows], batch["n"], batch["attention_mask"][rows],
-                            chunk_tokens=cfg.logprob_chunk, temperature=cfg.sampling.temperature or 1.0, **kw)
+                            chunk_tokens=cfg.logprob_chunk, temperature=cfg.sampling.temperature or 1.0,
+                            group_size=cfg.group_size, **kw)
+
+
+def _micro_size(cfg: GRPOConfig) -> int:
+    """Sequences per forward: micro_batch_size rounded down to whole groups (at least one group)."""
+    return max(cfg.micro_batch_size // cfg.group_size, 1) * cfg.group_size
 
 
 @torch.no_grad()
 def _logprobs_no_grad(model, batch: dict, cfg: GRPOConfig) -> torch.Tensor:
     n_rows = batch["input_ids"].shape[0]
-    parts = [_policy_logprobs(model, batch, torch.arange(s, min(s + cfg.micro_batch_size, n_rows)), cfg).logprobs
-             for s in range(0, n_rows, cfg.micro_batch_size)]
+    parts = [_policy_logprobs(model, batch, torch.arange(s, min(s + _micro_size(cfg), n_rows)), cfg).logprobs
+             for s in range(0, n_rows, _micro_size(cfg))]
     return torch.cat(parts)                                                        # [N, C]
 
 
@@ -96,8 +103,9 @@ def _micro_loss(model, batch: dict, micro: torch.Tensor, den: torch.Tensor, cfg:
     num, _ = aggregate(per_token, mask, cfg.aggregation, batch["n"])
     balance = torch.zeros((), device=logprobs.device)
     if moe is not None and cfg.balance_alpha > 0:
-        balance = expert_balance_loss(out.router_logits, moe["top_k"], cfg.balance_alpha,
-                                      batch["attention_mask"][micro].reshape(-1), **moe["routing"])
+        token_mask = out.router_mask if out.router_mask is not None else batch["attention_mask"][micro].reshape(-1)
+        balance = expert_balance_loss(out.router_logits, moe["top_k"], cfg.balance_alpha, token_mask,
+                                      **moe["routing"])
     return num / den, balance, out, logprobs, old, sampled, tok
 
 
@@ -114,16 +122,18 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
                                                      "rollout/logprob_gap", "rollout/kl_sampler",
                                                      "rollout/tis_clip_frac")}
     router_logits, token_mask = (), None
+    G = cfg.group_size if n_rows % cfg.group_size == 0 else 1
     for epoch in range(cfg.inner_epochs):
-        order = torch.randperm(n_rows, generator=gen)
-        for rows in order.chunk(cfg.minibatches):
+        groups = torch.randperm(n_rows // G, generator=gen)                            # rows stay in their groups
+        for chunk in groups.chunk(min(cfg.minibatches, len(groups))):
+            rows = (chunk[:, None] * G + torch.arange(G)).reshape(-1)                  # [rows of whole groups]
             minibatch_loss = 0.0
             den = aggregate(torch.zeros_like(mask[rows], dtype=torch.float), mask[rows], cfg.aggregation,
                             batch["n"])[1].float()
             # the loss is normalised by the global count (all processes); data-parallel gradients are averaged
             # over processes, hence x world: the update equals one process taking the whole global batch
             den = accelerator.reduce(den, reduction="sum").clamp_min(1) / accelerator.num_processes
-            micros = rows.split(cfg.micro_batch_size)
+            micros = rows.split(_micro_size(cfg))
             for i, micro in enumerate(micros):
                 sync = accelerator.no_sync(model) if i < len(micros) - 1 else contextlib.nullcontext()
                 with sync:  # gradients are all-reduced once per minibatch, at its last micro-batch
@@ -141,7 +151,9 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
                             stats[k].append(v)
                 minibatch_loss += loss.item()
                 stats["loss/balance"].append(balance.item())
-                router_logits, token_mask = out.router_logits, batch["attention_mask"][micro].reshape(-1)
+                router_logits = out.router_logits
+                token_mask = out.router_mask if out.router_mask is not None else \
+                    batch["attention_mask"][micro].reshape(-1)
             stats["loss/policy"].append(minibatch_loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
             # None under DeepSpeed, which clips inside its own step
@@ -195,6 +207,10 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     if cfg.prompts_per_step % world:
         raise ConfigError(f"key 'prompts_per_step' must be a multiple of the {world} processes (each takes an "
                           f"equal share of the prompts), got {cfg.prompts_per_step}")
+    if cfg.minibatches > cfg.prompts_per_step // world:
+        raise ConfigError(f"key 'minibatches' must be at most the {cfg.prompts_per_step // world} prompt groups "
+                          f"each of the {world} processes holds (a minibatch holds whole groups), got "
+                          f"{cfg.minibatches}")
     set_seed(cfg.seed + rank)  # each process samples its own completions
     device = accelerator.device
     resume = ckpt.latest_checkpoint(cfg.output_dir)
@@ -277,7 +293,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             batch["old_logprobs"] = _logprobs_no_grad(model, batch, cfg) if needs_old else None
             batch["ref_logprobs"] = reference.logprobs(
                 model, batch["input_ids"], batch["attention_mask"], batch["n"], cfg.logprob_chunk,
-                cfg.sampling.temperature or 1.0, cfg.micro_batch_size)
+                cfg.sampling.temperature or 1.0, _micro_size(cfg), G)
             t_ref = time.time()
             # 6. μ epochs of clipped-surrogate updates
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # minibatch order: a function of step

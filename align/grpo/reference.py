@@ -40,22 +40,23 @@ class Reference:
 
     @torch.no_grad()
     def logprobs(self, policy, input_ids, attention_mask, n_targets: int, chunk_tokens: int, temperature: float,
-                 micro_batch: int) -> torch.Tensor | None:
+                 micro_batch: int, group_size: int = 1) -> torch.Tensor | None:
         """π_ref log-probs [N, n_targets] of the last n_targets tokens, or None when β = 0."""
         if not self.enabled:
             return None
         if self.use_adapter_off:
             with getattr(policy, "module", policy).disable_adapter():
                 return self._score(policy, input_ids, attention_mask, n_targets, chunk_tokens, temperature,
-                                   micro_batch)
+                                   micro_batch, group_size)
         with self._on_device() as model:
-            return self._score(model, input_ids, attention_mask, n_targets, chunk_tokens, temperature, micro_batch)
+            return self._score(model, input_ids, attention_mask, n_targets, chunk_tokens, temperature, micro_batch,
+                               group_size)
 
     @staticmethod
-    def _score(model, input_ids, attention_mask, n_targets, chunk_tokens, temperature, micro_batch):
+    def _score(model, input_ids, attention_mask, n_targets, chunk_tokens, temperature, micro_batch, group_size):
         out = []
         for s in range(0, input_ids.shape[0], micro_batch):
             out.append(forward_logprobs(model, input_ids[s:s + micro_batch], n_targets,
                                         attention_mask[s:s + micro_batch], chunk_tokens=chunk_tokens,
-                                        temperature=temperature).logprobs)
+                                        temperature=temperature, group_size=group_size).logprobs)
         return torch.cat(out)
