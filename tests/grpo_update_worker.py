@@ -16,8 +16,8 @@ model_dir, out, aggregation = sys.argv[1], sys.argv[2], sys.argv[3]
 acc = Accelerator(cpu=True)
 world, rank = acc.num_processes, acc.process_index
 cfg = load_config(GRPOConfig, None, [f"model.path={model_dir}", "output_dir=unused", "train_data=[x]",
-                                     "rewards=[{name: exact_answer}]", "micro_batch_size=3", "beta=0.04", "group_size=2",
-                                     f"aggregation={aggregation}", "balance_alpha=0"])
+                                     "rewards=[{name: exact_answer}]", "micro_batch_size=3", "beta=0.04",
+                                     "group_size=2", f"aggregation={aggregation}", "balance_alpha=0"])
 torch.manual_seed(0)
 N, P, C = 8, 5, 6
 ids = torch.randint(3, 1000, (N, P + C))
