@@ -83,6 +83,18 @@ class HFEngine:
                              return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
+    def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int):
+        """The KV cache of each distinct prompt but its last token, computed once and repeated for its n samples
+        (generate then starts from the last prompt token); None where that does not apply."""
+        p_ids, p_mask = ids[::n, :-1], mask[::n, :-1]                                   # [b, P-1]
+        if n < 2 or ids.shape[0] % n or ids.shape[1] < 2 or (p_mask.sum(1) == 0).any():
+            return None
+        positions = (p_mask.long().cumsum(-1) - 1).masked_fill(p_mask == 0, 1)          # as generate numbers them
+        cache = self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=positions, use_cache=True,
+                           logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(n)                                                 # [b*n, ...] per layer
+        return cache
+
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], n: int, sampling: SamplingConfig) -> Rollouts:
         tok, model = self.tokenizer, self.model
@@ -105,12 +117,14 @@ class HFEngine:
             # our warpers, then the recorder: generate puts a caller's processors before its own, so temperature,
             # top_p and top_k are passed as None (top_k=None also drops transformers' default top-k of 50)
             with absorbed_mla(model):  # decode steps read MLA's latent cache directly (see mla.py)
+                cache = self._shared_prefill(ids, mask, n) if s % n == 0 else None
                 gen = model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
                     do_sample=not greedy, temperature=None, top_p=None, top_k=None,
                     eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
                     stop_strings=sampling.stop or None, tokenizer=tok if sampling.stop else None,
-                    logits_processor=LogitsProcessorList([*warpers, recorder]), synced_gpus=self.synced)
+                    logits_processor=LogitsProcessorList([*warpers, recorder]), synced_gpus=self.synced,
+                    past_key_values=cache)
             new = gen[:, ids.shape[1]:]                                                  # [b, c]
             logps.append(recorder.result(new).cpu())                                     # [b, c]
             outs.append(new.cpu())
