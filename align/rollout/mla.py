@@ -25,18 +25,16 @@ import types
 
 import torch
 
+from .weights import lora_delta
+
 
 def _effective_weight(linear) -> torch.Tensor:
-    """A Linear's weight, or base + active LoRA deltas for a peft LoRA layer (unless disabled or merged)."""
+    """A Linear's weight, or base + active LoRA deltas for a peft LoRA layer."""
     base = getattr(linear, "base_layer", None)
     if base is None:
         return linear.weight
-    weight = base.weight
-    if not getattr(linear, "disable_adapters", False) and not getattr(linear, "merged", False):
-        for adapter in linear.active_adapters:
-            if adapter in linear.lora_A:
-                weight = weight + linear.get_delta_weight(adapter).to(weight.dtype)
-    return weight
+    delta = lora_delta(linear)
+    return base.weight if delta is None else base.weight + delta.to(base.weight.dtype)
 
 
 def _absorbed_forward(self, hidden_states, attention_mask=None, past_key_values=None, position_embeddings=None,

@@ -30,6 +30,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def lora_delta(module) -> torch.Tensor | None:
+    """The summed ΔW of a peft LoRA layer's active adapters (peft's own `get_delta_weight`); None when its adapters
+    are disabled or already merged, or none is active on it."""
+    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+        return None
+    deltas = [module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A]
+    return sum(deltas[1:], deltas[0]) if deltas else None
+
+
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
     """Full-model weights {name: tensor} under the base model's own names, LoRA deltas added; no copies without LoRA.
 
@@ -43,13 +52,11 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     out = {_BASE_LAYER.sub("", k): _full(v) for k, v in base.state_dict().items() if ".lora_" not in k}
     with torch.no_grad():
         for name, module in base.named_modules():
-            if not isinstance(module, LoraLayer) or module.merged or getattr(module, "disable_adapters", False):
-                continue
-            leaf = module.parameter_name if isinstance(module, ParamWrapper) else "weight"
-            key = f"{_BASE_LAYER.sub('', name)}.{leaf}"
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    out[key] = out[key] + _full(module.get_delta_weight(adapter)).to(out[key].dtype)
+            delta = lora_delta(module) if isinstance(module, LoraLayer) else None
+            if delta is not None:
+                leaf = module.parameter_name if isinstance(module, ParamWrapper) else "weight"
+                key = f"{_BASE_LAYER.sub('', name)}.{leaf}"
+                out[key] = out[key] + _full(delta).to(out[key].dtype)
     return out
 
 
