@@ -124,8 +124,10 @@ def _shared_prompt(input_ids, attention_mask, n_targets: int, group_size: int, m
 
 def _forward_shared_prompt(model, lm, input_ids, attention_mask, n_targets: int, group_size: int, kwargs):
     """Final hidden states [N, n, H] for the last n tokens, each group's prompt run once; and router logits."""
+    from .mla import shared_prefix_kv
+
     P = input_ids.shape[1] - n_targets
-    with _lm_head_captured(lm) as (head, capture):
+    with _lm_head_captured(lm) as (head, capture), shared_prefix_kv(lm, group_size):
         out = model(input_ids=input_ids[::group_size, :P], attention_mask=attention_mask[::group_size, :P],
                     use_cache=True, logits_to_keep=1, **kwargs)
         last = capture.hidden                                          # [B, 1, H] last prompt position

@@ -83,9 +83,18 @@ def test_shared_prompt_forward_equals_whole_rows(tiny_dir, lora):
         balance = expert_balance_loss(out.router_logits, k, 0.1, rmask, **routing).item()
         return out, grads, {**expert_load(out.router_logits, k, rmask, **routing), "balance": balance}
 
+    rows = []  # tokens through each layer's kv_b_proj (the MLA up-projection)
+    hooks = [m.register_forward_hook(lambda mod, i, o: rows.append(i[0].shape[:-1].numel()))
+             for n, m in model.named_modules() if n.endswith("kv_b_proj")]
     whole, g_whole, load_whole = run(1)
+    whole_rows, rows[:] = sum(rows), []
     shared, g_shared, load_shared = run(G)
+    for h in hooks:
+        h.remove()
     assert shared.router_mask is not None and whole.router_mask is None           # the shared path ran
+    layers = model.config.num_hidden_layers
+    assert whole_rows == layers * B * G * (P + C)
+    assert sum(rows) == layers * (B * P + B * G * C)                               # the prompt up-projected once
     m = cmask.bool()
     assert torch.allclose(shared.logprobs[m], whole.logprobs[m], atol=1e-5)
     assert torch.allclose(shared.entropy[m], whole.entropy[m], atol=1e-5)

@@ -1,10 +1,10 @@
-"""Absorbed MLA decode (align/rollout/mla.py) equals transformers' expand-the-cache attention."""
+"""Absorbed MLA decode (align/mla.py) equals transformers' expand-the-cache attention."""
 
 import pytest
 import torch
 
+from align.mla import absorbed_mla
 from align.policy import LoRAConfig, ModelConfig, load_policy
-from align.rollout.mla import absorbed_mla
 
 
 def _decode(model, ids, mask, steps=6):

@@ -97,3 +97,45 @@ def test_sampling_logprobs_are_of_the_distribution_sampled_from(tiny_dir, tokeni
     m = nucleus.completion_mask.bool()
     gap = nucleus.sampling_logprobs[m] - trainer(nucleus, 1.0)[m]
     assert (gap > -1e-4).all() and (gap > 1e-3).any()
+
+
+def test_sample_from_draws_each_token_with_its_probability():
+    from align.rollout.hf import sample_from
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25], [2.0, 0.0, 0.0, 0.0, 6.0]])  # rows need not sum to 1
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_from(probs, gen) for _ in range(20000)], 1)             # [2, 20000]
+    freq = torch.stack([torch.bincount(row, minlength=5) for row in draws]).float() / draws.shape[1]
+    expected = probs / probs.sum(1, keepdim=True)
+    assert (freq[expected == 0] == 0).all()                                            # never a zero-prob token
+    assert torch.allclose(freq, expected, atol=0.015)                                  # ~4 sigma at n = 20000
+
+
+def test_sample_from_never_draws_past_the_last_positive_token():
+    from align.rollout.hf import sample_from
+
+    probs = torch.zeros(4096, 6)
+    probs[:, 2] = 1.0                                                                 # all mass on one token
+    assert (sample_from(probs) == 2).all()
+
+
+def test_reserved_cache_generates_what_a_growing_cache_generates(tiny_dir, tokenizer):
+    """The preallocated cache is a drop-in for transformers' DynamicCache: same greedy tokens and scores, also
+    after a batch repeat (the shared prefill's path)."""
+    from transformers.cache_utils import DynamicCache
+
+    from align.rollout.hf import ReservedCache
+
+    model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False).eval()
+    enc = tokenizer(["What is 3 + 4?", "Hi"], padding=True, return_tensors="pt")
+    outs = []
+    for cache in (DynamicCache(), ReservedCache(room=2)):  # room 2 < 6 new tokens: the room is regrown
+        gen = model.generate(**enc, max_new_tokens=6, do_sample=False, past_key_values=cache, top_k=None,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        outs.append((gen.sequences, torch.stack(gen.scores)))
+        cache.batch_repeat_interleave(2)
+        k, v = cache.layers[0].keys, cache.layers[0].values                              # [4, 1, T, d]
+        cache.update(torch.ones(*k.shape[:2], 1, k.shape[-1]), torch.ones(*v.shape[:2], 1, v.shape[-1]), 0)
+        outs.append((cache.layers[0].keys, cache.layers[0].values))
+    assert torch.equal(outs[0][0], outs[2][0]) and torch.allclose(outs[0][1], outs[2][1], atol=1e-5)
+    assert torch.equal(outs[1][0], outs[3][0]) and torch.equal(outs[1][1], outs[3][1])

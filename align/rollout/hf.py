@@ -2,17 +2,26 @@
 
 Prompts are rendered with the tokenizer's chat template plus the generation prompt, left-padded, each repeated G
 times. Sampling log-probs are those of the distribution each token was drawn from (logits / temperature, and with
-top_p < 1 the nucleus renormalised), as vLLM reports them. They are taken one step at a time by a logits processor
-(`SampledLogprobs`): asking `generate` for all logits (`output_logits`) would hold steps x rows x vocab of them, 27 GB
-in bf16 for 256 rows x 512 tokens x 102,400.
+top_p < 1 the nucleus renormalised), as vLLM reports them.
+
+The draw itself happens in a logits processor (`Sampler`), after align's temperature / top-p warpers: it takes
+the log-softmax it needs for the log-prob anyway, draws the token by inverse CDF (one uniform per row and a
+cumulative sum; `torch.multinomial` draws an exponential for every vocabulary entry, 25x slower on CPU here),
+records log p(token) and hands `generate` scores whose argmax is that token, so `generate` runs greedy. Taking
+log-probs this way holds one step's [b, V] at a time; asking `generate` for all logits (`output_logits`) would
+hold steps x rows x vocab of them, 27 GB in bf16 for 256 rows x 512 tokens x 102,400.
+
+The KV cache (`ReservedCache`) writes each step into room reserved up front instead of concatenating: a growing
+cache copies itself every step, O(T²) over a completion (a fifth of `generate`'s time on the tiny model).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .mla import absorbed_mla
+from ..mla import absorbed_mla
 from .protocol import Rollouts, SamplingConfig
 
 
@@ -24,31 +33,77 @@ def completion_mask_from_stops(ids: torch.Tensor, stop_ids: list[int]) -> tuple[
     return mask.long(), ~is_stop.any(dim=1)
 
 
-class SampledLogprobs:
-    """A logits processor (after the temperature / top-p warpers, so it sees the scores sampling uses) that records
-    log softmax(scores)[sampled token] one step behind: at step t+1 the token drawn at step t is in input_ids.
-    Holds one step's scores [b, V] at a time."""
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row drawn from `probs` [b, V] (unnormalised, non-negative) by inverse CDF: [b, 1].
 
-    def __init__(self):
-        self.previous: torch.Tensor | None = None
+    P(i) = p_i / Σp. A zero-probability token is never drawn: u < Σp strictly, and the first index whose cumulative
+    sum exceeds u has p > 0."""
+    cdf = probs.float().cumsum(-1)                                                      # [b, V]
+    total = cdf[:, -1:]                                                                 # [b, 1]
+    u = torch.rand(total.shape, device=probs.device, generator=generator) * total       # [b, 1] in [0, Σp)
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))              # rounding never reaches Σp
+    return torch.searchsorted(cdf, u, right=True)                                       # [b, 1]
+
+
+class Sampler:
+    """A logits processor, last in the list (after the temperature / top-p warpers), that draws the next token from
+    softmax(scores), records its log-prob, and returns scores whose argmax is that token (generate runs greedy).
+    With `greedy` it keeps generate's argmax and records that token's log-prob."""
+
+    def __init__(self, greedy: bool = False):
+        self.greedy = greedy
         self.steps: list[torch.Tensor] = []
 
-    def _record(self, tokens: torch.Tensor) -> None:
-        logp = self.previous - torch.logsumexp(self.previous, dim=-1, keepdim=True)          # [b, V]
-        self.steps.append(logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))                # [b]
-
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.previous is not None:
-            self._record(input_ids[:, -1])
-        self.previous = scores.float()
-        return scores
+        logp = torch.log_softmax(scores.float(), dim=-1)                                # [b, V]
+        token = logp.argmax(-1, keepdim=True) if self.greedy else sample_from(logp.exp())  # [b, 1]
+        self.steps.append(logp.gather(-1, token).squeeze(-1))                           # [b]
+        if self.greedy:
+            return scores
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)          # [b, V] one-hot
 
     def result(self, new_tokens: torch.Tensor) -> torch.Tensor:
         """[b, c] log-probs of the c generated tokens."""
-        if self.previous is not None and len(self.steps) < new_tokens.shape[1]:
-            self._record(new_tokens[:, len(self.steps)])
-        self.previous = None
-        return torch.stack(self.steps, dim=1)[:, :new_tokens.shape[1]] if self.steps else new_tokens.float()[:, :0]
+        c = new_tokens.shape[1]
+        return torch.stack(self.steps, dim=1)[:, :c] if self.steps else new_tokens.float()[:, :0]
+
+
+class ReservedLayer(DynamicLayer):
+    """A DynamicLayer that writes new tokens into room reserved for `room` more of them instead of concatenating
+    (a concatenating cache copies itself at every step). `keys` / `values` stay views of the first T positions, so
+    everything else DynamicLayer does (repeat, select, crop) works unchanged; a layer whose tensors were replaced
+    (repeat / select) gets new room at its next update."""
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room = room
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        T, t = self.get_seq_length(), key_states.shape[-2]
+        buf = self._buffers
+        if (buf is None or buf[0].shape[-2] < T + t or buf[0].shape[:-2] != key_states.shape[:-2]
+                or (T and self.keys.data_ptr() != buf[0].data_ptr())):
+            new = []
+            for old, x in ((self.keys, key_states), (self.values, value_states)):
+                b = x.new_empty((*x.shape[:-2], T + t + self.room, x.shape[-1]))       # [B, H, T + room, D]
+                if T:
+                    b[..., :T, :] = old
+                new.append(b)
+            buf = self._buffers = tuple(new)
+        buf[0][..., T:T + t, :] = key_states
+        buf[1][..., T:T + t, :] = value_states
+        self.keys, self.values = buf[0][..., :T + t, :], buf[1][..., :T + t, :]
+        return self.keys, self.values
+
+
+class ReservedCache(DynamicCache):
+    """A DynamicCache of `ReservedLayer`s, each with room for `room` tokens beyond what it first holds."""
+
+    def __init__(self, room: int):
+        Cache.__init__(self, layer_class_to_replicate=lambda: ReservedLayer(room))
 
 
 def stop_string_end(tokenizer, ids: list[int], stops: list[str]) -> int | None:
@@ -83,15 +138,16 @@ class HFEngine:
                              return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
-    def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int):
+    def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int, room: int):
         """The KV cache of each distinct prompt but its last token, computed once and repeated for its n samples
         (generate then starts from the last prompt token); None where that does not apply."""
         p_ids, p_mask = ids[::n, :-1], mask[::n, :-1]                                   # [b, P-1]
         if n < 2 or ids.shape[0] % n or ids.shape[1] < 2 or (p_mask.sum(1) == 0).any():
             return None
         positions = (p_mask.long().cumsum(-1) - 1).masked_fill(p_mask == 0, 1)          # as generate numbers them
-        cache = self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=positions, use_cache=True,
-                           logits_to_keep=1).past_key_values
+        cache = ReservedCache(room)
+        self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(n)                                                 # [b*n, ...] per layer
         return cache
 
@@ -110,23 +166,25 @@ class HFEngine:
             ids = prompt_ids[s:s + sampling.batch_size].to(device)
             mask = prompt_mask[s:s + sampling.batch_size].to(device)
             greedy = sampling.temperature == 0
-            recorder = SampledLogprobs()
+            sampler = Sampler(greedy)
             warpers = [] if greedy else [TemperatureLogitsWarper(sampling.temperature)]
             if not greedy and sampling.top_p < 1:
                 warpers.append(TopPLogitsWarper(sampling.top_p))
-            # our warpers, then the recorder: generate puts a caller's processors before its own, so temperature,
-            # top_p and top_k are passed as None (top_k=None also drops transformers' default top-k of 50)
-            with absorbed_mla(model):  # decode steps read MLA's latent cache directly (see mla.py)
-                cache = self._shared_prefill(ids, mask, n) if s % n == 0 else None
+            # our warpers, then the sampler; generate runs greedy on the sampler's choice. temperature, top_p and
+            # top_k are passed as None so generate adds no processors of its own (nor its default top-k of 50)
+            room = sampling.max_new_tokens + 1
+            # decode steps read MLA's latent cache directly (see mla.py); inference mode: no autograd bookkeeping
+            with absorbed_mla(model), torch.inference_mode():
+                cache = self._shared_prefill(ids, mask, n, room) if s % n == 0 else None
                 gen = model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-                    do_sample=not greedy, temperature=None, top_p=None, top_k=None,
+                    do_sample=False, temperature=None, top_p=None, top_k=None,
                     eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
                     stop_strings=sampling.stop or None, tokenizer=tok if sampling.stop else None,
-                    logits_processor=LogitsProcessorList([*warpers, recorder]), synced_gpus=self.synced,
-                    past_key_values=cache)
+                    logits_processor=LogitsProcessorList([*warpers, sampler]), synced_gpus=self.synced,
+                    past_key_values=cache if cache is not None else ReservedCache(room))
             new = gen[:, ids.shape[1]:]                                                  # [b, c]
-            logps.append(recorder.result(new).cpu())                                     # [b, c]
+            logps.append(sampler.result(new).cpu())                                     # [b, c]
             outs.append(new.cpu())
         if was_training:
             model.train()

@@ -1,4 +1,10 @@
-"""Absorbed MLA attention for decode steps of transformers' DeepSeek-V2 (`generate`), as DeepSeek-V2 §2.1.2 serves.
+"""MLA attention of transformers' DeepSeek-V2, made cheaper where align knows more than transformers does.
+
+1. `absorbed_mla`: decode steps of `generate` in the absorbed form, as DeepSeek-V2 §2.1.2 serves.
+2. `shared_prefix_kv`: a forward over G completions of one prompt on that prompt's repeated cache up-projects the
+   prompt's latent once per group, not once per row.
+
+Absorbed decode.
 
 transformers caches MLA's compressed latent c_KV [B, T, d_c] (after kv_a_layernorm) and the roped shared key
 k_pe [B, T, d_r], but at every decode step it up-projects the whole cache through kv_b_proj into per-head keys and
@@ -25,7 +31,7 @@ import types
 
 import torch
 
-from .weights import lora_delta
+from .rollout.weights import lora_delta
 
 
 def _effective_weight(linear) -> torch.Tensor:
@@ -91,3 +97,38 @@ def absorbed_mla(model, enabled: bool = True):
             else:
                 del m.forward
             del m._align_original_forward
+
+
+def _shared_prefix_expand(self, kv_nope, k_rot):
+    """expand_kv for `shared_prefix_kv`: the first call keeps the prompt's keys / values; a later one over its G
+    repeated rows up-projects only the positions after the prompt."""
+    if self._align_prefix is None:
+        self._align_prefix = self._align_original_expand(kv_nope, k_rot)              # [B, H, P, d] each
+        return self._align_prefix
+    keys, values = self._align_prefix
+    B, P, G = keys.shape[0], keys.shape[2], self._align_group
+    if kv_nope.shape[0] != B * G or kv_nope.shape[2] <= P:
+        return self._align_original_expand(kv_nope, k_rot)
+    new_k, new_v = self._align_original_expand(kv_nope[:, :, P:], k_rot[:, :, P:])      # [B*G, H, S, d]
+    return (torch.cat([keys.repeat_interleave(G, 0), new_k], 2),                         # [B*G, H, P + S, d]
+            torch.cat([values.repeat_interleave(G, 0), new_v], 2))
+
+
+@contextlib.contextmanager
+def shared_prefix_kv(model, group_size: int):
+    """For a forward over B prompts followed by one over their B·G completions on the prompts' cache repeated G
+    times (`logprobs._forward_shared_prompt`): the second up-projects (kv_b_proj) only the completion positions and
+    reuses the keys and values the first computed for the prompt, repeated G times, gradients included.
+
+    transformers expands the whole cache in every forward, so each row would up-project its own copy of the
+    prompt: B·G·P rows through kv_b_proj instead of B·P. Keys and values are the same tensors either way."""
+    modules = [m for m in model.modules() if type(m).__name__ == "DeepseekV2Attention"
+               and hasattr(m, "expand_kv")]
+    for m in modules:
+        m._align_original_expand, m._align_prefix, m._align_group = m.expand_kv, None, group_size
+        m.expand_kv = types.MethodType(_shared_prefix_expand, m)
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.expand_kv, m._align_original_expand, m._align_prefix, m._align_group
