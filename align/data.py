@@ -26,9 +26,11 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def _check_jsonl(path: Path) -> None:
-    """Find the first unparseable line ourselves: `datasets` reports JSONL errors without a line number."""
-    rows = 0
+def _read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file, read directly (no Arrow conversion: a GRPO prompt file does not pull in
+    `datasets` and its ~90 MB of imports). Every row gets every key any row has, None where absent, as `datasets`
+    gives them. A bad line is reported with its number."""
+    rows: list[dict] = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -43,18 +45,20 @@ def _check_jsonl(path: Path) -> None:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(value, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(value).__name__}")
-            rows += 1
-    if rows == 0:
-        raise DataError(f"{path}: no rows")
+            rows.append(value)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k) for k in keys} for r in rows]
 
 
 def load_rows(path: str | Path):
-    """Load a dataset file or `save_to_disk` directory as a `datasets.Dataset`."""
-    import datasets
-
+    """Load a dataset file or `save_to_disk` directory: JSONL as a list of dicts, the rest as a `datasets.Dataset`."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: data file not found")
+    if path.suffix.lower() == ".jsonl" and not path.is_dir():
+        return _checked(path, _read_jsonl(path))
+    import datasets
+
     datasets.disable_progress_bars()
     try:
         if path.is_dir():
@@ -63,10 +67,8 @@ def load_rows(path: str | Path):
                 raise DataError(f"{path}: a DatasetDict with splits {list(ds)}; point at one split's directory")
         else:
             suffix = path.suffix.lower()
-            if suffix == ".jsonl" or suffix == ".json":
-                if suffix == ".jsonl":
-                    _check_jsonl(path)
-                elif not path.read_bytes().strip():
+            if suffix == ".json":
+                if not path.read_bytes().strip():
                     raise DataError(f"{path}: no rows")
                 ds = datasets.load_dataset("json", data_files=str(path), split="train")
             elif suffix == ".parquet":
@@ -78,15 +80,21 @@ def load_rows(path: str | Path):
         raise
     except Exception as e:  # datasets / pyarrow raise many types; name the file either way
         raise DataError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
-    if len(ds) == 0:
+    return _checked(path, ds)
+
+
+def _checked(path: Path, rows):
+    """`rows` (a list of dicts or a Dataset) if it has rows and no repeated 'id'."""
+    if len(rows) == 0:
         raise DataError(f"{path}: no rows")
-    if "id" in ds.column_names:
-        seen: dict = {}
-        for i, row_id in enumerate(ds["id"]):
-            if row_id is not None and row_id in seen:
-                raise DataError(f"{path}:row {i + 1}: field 'id' {row_id!r} repeats row {seen[row_id] + 1}")
-            seen[row_id] = i
-    return ds
+    ids = [r.get("id") for r in rows] if isinstance(rows, list) else \
+        (rows["id"] if "id" in rows.column_names else [])
+    seen: dict = {}
+    for i, row_id in enumerate(ids):
+        if row_id is not None and row_id in seen:
+            raise DataError(f"{path}:row {i + 1}: field 'id' {row_id!r} repeats row {seen[row_id] + 1}")
+        seen[row_id] = i
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------- validation
