@@ -127,12 +127,15 @@ def _forward_shared_prompt(model, lm, input_ids, attention_mask, n_targets: int,
     from .mla import shared_prefix_kv
 
     P = input_ids.shape[1] - n_targets
-    with _lm_head_captured(lm) as (head, capture), shared_prefix_kv(lm, group_size):
+    with _lm_head_captured(lm) as (head, capture), shared_prefix_kv(lm, group_size) as completion_cache:
         out = model(input_ids=input_ids[::group_size, :P], attention_mask=attention_mask[::group_size, :P],
-                    use_cache=True, logits_to_keep=1, **kwargs)
+                    use_cache=completion_cache is None, logits_to_keep=1, **kwargs)
         last = capture.hidden                                          # [B, 1, H] last prompt position
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(group_size)                     # [B*G, ...] per layer, differentiable
+        if completion_cache is not None:  # MLA: the prompt's keys / values are held by shared_prefix_kv
+            cache = completion_cache(P)
+        else:
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(group_size)                 # [B*G, ...] per layer, differentiable
         out_c = model(input_ids=input_ids[:, P:], attention_mask=attention_mask, past_key_values=cache,
                       use_cache=True, logits_to_keep=n_targets, **kwargs)
         hidden = torch.cat([last.repeat_interleave(group_size, 0), capture.hidden[:, :-1]], 1)  # [N, n, H]

@@ -30,6 +30,7 @@ import sys
 import types
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .rollout.weights import lora_delta
 
@@ -100,35 +101,57 @@ def absorbed_mla(model, enabled: bool = True):
 
 
 def _shared_prefix_expand(self, kv_nope, k_rot):
-    """expand_kv for `shared_prefix_kv`: the first call keeps the prompt's keys / values; a later one over its G
-    repeated rows up-projects only the positions after the prompt."""
+    """expand_kv for `shared_prefix_kv`: the first call (the prompts) keeps its keys / values; a later one (their
+    completions, B·G rows) expands its own positions and puts the prompt's, repeated G times, ahead of them."""
     if self._align_prefix is None:
         self._align_prefix = self._align_original_expand(kv_nope, k_rot)              # [B, H, P, d] each
         return self._align_prefix
     keys, values = self._align_prefix
-    B, P, G = keys.shape[0], keys.shape[2], self._align_group
-    if kv_nope.shape[0] != B * G or kv_nope.shape[2] <= P:
-        return self._align_original_expand(kv_nope, k_rot)
-    new_k, new_v = self._align_original_expand(kv_nope[:, :, P:], k_rot[:, :, P:])      # [B*G, H, S, d]
+    new_k, new_v = self._align_original_expand(kv_nope, k_rot)                         # [B*G, H, S, d]
+    G = self._align_group
     return (torch.cat([keys.repeat_interleave(G, 0), new_k], 2),                         # [B*G, H, P + S, d]
             torch.cat([values.repeat_interleave(G, 0), new_v], 2))
 
 
+class _PromptLength(DynamicLayer):
+    """A cache layer standing for a prompt of `length` tokens already run: it reports that length (for positions
+    and the attention mask) and stores nothing; `shared_prefix_kv` holds the prompt's keys and values."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.length = length
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+class _PromptCache(DynamicCache):
+    def __init__(self, n_layers: int, length: int):
+        Cache.__init__(self, layers=[_PromptLength(length) for _ in range(n_layers)])
+
+
 @contextlib.contextmanager
 def shared_prefix_kv(model, group_size: int):
-    """For a forward over B prompts followed by one over their B·G completions on the prompts' cache repeated G
-    times (`logprobs._forward_shared_prompt`): the second up-projects (kv_b_proj) only the completion positions and
-    reuses the keys and values the first computed for the prompt, repeated G times, gradients included.
+    """A forward over B prompts, then one over their B·G completions (`logprobs._forward_shared_prompt`), that
+    up-projects (kv_b_proj) each prompt's latent once, not once per row.
 
-    transformers expands the whole cache in every forward, so each row would up-project its own copy of the
-    prompt: B·G·P rows through kv_b_proj instead of B·P. Keys and values are the same tensors either way."""
+    Yields a function `completion_cache(P)`: the `past_key_values` for the completion forward. It makes the model
+    number positions and mask from P on; the attention layers take the keys and values the prompt forward computed
+    (gradients flow back to it), repeated G times, ahead of the completion's own. Yields None for a model without
+    MLA attention (the caller then repeats a real cache). transformers would instead up-project every row's copy of
+    the prompt's latent: B·G·P rows through kv_b_proj instead of B·P. Keys and values are the same tensors either
+    way (tested)."""
     modules = [m for m in model.modules() if type(m).__name__ == "DeepseekV2Attention"
                and hasattr(m, "expand_kv")]
     for m in modules:
         m._align_original_expand, m._align_prefix, m._align_group = m.expand_kv, None, group_size
         m.expand_kv = types.MethodType(_shared_prefix_expand, m)
+
     try:
-        yield
+        yield (lambda length: _PromptCache(len(modules), length)) if modules else None
     finally:
         for m in modules:
             del m.expand_kv, m._align_original_expand, m._align_prefix, m._align_group
