@@ -1,14 +1,19 @@
 """Side-by-side GRPO step time and peak RSS: align vs TRL's GRPOTrainer, same tiny DeepSeek-V2, same everything.
 
     pip install -e ".[bench]"          # TRL is a benchmark-only extra
-    python benchmarks/grpo_vs_trl.py [--model DIR] [--steps 6] [--prompts 8] [--group 8] [--new-tokens 24]
-                                     [--engine hf|vllm]
+    python benchmarks/grpo_vs_trl.py [--model DIR] [--rounds 3] [--steps 8] [--prompts 8] [--group 8]
+                                     [--new-tokens 24] [--engine hf|vllm]
 
-Both run in their own subprocess (so peak RSS is each one's own) with the same model directory, prompts, G, prompt
+Each runs in its own subprocess (so peak RSS is each one's own) with the same model directory, prompts, G, prompt
 count per step, completion length, lr, β, temperature, HF `generate` for rollouts, one update per generation (μ = 1),
-fp32 on CPU, two threads, no TensorBoard / W&B logging in either. The first step of each is warm-up and not timed.
-Prints seconds per step (median), peak RSS and the ratios. `--engine vllm` gives align the vLLM engine instead
-(not like for like: TRL keeps HF generate; it shows what the engine is worth).
+fp32 on CPU, two threads, no TensorBoard / W&B logging in either. A step's time is the wall clock between the ends
+of consecutive steps (logging included) for both; the first step of each run is warm-up and not timed.
+
+On a shared machine the speed drifts by tens of percent over minutes, so the two run in `--rounds` back-to-back
+pairs, alternating which goes first, and each round gives its own time ratio. Prints every round, the median
+seconds per step of each, the median of the rounds' ratios, and peak RSS (the largest over the rounds).
+`--engine vllm` gives align the vLLM engine instead (not like for like: TRL keeps HF generate; it shows what the
+engine is worth).
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ def run_align(args) -> dict:
         f"micro_batch_size={args.prompts * args.group}", "balance_alpha=0", "tensorboard=false",
         f"rollout.engine={args.engine}"])
     train_grpo(cfg)
-    times = [r["perf/step_s"] for r in read_metrics(out) if "perf/step_s" in r][1:]
+    ends = [r["time"] for r in read_metrics(out) if "perf/step_s" in r]          # seconds since start, per step
+    times = [b - a for a, b in zip(ends, ends[1:])]                                 # steps 2.. (step 1 is warm-up)
     return {"sec_per_step": statistics.median(times), "steps_timed": len(times), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -92,7 +98,8 @@ def run_trl(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="tiny DeepSeek-V2 directory (default: build one)")
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=3, help="back-to-back align / TRL pairs")
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=24)
@@ -115,24 +122,35 @@ def main() -> None:
 
         args.model = str(Path(tempfile.mkdtemp()) / "tiny")
         build_tiny(args.model)
-    results = {}
-    for impl in ("align", "trl"):
-        cmd = [sys.executable, __file__, "--impl", impl, "--model", args.model, "--steps", str(args.steps),
-               "--prompts", str(args.prompts), "--group", str(args.group), "--new-tokens", str(args.new_tokens),
-               "--lr", str(args.lr), "--beta", str(args.beta), "--engine", args.engine]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
-        results[impl] = json.loads(line[-1][7:])
-    a, t = results["align"], results["trl"]
+    rounds: list[dict] = []
+    for r in range(args.rounds):
+        order = ("align", "trl") if r % 2 == 0 else ("trl", "align")
+        rounds.append({impl: _run(impl, args) for impl in order})
+        a, t = rounds[-1]["align"], rounds[-1]["trl"]
+        print(f"round {r + 1}: align {a['sec_per_step']:.3f} s/step, TRL {t['sec_per_step']:.3f} s/step, ratio "
+              f"{a['sec_per_step'] / t['sec_per_step']:.2f}x; peak RSS {a['peak_rss_mb']:.0f} / "
+              f"{t['peak_rss_mb']:.0f} MB", flush=True)
+    med = {impl: statistics.median(x[impl]["sec_per_step"] for x in rounds) for impl in ("align", "trl")}
+    rss = {impl: max(x[impl]["peak_rss_mb"] for x in rounds) for impl in ("align", "trl")}
+    ratio = statistics.median(x["align"]["sec_per_step"] / x["trl"]["sec_per_step"] for x in rounds)
     print(f"GRPO on a tiny DeepSeek-V2, {args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, "
-          f"TRL on HF generate, align on {args.engine}, CPU ({torch.get_num_threads()} threads)")
+          f"TRL on HF generate, align on {args.engine}, CPU ({torch.get_num_threads()} threads), {args.rounds} rounds "
+          f"x {args.steps - 1} timed steps")
     print(f"{'':8}{'s/step (median)':>18}{'peak RSS MB':>14}")
-    for name, r in results.items():
-        print(f"{name:8}{r['sec_per_step']:>18.3f}{r['peak_rss_mb']:>14.0f}")
-    print(f"ratio align/trl: time {a['sec_per_step'] / t['sec_per_step']:.2f}x, "
-          f"peak RSS {a['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
+    for impl in ("align", "trl"):
+        print(f"{impl:8}{med[impl]:>18.3f}{rss[impl]:>14.0f}")
+    print(f"ratio align/trl: time {ratio:.2f}x (median over rounds), peak RSS {rss['align'] / rss['trl']:.2f}x")
+
+
+def _run(impl: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--impl", impl, "--model", args.model, "--steps", str(args.steps),
+           "--prompts", str(args.prompts), "--group", str(args.group), "--new-tokens", str(args.new_tokens),
+           "--lr", str(args.lr), "--beta", str(args.beta), "--engine", args.engine]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode or not line:
+        sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[-1][7:])
 
 
 if __name__ == "__main__":
