@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .allocator import keep_freed_memory
 from .checkpoint import atomic_dir
 from .config import option, require
 from .data import DataError, as_messages, load_rows
@@ -88,6 +89,7 @@ def pair_accuracy(model, tokenizer, pairs, max_length: int, device, batch: int =
 def train_rm(cfg: RMConfig) -> dict:
     from transformers import AutoModelForSequenceClassification
 
+    keep_freed_memory()  # the process reuses freed activations instead of faulting them in again
     check_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     tokenizer.padding_side = "right"  # the score is read at the last real token

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .allocator import keep_freed_memory
 from .config import ConfigError, config_to_dict, option, require
 from .data import IGNORE, collate, collate_packed, load_chats, pack, tokenize_chats
 from .logprobs import forward_logprobs
@@ -133,6 +134,7 @@ def heldout_loss(model, rows: list[dict], cfg: SFTConfig, pad_id: int, device) -
 
 def train_sft(cfg: SFTConfig) -> dict:
     """Run SFT to the end (resuming from the newest checkpoint in output_dir); returns a summary."""
+    keep_freed_memory()  # the process reuses freed activations instead of faulting them in again
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 

@@ -35,10 +35,11 @@ def test_two_process_sft_equals_one_process(tiny_dir, tmp_path):
 
 
 
-@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean"])
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean", "constant"])
 def test_two_process_grpo_update_equals_one_process(tiny_dir, tmp_path, aggregation):
     """The same 8 rollouts as 1 process x 8 or 2 processes x 4 (gloo): the global loss denominators and the
-    gradient averaging make the SGD step identical (token_mean has unequal token counts per process)."""
+    gradient averaging make the SGD step identical (token_mean has unequal token counts per process; constant
+    divides by sampling.max_new_tokens, not by each process's own completion width)."""
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     results = {}
     for n in (1, 2):

@@ -43,7 +43,8 @@ class GRPOConfig:
     clip_eps_high: float = option(0.2, "ε_high: ratio clipped above 1 + ε_high (DAPO: 0.28).")
     tis_cap: float = option(2.0, "C of truncated importance sampling: each token's surrogate is weighted by "
                             "min(π_θold / π_sampler, C) against engine / trainer mismatch (0: off).")
-    aggregation: str = option("sequence_mean", "Loss aggregation: sequence_mean | token_mean | constant.")
+    aggregation: str = option("sequence_mean", "Loss aggregation: sequence_mean (DeepSeekMath) | token_mean (DAPO) "
+                              "| constant (Dr. GRPO: divided by completions x sampling.max_new_tokens).")
     scale_rewards: Literal["group", "none"] = option("group", "group: divide by the group's std; none: Dr. GRPO.")
     drop_zero_std_groups: bool = option(False, "Leave out groups whose rewards are all equal (DAPO's filter).")
     mask_truncated: bool = option(False, "Exclude completions cut by max_new_tokens from the loss.")

@@ -33,6 +33,7 @@ import torch
 from rewards.combine import RewardError, check_columns, score
 
 from .. import checkpoint as ckpt
+from ..allocator import keep_freed_memory
 from ..config import ConfigError, config_to_dict
 from ..data import load_prompts
 from ..evaluate import accuracy
@@ -100,7 +101,7 @@ def _micro_loss(model, batch: dict, micro: torch.Tensor, den: torch.Tensor, cfg:
     per_token, tok = grpo_token_loss(logprobs, old, ref, batch["advantages"][micro], mask, cfg.beta,
                                      cfg.clip_eps_low, cfg.clip_eps_high,
                                      weights=tis_weights(old, sampled, cfg.tis_cap))   # [n, C]
-    num, _ = aggregate(per_token, mask, cfg.aggregation, batch["n"])
+    num, _ = aggregate(per_token, mask, cfg.aggregation, cfg.sampling.max_new_tokens)
     balance = torch.zeros((), device=logprobs.device)
     if moe is not None and cfg.balance_alpha > 0:
         token_mask = out.router_mask if out.router_mask is not None else batch["attention_mask"][micro].reshape(-1)
@@ -129,7 +130,7 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
             rows = (chunk[:, None] * G + torch.arange(G)).reshape(-1)                  # [rows of whole groups]
             minibatch_loss = 0.0
             den = aggregate(torch.zeros_like(mask[rows], dtype=torch.float), mask[rows], cfg.aggregation,
-                            batch["n"])[1].float()
+                            cfg.sampling.max_new_tokens)[1].float()
             # the loss is normalised by the global count (all processes); data-parallel gradients are averaged
             # over processes, hence x world: the update equals one process taking the whole global batch
             den = accelerator.reduce(den, reduction="sum").clamp_min(1) / accelerator.num_processes
@@ -178,6 +179,7 @@ def _mean_over_processes(metrics: dict[str, float], world: int) -> dict[str, flo
 
 def train_grpo(cfg: GRPOConfig) -> dict:
     """Run GRPO to `cfg.steps` (resuming from the newest checkpoint in output_dir); returns a summary."""
+    keep_freed_memory()  # the process reuses freed activations instead of faulting them in again
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 

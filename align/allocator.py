@@ -1,0 +1,37 @@
+"""Host memory allocator settings for a training process (glibc).
+
+CPU tensors come from malloc. glibc serves requests above a threshold (128 KiB, rising as mapped blocks are freed)
+with fresh mmaps and hands freed memory at the top of the heap back to the OS, so every training step that frees
+and re-allocates its activations faults them in again, and the kernel zeroes each new page: ~200,000 page faults
+in 8 GRPO steps of the tiny model. `keep_freed_memory` fixes the mmap threshold at glibc's 32 MiB ceiling and
+stops the trimming, so freed memory is reused in place (the fault count drops by a third, the step time by ~10%
+here; peak RSS unchanged). It is the remedy PyTorch's CPU performance guide gets from preloading jemalloc or
+tcmalloc, without preloading anything. Larger blocks (weights, optimizer states, offloaded models) still get their
+own mappings and go back to the OS when freed.
+
+A no-op off glibc, when MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set (the user's choice wins), and with
+ALIGN_MALLOC_TUNING=0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters
+MMAP_THRESHOLD = 32 << 20                      # glibc's largest allowed value on 64-bit (HEAP_MAX_SIZE / 2)
+TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc malloc for a training loop's free / re-allocate pattern; True if applied."""
+    if (sys.platform != "linux" or os.environ.get("ALIGN_MALLOC_TUNING", "1") == "0"
+            or "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

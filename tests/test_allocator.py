@@ -1,0 +1,20 @@
+"""glibc malloc tuning for training processes (align/allocator.py)."""
+
+import sys
+
+import pytest
+
+from align.allocator import keep_freed_memory
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc only")
+def test_applied_on_glibc_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("ALIGN_MALLOC_TUNING", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert keep_freed_memory() is True                         # mallopt accepted both values
+    monkeypatch.setenv("ALIGN_MALLOC_TUNING", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("ALIGN_MALLOC_TUNING")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")     # the user's own setting wins
+    assert keep_freed_memory() is False
