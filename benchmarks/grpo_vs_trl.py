@@ -13,7 +13,8 @@ On a shared machine the speed drifts by tens of percent over minutes, so the two
 pairs, alternating which goes first, and each round gives its own time ratio. Prints every round, the median
 seconds per step of each, the median of the rounds' ratios, and peak RSS (the largest over the rounds).
 `--engine vllm` gives align the vLLM engine instead (not like for like: TRL keeps HF generate; it shows what the
-engine is worth).
+engine is worth). align's trainers tune glibc malloc for themselves (`align/allocator.py`); `--trl-malloc` runs TRL
+with the same setting (through MALLOC_* environment variables) to show how much of the gap that accounts for.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                    help="align's rollout engine (hf: the like-for-like comparison; TRL always uses HF generate)")
+    p.add_argument("--trl-malloc", action="store_true",
+                   help="run TRL with align's malloc setting too (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_)")
     p.add_argument("--impl", choices=["align", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -135,7 +138,7 @@ def main() -> None:
     ratio = statistics.median(x["align"]["sec_per_step"] / x["trl"]["sec_per_step"] for x in rounds)
     print(f"GRPO on a tiny DeepSeek-V2, {args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, "
           f"TRL on HF generate, align on {args.engine}, CPU ({torch.get_num_threads()} threads), {args.rounds} rounds "
-          f"x {args.steps - 1} timed steps")
+          f"x {args.steps - 1} timed steps{', TRL with align malloc setting' if args.trl_malloc else ''}")
     print(f"{'':8}{'s/step (median)':>18}{'peak RSS MB':>14}")
     for impl in ("align", "trl"):
         print(f"{impl:8}{med[impl]:>18.3f}{rss[impl]:>14.0f}")
@@ -146,7 +149,12 @@ def _run(impl: str, args) -> dict:
     cmd = [sys.executable, __file__, "--impl", impl, "--model", args.model, "--steps", str(args.steps),
            "--prompts", str(args.prompts), "--group", str(args.group), "--new-tokens", str(args.new_tokens),
            "--lr", str(args.lr), "--beta", str(args.beta), "--engine", args.engine]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if impl == "trl" and args.trl_malloc:
+        from align.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+        env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if out.returncode or not line:
         sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
