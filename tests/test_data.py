@@ -54,6 +54,19 @@ def test_formats_load_the_same_rows(tmp_path, suffix):
     assert load_chats(path) == [r["messages"] for r in rows]
 
 
+def test_jsonl_rows_read_directly_equal_what_datasets_gives(tmp_path):
+    """JSONL is read without `datasets` (no Arrow import in a GRPO run); rows with differing keys come out as
+    `datasets` gives them: every key on every row, None where a row lacks it."""
+    import datasets
+
+    rows = [{"prompt": "q1", "answer": "1", "id": "a"}, {"prompt": "q2", "id": "b"}, {"prompt": "q3", "extra": 2}]
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, rows)
+    expected = list(datasets.load_dataset("json", data_files=str(path), split="train"))
+    assert load_rows(path) == expected
+    assert load_rows(path)[1] == {"prompt": "q2", "answer": None, "id": "b", "extra": None}
+
+
 BAD_ROWS = [
     ({"text": "hi"}, "row 3: missing field 'messages'"),
     ({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]},
