@@ -56,7 +56,7 @@ class Sampler:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(scores.float(), dim=-1)                                # [b, V]
-        token = logp.argmax(-1, keepdim=True) if self.greedy else sample_from(logp.exp())  # [b, 1]
+        token = scores.argmax(-1, keepdim=True) if self.greedy else sample_from(logp.exp())  # [b, 1] as generate picks
         self.steps.append(logp.gather(-1, token).squeeze(-1))                           # [b]
         if self.greedy:
             return scores
