@@ -124,7 +124,7 @@ def test_stale_expert_prepack_would_be_caught(tiny_dir, tokenizer, monkeypatch):
     from align.policy import ModelConfig, load_policy
 
     def reload_without_refresh(worker, weights, path):
-        worker.model_runner.reload_weights(weights_iterator=iter(weights.items()))
+        worker.model_runner.reload_weights(weights_iterator=iter(weights))
         return 0
 
     model = load_policy(ModelConfig(path=str(tiny_dir)))

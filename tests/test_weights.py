@@ -36,3 +36,28 @@ def test_checkpoint_state_dict_has_the_checkpoint_names_and_shapes(tiny_dir):
         on_disk = {k: f.get_slice(k).get_shape() for k in f.keys()}
     assert {k: list(v.shape) for k, v in out.items()} == {k: list(s) for k, s in on_disk.items()}
     assert any(".mlp.experts.0.gate_proj.weight" in k for k in out)                 # per-expert, as vLLM loads
+
+
+def test_the_sync_stream_is_lazy_and_equals_the_whole_dicts(tiny_dir, monkeypatch):
+    """The vLLM sync streams weights: a tensor is gathered (`_full`: an FSDP2 all-gather) only when the consumer takes
+    it, so one full tensor exists at a time; the stream holds exactly the whole-dict result."""
+    import align.rollout.weights as w
+
+    torch.manual_seed(0)
+    model = load_policy(ModelConfig(path=str(tiny_dir), lora=LoRAConfig(enabled=True, experts=True)))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    whole = checkpoint_state_dict(model, merged_state_dict(model))
+    gathered = []
+    full = w._full
+    monkeypatch.setattr(w, "_full", lambda t: gathered.append(1) or full(t))
+    stream = w.iter_checkpoint_weights(model, w.iter_merged_weights(model))
+    assert gathered == []                                                           # nothing before it is read
+    next(stream)
+    assert 1 <= len(gathered) <= 2                                                  # a weight (+ its LoRA delta)
+    rest = dict(stream)
+    assert len(rest) == len(whole) - 1
+    for k, v in rest.items():
+        assert torch.equal(v, whole[k]), k

@@ -5,12 +5,13 @@ and passed as token ids, `SamplingParams(n=G)`, one sampled-token log-prob per s
 temperature (and, with top_p < 1, after nucleus truncation: the distribution tokens were really drawn from), which
 is what truncated importance sampling needs (`grpo.core.tis_weights`).
 
-Weight sync (`sync_weights`, after every optimizer step), in memory and in one call:
-  1. `weights.merged_state_dict`: the policy's weights with LoRA merged on the fly (the policy is not modified);
-  2. `weights.checkpoint_state_dict`: transformers' fused 3-D experts back to per-expert checkpoint names;
-  3. one `collective_rpc` into vLLM's worker (in-process: tensors pass by reference, no copy, no file) that runs
-     `reload_weights`, i.e. `load_weights` plus the model's post-load processing, which re-derives MLA's absorbed
-     matrices (W_UK / W_UV from kv_b_proj) — a bare `load_weights` would leave them stale;
+Weight sync (`sync_weights`, after every optimizer step), in memory and in one call, streamed one tensor at a time:
+  1. `weights.iter_merged_weights`: the policy's weights with LoRA merged on the fly (the policy is not modified),
+     each gathered from its FSDP2 shards only when vLLM's loader takes it;
+  2. `weights.iter_checkpoint_weights`: transformers' fused 3-D experts back to per-expert checkpoint names;
+  3. one `collective_rpc` into vLLM's worker (in-process: the stream passes by reference, no copy, no file) that
+     runs `reload_weights`, i.e. `load_weights` plus the model's post-load processing, which re-derives MLA's
+     absorbed matrices (W_UK / W_UV from kv_b_proj) — a bare `load_weights` would leave them stale;
   4. on CPU, refreshes the fused-MoE kernel's prepacked expert copy, which `reload_weights` skips on a weight update
      (without it routed experts keep their old weights: a log-prob gap of 0.1-4 nats, caught by the parity test);
   5. drops vLLM's prefix cache (its KV was computed with the old weights).
@@ -35,7 +36,7 @@ import torch
 
 from .hf import prompt_texts
 from .protocol import RolloutConfig, Rollouts, SamplingConfig
-from .weights import checkpoint_state_dict, merged_state_dict
+from .weights import iter_checkpoint_weights, iter_merged_weights
 
 CPU_KV_CACHE_GB = 0.5
 
@@ -50,12 +51,12 @@ def vllm_missing() -> str | None:
     return None
 
 
-def _reload_weights(worker, weights: dict[str, torch.Tensor] | None, path: str | None = None) -> int:
-    """Runs inside vLLM's worker: load `weights` (or the checkpoint at `path`), rerun post-load processing,
-    refresh CPU expert prepacks."""
+def _reload_weights(worker, weights, path: str | None = None) -> int:
+    """Runs inside vLLM's worker: load `weights` (an iterable of (name, tensor); or the checkpoint at `path`), rerun
+    post-load processing, refresh CPU expert prepacks."""
     runner = worker.model_runner
     if weights is not None:
-        runner.reload_weights(weights_iterator=iter(weights.items()))
+        runner.reload_weights(weights_iterator=iter(weights))
     else:
         runner.reload_weights(weights_path=path)
     refreshed = 0
@@ -155,7 +156,7 @@ class VLLMEngine:
     def sync_weights(self, model) -> None:
         t = time.perf_counter()
         self.wake()
-        weights = checkpoint_state_dict(model, merged_state_dict(model))
+        weights = iter_checkpoint_weights(model, iter_merged_weights(model))       # lazy: one tensor at a time
         self.llm.collective_rpc(_reload_weights, args=(weights, None))
         self.llm.reset_prefix_cache()
         self.last_sync_s = time.perf_counter() - t
