@@ -9,13 +9,19 @@ from align.policy import LoRAConfig, ModelConfig, load_policy
 from align.rollout.weights import checkpoint_state_dict, merged_state_dict
 
 
-def test_merged_state_dict_equals_merge_and_unload_and_leaves_the_policy_alone(tiny_dir):
+def _adapted_policy(tiny_dir):
+    """A LoRA policy (attention, MLP and routed experts) whose adapters change the weights."""
     torch.manual_seed(0)
     model = load_policy(ModelConfig(path=str(tiny_dir), lora=LoRAConfig(enabled=True, experts=True)))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
+    return model
+
+
+def test_merged_state_dict_equals_merge_and_unload_and_leaves_the_policy_alone(tiny_dir):
+    model = _adapted_policy(tiny_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     merged = merged_state_dict(model)
     reference = copy.deepcopy(model).merge_and_unload().state_dict()
@@ -43,12 +49,7 @@ def test_the_sync_stream_is_lazy_and_equals_the_whole_dicts(tiny_dir, monkeypatc
     it, so one full tensor exists at a time; the stream holds exactly the whole-dict result."""
     import align.rollout.weights as w
 
-    torch.manual_seed(0)
-    model = load_policy(ModelConfig(path=str(tiny_dir), lora=LoRAConfig(enabled=True, experts=True)))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
+    model = _adapted_policy(tiny_dir)
     whole = checkpoint_state_dict(model, merged_state_dict(model))
     gathered = []
     full = w._full
