@@ -1,8 +1,9 @@
 """MLA attention of transformers' DeepSeek-V2, made cheaper where align knows more than transformers does.
 
 1. `absorbed_mla`: decode steps of `generate` in the absorbed form, as DeepSeek-V2 §2.1.2 serves.
-2. `shared_prefix_kv`: a forward over G completions of one prompt on that prompt's repeated cache up-projects the
-   prompt's latent once per group, not once per row.
+2. `shared_prefix_kv`: in a training forward over G completions of one prompt, the completions attend to the keys
+   and values the prompt's own pass computed (its latent up-projected once per group, not once per row), on a cache
+   that only reports the prompt's length.
 
 Absorbed decode.
 
