@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     from align.presets import parameter_counts
     from align.rollout.hf import HFEngine
     from align.rollout.protocol import SamplingConfig
-    from align.rollout.weights import checkpoint_state_dict, merged_state_dict
+    from align.rollout.weights import iter_checkpoint_weights, iter_merged_weights
     from align.tiny import corpus_texts
     from align.tokenizer import train_tokenizer
 
@@ -180,8 +180,9 @@ def main(argv=None) -> dict:
         has_vllm = vllm_missing() is None
     except Exception:
         has_vllm = False
-    sync_what = "merge LoRA + rename (vLLM absent)"
-    _, res["grpo_weight_sync_s"] = timed(lambda: checkpoint_state_dict(policy, merged_state_dict(policy)), sync)
+    sync_what = "merge LoRA + rename, streamed as the vLLM sync does (vLLM absent)"
+    _, res["grpo_weight_sync_s"] = timed(
+        lambda: sum(t.numel() for _, t in iter_checkpoint_weights(policy, iter_merged_weights(policy))), sync)
     if has_vllm:
         sync_what = "not measured with vLLM here: needs a model directory"  # the engine loads from a path
     res["grpo_step_s"] = sum(res[k] for k in ("grpo_generate_s", "grpo_ref_s", "grpo_policy_fwd_bwd_s",
