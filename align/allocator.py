@@ -10,7 +10,8 @@ tcmalloc, without preloading anything. Larger blocks (weights, optimizer states,
 own mappings and go back to the OS when freed.
 
 A no-op off glibc, when MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set (the user's choice wins), and with
-ALIGN_MALLOC_TUNING=0.
+ALIGN_MALLOC_TUNING=0. Without trimming, a multi-stage `align run` would carry each stage's freed peak into the
+next; `release_freed_memory` hands it back between stages.
 """
 
 from __future__ import annotations
@@ -35,3 +36,19 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free memory back to the OS (between the stages of a multi-stage run, whose next stage would
+    otherwise start on top of the last one's retained peak); True if glibc did."""
+    import gc
+
+    gc.collect()
+    if sys.platform != "linux":
+        return False
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))

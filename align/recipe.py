@@ -173,6 +173,7 @@ def _evaluate_stage(stage: Stage, run_dir: Path, eval_cfg, evaluate) -> None:
 
 def run_recipe(recipe: str, overrides: list[str] | None = None) -> dict:
     """Run every stage not finished yet, evaluate after each policy stage, write the report."""
+    from .allocator import release_freed_memory
     from .evaluate import evaluate
     from .report import write_report
 
@@ -189,6 +190,7 @@ def run_recipe(recipe: str, overrides: list[str] | None = None) -> dict:
         else:
             print(f"run: stage '{stage.name}' ({stage.kind})", flush=True)
             runner(stage.config)
+            release_freed_memory()  # the next stage starts from what is live, not from this stage's peak
         done.append(stage)
         if eval_cfg is not None:  # evaluate new policies, and earlier ones once a reward model they lack exists
             for policy in (s for s in done if s.kind in ("tiny", "sft", "grpo")):

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from align.allocator import keep_freed_memory
+from align.allocator import keep_freed_memory, release_freed_memory
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc only")
@@ -18,3 +18,15 @@ def test_applied_on_glibc_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("ALIGN_MALLOC_TUNING")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")     # the user's own setting wins
     assert keep_freed_memory() is False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc only")
+def test_freed_memory_goes_back_between_stages(monkeypatch):
+    import torch
+
+    for var in ("ALIGN_MALLOC_TUNING", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(var, raising=False)
+    assert keep_freed_memory()                                   # freed heap is kept ...
+    blocks = [torch.ones(1 << 18) for _ in range(64)]            # 64 x 1 MiB below the mmap threshold: heap
+    del blocks
+    assert release_freed_memory() is True                        # glibc returned memory to the OS
