@@ -90,6 +90,11 @@ def _logprobs_no_grad(model, batch: dict, cfg: GRPOConfig) -> torch.Tensor:
     return torch.cat(parts)                                                        # [N, C]
 
 
+def _router_mask(out, batch: dict, micro: torch.Tensor) -> torch.Tensor:
+    """[tokens] 1 on the real tokens of `out.router_logits`' rows (the shared-prompt forward lays them out itself)."""
+    return out.router_mask if out.router_mask is not None else batch["attention_mask"][micro].reshape(-1)
+
+
 def _micro_loss(model, batch: dict, micro: torch.Tensor, den: torch.Tensor, cfg: GRPOConfig, moe):
     """One micro-batch's share of the minibatch loss (numerator / the minibatch's global denominator)."""
     mask = batch["loss_mask"][micro]                                               # [n, C]
@@ -104,9 +109,8 @@ def _micro_loss(model, batch: dict, micro: torch.Tensor, den: torch.Tensor, cfg:
     num, _ = aggregate(per_token, mask, cfg.aggregation, cfg.sampling.max_new_tokens)
     balance = torch.zeros((), device=logprobs.device)
     if moe is not None and cfg.balance_alpha > 0:
-        token_mask = out.router_mask if out.router_mask is not None else batch["attention_mask"][micro].reshape(-1)
-        balance = expert_balance_loss(out.router_logits, moe["top_k"], cfg.balance_alpha, token_mask,
-                                      **moe["routing"])
+        balance = expert_balance_loss(out.router_logits, moe["top_k"], cfg.balance_alpha,
+                                      _router_mask(out, batch, micro), **moe["routing"])
     return num / den, balance, out, logprobs, old, sampled, tok
 
 
@@ -152,9 +156,7 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
                             stats[k].append(v)
                 minibatch_loss += loss.item()
                 stats["loss/balance"].append(balance.item())
-                router_logits = out.router_logits
-                token_mask = out.router_mask if out.router_mask is not None else \
-                    batch["attention_mask"][micro].reshape(-1)
+                router_logits, token_mask = out.router_logits, _router_mask(out, batch, micro)
             stats["loss/policy"].append(minibatch_loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
             # None under DeepSpeed, which clips inside its own step

@@ -21,6 +21,8 @@ import re
 
 import torch
 
+from ..policy import causal_lm
+
 _BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
 
 
@@ -82,8 +84,7 @@ def iter_checkpoint_weights(model, weights):
     """The (name, tensor) stream `weights` renamed / split into the checkpoint layout, one entry at a time."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    inner = unwrap(model)
-    base = inner.get_base_model() if hasattr(inner, "peft_config") else inner
+    base = causal_lm(model)
     for name, t in weights:
         yield from revert_weight_conversion(base, {name: t}).items()
 
