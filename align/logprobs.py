@@ -111,12 +111,17 @@ class ForwardOut:
 
 
 def _shared_prompt(input_ids, attention_mask, n_targets: int, group_size: int, model) -> bool:
-    """Whether rows come as groups of `group_size` with one prompt each (and the model can run them that way)."""
+    """Whether rows come as groups of `group_size` with one prompt each (and the model can run them that way:
+    for MLA, where `fastpaths` finds the installed transformers as `mla.shared_prefix_kv` was written for)."""
+    from . import fastpaths
+
     n, width = input_ids.shape
     if group_size < 2 or n % group_size or width <= n_targets or attention_mask is None:
         return False
     if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         return False  # transformers drops the cache under activation checkpointing in training
+    if getattr(model.config, "model_type", None) == "deepseek_v2" and not fastpaths.active("shared_prefix"):
+        return False
     prompts = input_ids[:, : width - n_targets].reshape(n // group_size, group_size, -1)
     masks = attention_mask[:, : width - n_targets].reshape(n // group_size, group_size, -1)
     return bool((prompts == prompts[:, :1]).all() and (masks == masks[:, :1]).all())
@@ -124,6 +129,7 @@ def _shared_prompt(input_ids, attention_mask, n_targets: int, group_size: int, m
 
 def _forward_shared_prompt(model, lm, input_ids, attention_mask, n_targets: int, group_size: int, kwargs):
     """Final hidden states [N, n, H] for the last n tokens, each group's prompt run once; and router logits."""
+    from .fastpaths import CACHE_KW, output_cache
     from .mla import shared_prefix_kv
 
     P = input_ids.shape[1] - n_targets
@@ -134,10 +140,10 @@ def _forward_shared_prompt(model, lm, input_ids, attention_mask, n_targets: int,
         if completion_cache is not None:  # MLA: the prompt's keys / values are held by shared_prefix_kv
             cache = completion_cache(P)
         else:
-            cache = out.past_key_values
+            cache = output_cache(out)
             cache.batch_repeat_interleave(group_size)                 # [B*G, ...] per layer, differentiable
-        out_c = model(input_ids=input_ids[:, P:], attention_mask=attention_mask, past_key_values=cache,
-                      use_cache=True, logits_to_keep=n_targets, **kwargs)
+        out_c = model(input_ids=input_ids[:, P:], attention_mask=attention_mask, use_cache=True,
+                      logits_to_keep=n_targets, **{CACHE_KW: cache}, **kwargs)
         hidden = torch.cat([last.repeat_interleave(group_size, 0), capture.hidden[:, :-1]], 1)  # [N, n, H]
     routers = tuple(torch.cat([a, b]) for a, b in zip(getattr(out, "router_logits", None) or (),
                                                       getattr(out_c, "router_logits", None) or ()))

@@ -33,6 +33,8 @@ import types
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from . import fastpaths
+from .fastpaths import CACHE_KW
 from .rollout.weights import lora_delta
 
 
@@ -45,12 +47,17 @@ def _effective_weight(linear) -> torch.Tensor:
     return base.weight if delta is None else base.weight + delta.to(base.weight.dtype)
 
 
-def _absorbed_forward(self, hidden_states, attention_mask=None, past_key_values=None, position_embeddings=None,
-                      **kwargs):
+def _absorbed_forward(self, *args, **kwargs):
+    """DeepseekV2Attention.forward with decode steps in the absorbed form. Arguments are bound by name against the
+    installed forward's signature (checked by `fastpaths`); anything but a one-token step with a cache goes to the
+    original forward exactly as it was called."""
+    bound = self._align_signature.bind(*args, **kwargs).arguments
+    hidden_states, cache = bound["hidden_states"], bound.get(CACHE_KW)
     B, S = hidden_states.shape[:-1]
-    if S != 1 or past_key_values is None:
-        return self._align_original_forward(hidden_states, attention_mask, past_key_values, position_embeddings,
-                                            **kwargs)
+    if S != 1 or cache is None:
+        return self._align_original_forward(*args, **kwargs)
+    self._align_calls[0] += 1
+    attention_mask, position_embeddings = bound.get("attention_mask"), bound["position_embeddings"]
     rope = sys.modules[type(self).__module__].apply_rotary_emb
     H, d_nope, d_v, d_c = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
     if self.q_lora_rank is None:
@@ -64,7 +71,7 @@ def _absorbed_forward(self, hidden_states, attention_mask=None, past_key_values=
     c_kv = self.kv_a_layernorm(kv_nope).view(B, 1, S, d_c)                          # [B, 1, 1, d_c]
     k_pe = k_pe.view(B, 1, S, self.qk_rope_head_dim)
     q_pe, k_pe = rope(q_pe, k_pe, position_embeddings.to(q_pe.device))
-    c_kv, k_pe = past_key_values.update(c_kv, k_pe, self.layer_idx)                # [B, 1, T, d_c], [B, 1, T, d_r]
+    c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)                           # [B, 1, T, d_c], [B, 1, T, d_r]
     w = _effective_weight(self.kv_b_proj).view(H, d_nope + d_v, d_c)
     w_uk, w_uv = w[:, :d_nope], w[:, d_nope:]                                      # [H, d_nope, d_c], [H, d_v, d_c]
     c = c_kv.squeeze(1)                                                            # [B, T, d_c]
@@ -82,23 +89,41 @@ def _absorbed_forward(self, hidden_states, attention_mask=None, past_key_values=
     return out, None
 
 
+def _attention_modules(model) -> list:
+    return [m for m in model.modules() if type(m).__name__ == "DeepseekV2Attention"]
+
+
 @contextlib.contextmanager
-def absorbed_mla(model, enabled: bool = True):
-    """Inside the block, decode steps of `model`'s DeepSeek-V2 attention use the absorbed form."""
-    modules = [m for m in model.modules() if type(m).__name__ == "DeepseekV2Attention"] if enabled else []
+def install_absorbed(model):
+    """Patch `model`'s DeepSeek-V2 attention modules for the block (no version check: `absorbed_mla` does that).
+    Yields a function giving the number of decode steps the absorbed form has taken."""
+    modules = _attention_modules(model)
     own = [("forward" in m.__dict__) for m in modules]
+    calls = [0]
+    signature = fastpaths.attention_signature() if modules else None
     for m in modules:
-        m._align_original_forward = m.forward
+        m._align_original_forward, m._align_signature, m._align_calls = m.forward, signature, calls
         m.forward = types.MethodType(_absorbed_forward, m)
     try:
-        yield
+        yield lambda: calls[0]
     finally:
         for m, had_own in zip(modules, own):
             if had_own:
                 m.forward = m._align_original_forward
             else:
                 del m.forward
-            del m._align_original_forward
+            del m._align_original_forward, m._align_signature, m._align_calls
+
+
+@contextlib.contextmanager
+def absorbed_mla(model, enabled: bool = True):
+    """Inside the block, decode steps of `model`'s DeepSeek-V2 attention use the absorbed form, where the installed
+    transformers passes `fastpaths`' check (else transformers' own attention, with one warning)."""
+    if not (enabled and _attention_modules(model) and fastpaths.active("absorbed_mla")):
+        yield
+        return
+    with install_absorbed(model):
+        yield
 
 
 def _shared_prefix_expand(self, kv_nope, k_rot):
@@ -137,16 +162,16 @@ class _PromptCache(DynamicCache):
 @contextlib.contextmanager
 def shared_prefix_kv(model, group_size: int):
     """A forward over B prompts, then one over their B·G completions (`logprobs._forward_shared_prompt`), that
-    up-projects (kv_b_proj) each prompt's latent once, not once per row.
+    up-projects (kv_b_proj) each prompt's latent once, not once per row. No version check here: the caller asks
+    `fastpaths.active("shared_prefix")` first.
 
-    Yields a function `completion_cache(P)`: the `past_key_values` for the completion forward. It makes the model
+    Yields a function `completion_cache(P)`: the cache for the completion forward. It makes the model
     number positions and mask from P on; the attention layers take the keys and values the prompt forward computed
     (gradients flow back to it), repeated G times, ahead of the completion's own. Yields None for a model without
     MLA attention (the caller then repeats a real cache). transformers would instead up-project every row's copy of
     the prompt's latent: B·G·P rows through kv_b_proj instead of B·P. Keys and values are the same tensors either
     way (tested)."""
-    modules = [m for m in model.modules() if type(m).__name__ == "DeepseekV2Attention"
-               and hasattr(m, "expand_kv")]
+    modules = [m for m in _attention_modules(model) if hasattr(m, "expand_kv")]
     for m in modules:
         m._align_original_expand, m._align_prefix, m._align_group = m.expand_kv, None, group_size
         m.expand_kv = types.MethodType(_shared_prefix_expand, m)

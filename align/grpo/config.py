@@ -58,6 +58,16 @@ class GRPOConfig:
     tensorboard: bool = option(True, help="Also write TensorBoard event files (when tensorboard is installed).")
     seed: int = option(0, "Seed for prompt order and sampling.")
 
+    def _check_attention_backend(self) -> None:
+        """The vLLM MLA backend for the device and dtype this run will have (refused before any work)."""
+        import torch
+
+        from ..policy import resolve_dtype
+        from ..rollout.vllm import choose_attention_backend
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        choose_attention_backend(self.rollout.attention_backend, device.type, resolve_dtype(self.model.dtype, device))
+
     def validate(self) -> None:
         self.model.validate()
         self.sampling.validate()
@@ -67,6 +77,7 @@ class GRPOConfig:
 
             missing = vllm_missing()
             require(missing is None, "rollout.engine", f"an engine installed here; {missing}", "vllm")
+            self._check_attention_backend()
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)
         require(bool(self.rewards), "rewards", "at least one reward", self.rewards)
         require(self.group_size >= 2, "group_size", ">= 2 (GRPO compares G samples of one prompt; G = 1 has no "

@@ -21,6 +21,8 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from .. import fastpaths
+from ..fastpaths import CACHE_KW
 from ..mla import absorbed_mla
 from .protocol import Rollouts, SamplingConfig
 
@@ -121,6 +123,21 @@ def prompt_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
     return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
 
 
+def prefilled_cache(model, ids: torch.Tensor, mask: torch.Tensor, n: int, room: int) -> ReservedCache | None:
+    """The KV cache of each distinct prompt of `ids` [b*n, P] (rows in groups of n) but its last token, computed
+    once and repeated for its n samples (generate then starts from the last prompt token); None where that does not
+    apply. No version check here: the engine asks `fastpaths.active("prefill_cache")` first."""
+    p_ids, p_mask = ids[::n, :-1], mask[::n, :-1]                                       # [b, P-1]
+    if n < 2 or ids.shape[0] % n or ids.shape[1] < 2 or (p_mask.sum(1) == 0).any():
+        return None
+    positions = (p_mask.long().cumsum(-1) - 1).masked_fill(p_mask == 0, 1)              # as generate numbers them
+    cache = ReservedCache(room)
+    model(input_ids=p_ids, attention_mask=p_mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+          **{CACHE_KW: cache})
+    cache.batch_repeat_interleave(n)                                                     # [b*n, ...] per layer
+    return cache
+
+
 class HFEngine:
     def __init__(self, model, tokenizer, synced: bool = False):
         """`synced`: several processes hold shards of the weights (FSDP2 / ZeRO-3): each keeps stepping until all
@@ -137,19 +154,6 @@ class HFEngine:
         enc = self.tokenizer(prompt_texts(self.tokenizer, prompts), padding=True, add_special_tokens=False,
                              return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
-
-    def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int, room: int):
-        """The KV cache of each distinct prompt but its last token, computed once and repeated for its n samples
-        (generate then starts from the last prompt token); None where that does not apply."""
-        p_ids, p_mask = ids[::n, :-1], mask[::n, :-1]                                   # [b, P-1]
-        if n < 2 or ids.shape[0] % n or ids.shape[1] < 2 or (p_mask.sum(1) == 0).any():
-            return None
-        positions = (p_mask.long().cumsum(-1) - 1).masked_fill(p_mask == 0, 1)          # as generate numbers them
-        cache = ReservedCache(room)
-        self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(n)                                                 # [b*n, ...] per layer
-        return cache
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], n: int, sampling: SamplingConfig) -> Rollouts:
@@ -175,14 +179,17 @@ class HFEngine:
             room = sampling.max_new_tokens + 1
             # decode steps read MLA's latent cache directly (see mla.py); inference mode: no autograd bookkeeping
             with absorbed_mla(model), torch.inference_mode():
-                cache = self._shared_prefill(ids, mask, n, room) if s % n == 0 else None
+                cache = None
+                if fastpaths.active("prefill_cache"):  # else generate's own cache, no shared prefill
+                    cache = prefilled_cache(model, ids, mask, n, room) if s % n == 0 else None
+                    cache = ReservedCache(room) if cache is None else cache
                 gen = model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
                     do_sample=False, temperature=None, top_p=None, top_k=None,
                     eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
                     stop_strings=sampling.stop or None, tokenizer=tok if sampling.stop else None,
                     logits_processor=LogitsProcessorList([*warpers, sampler]), synced_gpus=self.synced,
-                    past_key_values=cache if cache is not None else ReservedCache(room))
+                    **({CACHE_KW: cache} if cache is not None else {}))
             new = gen[:, ids.shape[1]:]                                                  # [b, c]
             logps.append(sampler.result(new).cpu())                                     # [b, c]
             outs.append(new.cpu())

@@ -53,6 +53,10 @@ class RolloutConfig:
                          "before the next sync. A no-op on CPU.")
     offload_policy: bool = option(False, "vllm on GPU: move the policy and its optimizer state to CPU while vLLM "
                                   "generates (the paper's offload schedule). A no-op on CPU.")
+    attention_backend: str = option(
+        "auto", "vllm: MLA attention backend. CPU: auto = CPU_MLA for every dtype (the same kernel, and the same "
+        "numbers, on CPUs with and without AMX); AMX_MLA needs an AMX CPU and bf16 / fp16 weights. GPU: auto = "
+        "vLLM's choice, or a vLLM backend name (e.g. FLASHMLA, TRITON_MLA).")
 
     def validate(self) -> None:
         require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]",

