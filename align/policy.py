@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -128,10 +129,15 @@ def lora_target_regex(lora: LoRAConfig) -> str:
 
 @contextlib.contextmanager
 def _exact_targets():
-    """Create / load peft adapters with our target regex taken literally (see the module docstring)."""
+    """Create / load peft adapters with our target regex taken literally (see the module docstring). Where the
+    installed peft has no such conversion there is nothing to switch off; either way `check_lora_targets` verifies
+    the outcome."""
     try:
         import peft.utils.transformers_weight_conversion as conv
     except ImportError:  # older peft: no such conversion
+        yield
+        return
+    if not hasattr(conv, "convert_peft_config_for_transformers"):
         yield
         return
     saved = conv.convert_peft_config_for_transformers
@@ -154,8 +160,35 @@ def apply_lora(model, lora: LoRAConfig):
     peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=lora_target_regex(lora), target_parameters=target_parameters,
                           bias="none", task_type="CAUSAL_LM")
+    expected = {name for name, _ in model.named_modules() if re.fullmatch(peft_cfg.target_modules, name)}
     with _exact_targets():
-        return get_peft_model(model, peft_cfg)
+        model = get_peft_model(model, peft_cfg)
+    check_lora_targets(model, expected, experts=lora.experts)
+    return model
+
+
+def lora_adapted(model) -> set[str]:
+    """Names (in the base model) of the modules peft put LoRA on."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name for name, m in causal_lm(model).named_modules() if isinstance(m, LoraLayer)}
+
+
+def check_lora_targets(model, expected: set[str], experts: bool) -> None:
+    """Refuse an adapter whose modules are not the ones asked for: a peft release that remaps targets again (as
+    0.21's v4-compatibility conversion does for gate / up / down_proj) would otherwise leave the dense MLP and the
+    shared experts silently without LoRA."""
+    import peft
+
+    adapted = lora_adapted(model)
+    missing = sorted(expected - adapted)
+    fused = re.compile(r".*\.mlp\.experts(\.base_layer)*")  # target_parameters: one nested wrapper per tensor
+    extra = sorted(n for n in adapted - expected if not (experts and fused.fullmatch(n)))
+    if missing or extra:
+        raise ConfigError(f"peft {peft.__version__} adapted other modules than model.lora asks for (missing: "
+                          f"{missing[:4]}{' ...' if len(missing) > 4 else ''}; unexpected: {extra[:4]}): this peft "
+                          f"remaps LoRA targets in a way align does not know; install a peft in align's tested "
+                          f"range (`align doctor` shows it)")
 
 
 def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu", trainable: bool = True,
@@ -189,6 +222,11 @@ def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu", trainable:
 
             with _exact_targets():
                 model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+            regex = model.peft_config["default"].target_modules
+            if isinstance(regex, str):  # align's adapters: one regex
+                expected = {n for n, _ in causal_lm(model).named_modules()
+                            if re.fullmatch(regex, n) and not n.endswith(".base_layer")}
+                check_lora_targets(model, expected, experts=bool(model.peft_config["default"].target_parameters))
         else:
             model = apply_lora(model, cfg.lora)
     if not trainable:

@@ -83,3 +83,16 @@ def test_tokenizer_without_chat_template_refused(tiny_dir, tmp_path):
     (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(ConfigError, match="no chat template"):
         load_tokenizer(tmp_path)
+
+
+def test_a_peft_that_remaps_targets_is_refused(tiny_dir, monkeypatch):
+    """If a peft release maps gate/up/down_proj onto the fused experts again (in a way `_exact_targets` does not
+    switch off), the dense MLP and shared experts would silently get no LoRA: refused, naming peft."""
+    import contextlib
+
+    import align.policy as policy
+    from align.config import ConfigError
+
+    monkeypatch.setattr(policy, "_exact_targets", contextlib.nullcontext)  # peft's conversion left on
+    with pytest.raises(ConfigError, match=r"peft .* adapted other modules than model.lora asks for"):
+        load_policy(ModelConfig(path=str(tiny_dir), lora=LoRAConfig(enabled=True)))
