@@ -6,6 +6,7 @@
     align rm   [RECIPE.yaml] [key=value ...]            reward model (Bradley-Terry) on preference pairs
     align eval MODEL_DIR [--reasoning F --helpful F --safety F --rm-helpful D --rm-safety D]
     align run RECIPE [key=value ...] [--check]          a chain of stages from a recipe (`align run quickstart`)
+    align doctor                                        versions, CPU / GPU features, active fast paths
 
 `align sft --help-config` lists every key with its default and meaning. Bad input (unknown keys, unreadable files,
 malformed rows) is reported as `error: <place>: <what>` with exit status 2, before anything is written.
@@ -87,6 +88,12 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    from .doctor import main as doctor
+
+    return doctor()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align", description="DeepSeek-V2 alignment: SFT and GRPO.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.sft.epochs=2")
     r.add_argument("--check", action="store_true", help="validate the recipe and stop")
     r.set_defaults(func=_cmd_run)
+
+    d = sub.add_parser("doctor", help="versions, CPU / GPU features and active fast paths (paste into bug reports)")
+    d.set_defaults(func=_cmd_doctor)
     return p
 
 
