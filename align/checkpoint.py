@@ -18,6 +18,90 @@ from pathlib import Path
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 TRAINER_STATE = "trainer_state.pt"
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted (incomplete, corrupt, or holding non-finite numbers)."""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """sha256 and size of every file in `directory` (written last, inside the temporary directory)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Raise CheckpointError unless every file matches its checksum and the weights are finite."""
+    sums_file = ckpt / CHECKSUMS
+    if not sums_file.is_file():
+        raise CheckpointError(f"{ckpt}: no {CHECKSUMS} (incomplete, or written by an align without checksums)")
+    try:
+        sums = json.loads(sums_file.read_text())
+    except ValueError:
+        raise CheckpointError(f"{ckpt}/{CHECKSUMS}: unreadable") from None
+    for name, want in sums.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        if path.stat().st_size != want["bytes"] or _sha256(path) != want["sha256"]:
+            raise CheckpointError(f"{path}: contents differ from the checksum written with it (truncated or "
+                                  "corrupt)")
+    for path in sorted(ckpt.glob("*.safetensors")):
+        bad = nonfinite_tensor(_load_safetensors(path))
+        if bad:
+            raise CheckpointError(f"{path}: tensor {bad} holds NaN or inf")
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def nonfinite_tensor(tensors) -> str | None:
+    """Name of the first floating-point tensor in a mapping (or nested state) that is not all finite."""
+    import torch
+
+    def walk(obj, name):
+        if isinstance(obj, torch.Tensor):
+            return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+        if isinstance(obj, dict):
+            items = obj.items()
+        elif isinstance(obj, (list, tuple)):
+            items = enumerate(obj)
+        else:
+            return None
+        for k, v in items:
+            found = walk(v, f"{name}.{k}" if name else str(k))
+            if found:
+                return found
+        return None
+
+    return walk(tensors, "")
+
+
+def clean_leftovers(output_dir: str | Path) -> list[Path]:
+    """Remove the temporary directories a killed run left (align's own names only); returns what was removed."""
+    removed = []
+    for parent in (Path(output_dir), Path(output_dir) / CHECKPOINTS):
+        if parent.is_dir():
+            for p in parent.iterdir():
+                if p.is_dir() and p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+    return removed
 
 
 def _fsync_tree(path: Path) -> None:
@@ -82,8 +166,15 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    """The newest checkpoint that verifies (checksums, finite weights); a newer one that does not is reported by
+    name and passed over."""
+    for ck in reversed(list_checkpoints(output_dir)):
+        try:
+            verify_checkpoint(ck)
+            return ck
+        except CheckpointError as e:
+            print(f"warning: checkpoint not used: {e}", flush=True)
+    return None
 
 
 def read_state(ckpt: Path) -> dict:
@@ -91,7 +182,9 @@ def read_state(ckpt: Path) -> dict:
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (0 keeps all)."""
+    """Delete all but the newest `keep_last` complete checkpoints (0 keeps all). Called right after a checkpoint
+    was written, which holds only finite numbers (a non-finite one is refused before it is written) and is fsynced:
+    the newest is one that verifies, and it is kept."""
     if keep_last <= 0:
         return
     for old in list_checkpoints(output_dir)[:-keep_last]:
@@ -110,6 +203,9 @@ def save_training_checkpoint(accelerator, model, tokenizer, output_dir: str | Pa
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
+        bad = nonfinite_tensor(state_dict) or nonfinite_tensor(optimizer.state_dict()["state"])
+        if bad:
+            raise CheckpointError(f"step {step}: {bad} holds NaN or inf; not saved (the previous checkpoint stays)")
         with atomic_dir(final) as tmp:
             accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -122,6 +218,7 @@ def save_training_checkpoint(accelerator, model, tokenizer, output_dir: str | Pa
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
                        tmp / TRAINER_STATE)
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1, default=str))
+            write_checksums(tmp)
         prune_checkpoints(output_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
@@ -135,6 +232,9 @@ def load_training_state(ckpt: Path, optimizer, scheduler) -> dict:
     import torch
 
     blob = torch.load(ckpt / TRAINER_STATE, weights_only=False, map_location="cpu")
+    bad = nonfinite_tensor(blob["optimizer"].get("state", {}))
+    if bad:
+        raise CheckpointError(f"{ckpt / TRAINER_STATE}: optimizer state {bad} holds NaN or inf")
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     rng = blob["rng"]

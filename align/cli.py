@@ -135,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rewards.combine import RewardError
 
+    from .finite import NonFiniteError
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, RewardError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, DataError, RewardError, NonFiniteError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

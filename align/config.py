@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -34,15 +35,45 @@ def _where(source: str, lines: dict[str, int], key: str) -> str:
     return f"{source}:{line}" if line else source
 
 
-def _key_lines(node: yaml.Node, prefix: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
-    """Map dotted keys to their 1-based line in the YAML file."""
+def _key_lines(node: yaml.Node, prefix: str = "", out: dict[str, int] | None = None,
+               seen: set[int] | None = None) -> dict[str, int]:
+    """Map dotted keys to their 1-based line in the YAML file (each node visited once: an alias is not expanded)."""
     out = {} if out is None else out
-    if isinstance(node, yaml.MappingNode):
+    seen = set() if seen is None else seen
+    if isinstance(node, yaml.MappingNode) and id(node) not in seen:
+        seen.add(id(node))
         for k, v in node.value:
             key = f"{prefix}{k.value}"
             out[key] = k.start_mark.line + 1
-            _key_lines(v, key + ".", out)
+            _key_lines(v, key + ".", out, seen)
     return out
+
+
+MAX_ALIASES = 32  # recipes need few; a "billion laughs" document needs many
+
+
+def _check_yaml(path: Path, text: str, node: yaml.Node | None) -> None:
+    """Refuse alias bombs (by counting alias events, before anything is expanded) and duplicate keys."""
+    aliases = sum(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text))
+    if aliases > MAX_ALIASES:
+        raise ConfigError(f"{path}: uses {aliases} YAML aliases (at most {MAX_ALIASES}); write the values out")
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            keys: dict = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in keys:
+                        raise ConfigError(f"{path}:{k.start_mark.line + 1}: duplicate key '{k.value}' (first at "
+                                          f"line {keys[k.value]})")
+                    keys[k.value] = k.start_mark.line + 1
+                todo.append(v)
+        elif isinstance(n, yaml.SequenceNode):
+            todo.extend(n.value)
 
 
 def _type_name(tp: Any) -> str:
@@ -92,14 +123,19 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: key '{key}' expects an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-6" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "5e-6" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: key '{key}' expects a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: key '{key}' expects a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: key '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -181,6 +217,7 @@ def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
         raise ConfigError(f"{path}: cannot read config file ({e})") from None
     try:
         node = yaml.compose(text)
+        _check_yaml(path, text, node)
         values = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None

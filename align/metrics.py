@@ -41,9 +41,10 @@ class MetricsLogger:
             return
         from .checkpoint import atomic_write_text
 
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["step"] <= step]
-        if len(kept) != len(rows):
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = _parse(self.path, lines)
+        kept = [line for line, row in zip(lines, rows) if row["step"] <= step]
+        if len(kept) != len(lines):
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
@@ -81,8 +82,26 @@ def progress(iterable, total: int, initial: int, desc: str, enabled: bool = True
                 dynamic_ncols=True, leave=False)
 
 
+def _parse(path: Path, lines: list[str]) -> list[dict]:
+    """The rows of metrics.jsonl; a half-written last line (a run killed mid-write) is dropped with a warning, a
+    malformed line elsewhere is an error naming it."""
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                print(f"warning: {path}:{i + 1}: dropped a half-written last line ({e})", flush=True)
+                break
+            raise ValueError(f"{path}:{i + 1}: malformed metrics row ({e})") from None
+        rows.append(row)
+    return rows
+
+
 def read_metrics(output_dir: str | Path) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse(path, [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()])

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from .data import DataError, as_messages, load_rows
 from .metrics import MetricsLogger, progress
 from .optim import build_optimizer, warmup_cosine
 from .policy import check_model_dir, load_tokenizer
+from .rundir import claim
 from .sft import batch_indices
 
 
@@ -45,6 +47,9 @@ class RMConfig:
     eval_every: int = option(50, "Steps between held-out evaluations (0: end only).")
     tensorboard: bool = option(True, "Also write TensorBoard event files (when installed).")
     seed: int = option(0, "Seed for the pair order.")
+    resume: Literal["auto", "force"] = option(
+        "auto", "auto: resume output_dir only when it holds this same run (align-run.json); force: take over a "
+        "directory another align run wrote, with these settings.")
 
     def validate(self) -> None:
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)
@@ -96,6 +101,7 @@ def train_rm(cfg: RMConfig) -> dict:
     train = [p for path in cfg.train_data for p in load_pairs(path, tokenizer)]
     held = [p for path in cfg.eval_data for p in load_pairs(path, tokenizer)]
 
+    claim(cfg.output_dir, "rm", cfg, force=cfg.resume == "force")  # before any write
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1).to(device)
@@ -104,6 +110,7 @@ def train_rm(cfg: RMConfig) -> dict:
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, steps, int(cfg.warmup_ratio * steps))
     log = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard, prefix="rm ")
+    log.truncate_after(-1)  # a rerun of the same command trains from the start again
     start = time.time()
     acc_start = pair_accuracy(model, tokenizer, held, cfg.max_length, device) if held else None
     model.train()

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -27,11 +28,13 @@ from . import checkpoint as ckpt
 from .allocator import keep_freed_memory
 from .config import ConfigError, config_to_dict, option, require
 from .data import IGNORE, collate, collate_packed, load_chats, pack, tokenize_chats
+from .finite import check_step
 from .logprobs import forward_logprobs
 from .metrics import MetricsLogger, progress
 from .moe import expert_balance_loss, expert_load, routing_kwargs
 from .optim import build_optimizer, warmup_cosine
 from .policy import ModelConfig, check_model_dir, is_deepseek_v2, load_for_training, load_tokenizer
+from .rundir import claim
 
 
 @dataclasses.dataclass
@@ -59,6 +62,12 @@ class SFTConfig:
     logprob_chunk: int = option(1024, help="Tokens per LM-head chunk (logits are never materialised in full).")
     tensorboard: bool = option(True, help="Also write TensorBoard event files (when tensorboard is installed).")
     seed: int = option(0, help="Seed for data order and initialisation.")
+    resume: Literal["auto", "force"] = option(
+        "auto", "auto: resume output_dir only when it holds this same run (align-run.json); force: take over a "
+        "directory another align run wrote, with these settings.")
+    on_nonfinite: Literal["fail", "skip"] = option(
+        "fail", "A non-finite loss or gradient norm: fail = stop naming the step (nothing applied or saved); skip = "
+        "drop that step's update (counted in train/skipped_nonfinite).")
 
     def validate(self) -> None:
         self.model.validate()
@@ -152,6 +161,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     steps_per_epoch = max(1, len(train_rows) // global_batch)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
+    claim(cfg.output_dir, "sft", cfg, force=cfg.resume == "force", write=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     resume = ckpt.latest_checkpoint(cfg.output_dir)
     model = load_for_training(cfg.model, device, resume)
     moe = None
@@ -182,6 +193,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         heldout["start"] = heldout_loss(model, held_rows, cfg, pad_id, device)
         log.log(0, {"eval/loss": heldout["start"]})
     t0 = time.time()
+    skipped = 0
     steps = range(start_step, total_steps)
     for step in progress(steps, total_steps, start_step, "sft", accelerator.is_main_process):
         # -- this process's micro-batches of global batch `step`
@@ -206,15 +218,20 @@ def train_sft(cfg: SFTConfig) -> dict:
             shares = accelerator.reduce(torch.tensor([loss_sum, balance_sum], device=device), reduction="sum")
             loss_sum, balance_sum = shares[0].item() / world, shares[1].item() / world
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
+        if check_step("sft", step + 1, {"loss/sft": loss_sum, "loss/balance": balance_sum,
+                                        "train/grad_norm": None if grad_norm is None else float(grad_norm)},
+                      cfg.on_nonfinite):
+            optimizer.step()
+            scheduler.step()
+        else:
+            skipped += 1
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         # -- metrics, evaluation, checkpoint
         grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # None: DeepSpeed clips in its step
         metrics = {"loss/sft": loss_sum, "loss/balance": balance_sum, "train/grad_norm": grad_norm,
                    "train/lr": scheduler.get_last_lr()[0], "train/tokens": int(n_tokens.item()),
-                   "perf/sec_per_step": (time.time() - t0) / (done - start_step)}
+                   "perf/sec_per_step": (time.time() - t0) / (done - start_step), "train/skipped_nonfinite": skipped}
         if moe is not None:
             last = micro[-1].get("attention_mask")
             token_mask = last.reshape(-1) if last is not None else None

@@ -47,3 +47,40 @@ def test_override_syntax():
     assert parse_overrides(["a.b=3", "c=[1, 2]", "d=x"]) == {"a": {"b": 3}, "c": [1, 2], "d": "x"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["novalue"])
+
+
+def test_non_finite_numbers_are_refused():
+    from align.sft import SFTConfig
+
+    for bad in ("lr=.inf", "lr=.nan", "min_lr_ratio=.nan", "lr=-.inf"):
+        with pytest.raises(ConfigError, match=r"key '(lr|min_lr_ratio)' must be a finite number"):
+            load_config(SFTConfig, None, ["model.path=m", "output_dir=o", "train_data=[x.jsonl]", bad])
+
+
+def test_duplicate_keys_and_repeated_stages_are_refused_with_their_line(tmp_path):
+    from align.recipe import load_recipe
+    from align.sft import SFTConfig
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  path: m\noutput_dir: o\nlr: 1e-5\nlr: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:5: duplicate key 'lr' \(first at line 4\)"):
+        load_config(SFTConfig, cfg)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  sft:\n    kind: sft\n  sft:\n    kind: sft\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:4: duplicate key 'sft'"):
+        load_recipe(str(recipe), [])
+
+
+def test_alias_bomb_is_refused_in_milliseconds(tmp_path):
+    import time
+
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 9):
+        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    t = time.perf_counter()
+    with pytest.raises(ConfigError, match="YAML aliases"):
+        load_config(__import__("align.sft", fromlist=["SFTConfig"]).SFTConfig, bomb)
+    assert time.perf_counter() - t < 1.0

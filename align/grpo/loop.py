@@ -36,6 +36,8 @@ from .. import checkpoint as ckpt
 from ..allocator import keep_freed_memory
 from ..config import ConfigError, config_to_dict
 from ..data import load_prompts
+from ..finite import check_step
+from ..rundir import claim
 from ..evaluate import accuracy
 from ..faults import fault_point
 from ..logprobs import forward_logprobs
@@ -114,7 +116,7 @@ def _micro_loss(model, batch: dict, micro: torch.Tensor, den: torch.Tensor, cfg:
     return num / den, balance, out, logprobs, old, sampled, tok
 
 
-def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConfig, moe, gen):
+def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConfig, moe, gen, step: int = 0):
     """μ epochs x minibatches optimizer steps over one batch of rollouts.
 
     Returns statistics averaged over the updates, and the last micro-batch's router logits with its token mask
@@ -125,7 +127,7 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
     stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/kl", "loss/clip_frac", "loss/balance",
                                                      "policy/entropy", "policy/ratio", "train/grad_norm",
                                                      "rollout/logprob_gap", "rollout/kl_sampler",
-                                                     "rollout/tis_clip_frac")}
+                                                     "rollout/tis_clip_frac", "train/skipped_nonfinite")}
     router_logits, token_mask = (), None
     G = cfg.group_size if n_rows % cfg.group_size == 0 else 1
     for epoch in range(cfg.inner_epochs):
@@ -160,11 +162,18 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
             stats["loss/policy"].append(minibatch_loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
             # None under DeepSpeed, which clips inside its own step
-            stats["train/grad_norm"].append(float("nan") if grad_norm is None else float(grad_norm))
-            optimizer.step()
-            scheduler.step()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            stats["train/grad_norm"].append(float("nan") if grad_norm is None else grad_norm)
+            if check_step("grpo", step, {"loss/policy": minibatch_loss, "train/grad_norm": grad_norm},
+                          cfg.on_nonfinite):
+                optimizer.step()
+                scheduler.step()
+            else:
+                stats["train/skipped_nonfinite"].append(1.0)
             optimizer.zero_grad(set_to_none=True)
-    return {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}, (router_logits, token_mask)
+    skipped = float(len(stats.pop("train/skipped_nonfinite")))
+    averaged = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
+    return {**averaged, "train/skipped_nonfinite": skipped}, (router_logits, token_mask)
 
 
 def _mean_over_processes(metrics: dict[str, float], world: int) -> dict[str, float]:
@@ -217,6 +226,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                           f"{cfg.minibatches}")
     set_seed(cfg.seed + rank)  # each process samples its own completions
     device = accelerator.device
+    claim(cfg.output_dir, "grpo", cfg, force=cfg.resume == "force", write=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     resume = ckpt.latest_checkpoint(cfg.output_dir)
     model = load_for_training(cfg.model, device, resume)
     moe = None
@@ -269,6 +280,9 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                        cfg.on_reward_error)
         fault_point("scoring", step + 1)
         t_reward = time.time()
+        kept_total = scores.total[scores.keep]
+        if not check_step("grpo", step + 1, {"reward/total": kept_total.sum().item()}, cfg.on_nonfinite):
+            kept_total = None  # skip: nothing of this step is trained on
         # 3. group-normalised advantages (optionally dropping groups with no signal, and skipped groups)
         advantages = group_advantages(scores.total, G, cfg.scale_rewards)           # [N]
         zero = zero_std_groups(scores.total, G)                                     # [B]
@@ -281,7 +295,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         metrics = {**scores.metrics(), "reward/zero_std_frac": zero.float().mean().item(),
                    "rollout/completion_len": rollouts.completion_mask.sum(1).float().mean().item(),
                    "rollout/truncated_frac": rollouts.truncated.float().mean().item()}
-        if rollouts.completion_ids.shape[0] > 0:
+        if rollouts.completion_ids.shape[0] > 0 and kept_total is not None:
             # 4. token layout: prompt (left-padded) + completion (right-padded); loss on completion tokens
             loss_mask = rollouts.completion_mask.clone()                            # [N, C]
             if cfg.mask_truncated:
@@ -302,7 +316,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             # 6. μ epochs of clipped-surrogate updates
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # minibatch order: a function of step
             update_stats, (router_logits, token_mask) = _update(model, optimizer, scheduler, accelerator, batch, cfg,
-                                                                moe, gen)
+                                                                moe, gen, step + 1)
             metrics.update(update_stats)
             fault_point("update", step + 1)
             if moe is not None:

@@ -1,0 +1,35 @@
+"""Finite or stop: a non-finite loss, gradient norm or reward total never reaches the weights or a checkpoint.
+
+`on_nonfinite: fail` (default) raises `NonFiniteError` naming the stage, step and quantity before the optimizer
+step, so nothing of that step is applied or saved; `skip` drops the step's update (gradients cleared, no optimizer
+or scheduler step) and counts it in `train/skipped_nonfinite`.
+"""
+
+from __future__ import annotations
+
+import math
+
+ON_NONFINITE = ("fail", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """A quantity that must be finite is not; nothing of the step was applied."""
+
+
+def first_nonfinite(values: dict[str, float | None]) -> tuple[str, float] | None:
+    """The first (name, value) that is not finite (None values are not measured and pass)."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            return name, value
+    return None
+
+
+def check_step(stage: str, step: int, values: dict[str, float | None], policy: str) -> bool:
+    """True when every value is finite; else raise (policy fail) or return False (policy skip)."""
+    bad = first_nonfinite(values)
+    if bad is None:
+        return True
+    if policy == "skip":
+        return False
+    raise NonFiniteError(f"{stage} step {step}: {bad[0]} is {bad[1]}; the step was not applied and nothing was "
+                         "saved (on_nonfinite=skip drops such steps instead)")

@@ -1,0 +1,109 @@
+"""Who wrote a run directory: a run never deletes or overwrites what it did not write, nor resumes another's state.
+
+At its start, before any write, every stage (sft, grpo, rm) claims its `output_dir` (`claim`):
+  * missing or empty: created, and `align-run.json` records the stage kind and its identity — the settings that
+    give the saved state its meaning (model path and the sha256 of its config.json, LoRA settings, training data,
+    learning rate, seed, and the stage's own: GRPO's group size, β and rewards, ...);
+  * holding a manifest with the same kind and identity: the run resumes (the same command, rerun);
+  * holding a manifest that differs: refused, naming each differing key and both values, before anything is read
+    or written; `resume=force` takes the directory over (the newer settings are recorded), a new `output_dir` is
+    the other way out;
+  * holding files but no manifest: refused, naming some of them: align writes only into directories it claimed,
+    so a user's `final/thesis.tex` or another tool's `metrics.jsonl` is never replaced or truncated.
+Leftover temporary directories of a killed run (align's own `.NAME.tmp-PID` names) are removed once claimed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .config import ConfigError, config_to_dict
+
+MANIFEST = "align-run.json"
+
+# Dotted config keys that give a stage's saved state its meaning (changing `steps`, logging or checkpoint cadence
+# does not: a rerun with more steps continues the run).
+IDENTITY_KEYS = {
+    "sft": ("model.path", "model.lora", "train_data", "lr", "seed", "max_length", "packing"),
+    "grpo": ("model.path", "model.lora", "train_data", "lr", "seed", "group_size", "beta", "rewards",
+             "reward_mode", "aggregation", "inner_epochs", "minibatches", "prompts_per_step"),
+    "rm": ("model", "train_data", "lr", "seed", "epochs"),
+}
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _model_hash(path: str | None) -> str | None:
+    cfg = Path(path) / "config.json" if path else None
+    if cfg is None or not cfg.is_file():
+        return None
+    return hashlib.sha256(cfg.read_bytes()).hexdigest()[:16]
+
+
+def identity(kind: str, cfg) -> dict:
+    """The settings that make `cfg`'s saved state what it is (paths resolved, the model's config hashed)."""
+    values = config_to_dict(cfg)
+    out = {k: _get(values, k) for k in IDENTITY_KEYS[kind]}
+    model_key = "model.path" if "model.path" in out else "model"
+    out[model_key] = str(Path(out[model_key]).resolve()) if out[model_key] else None
+    out["model.config_sha256"] = _model_hash(out[model_key])
+    if isinstance(out.get("train_data"), list):
+        out["train_data"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in out["train_data"]]
+    return json.loads(json.dumps(out, default=str))
+
+
+def claim(output_dir: str | Path, kind: str, cfg, force: bool = False, write: bool = True) -> bool:
+    """Claim `output_dir` for this stage (see the module docstring); returns whether it holds an earlier run of
+    the same command. `write`: False on processes other than the main one (they only check)."""
+    from .checkpoint import clean_leftovers
+
+    out = Path(output_dir)
+    mine = {"kind": kind, "identity": identity(kind, cfg)}
+    manifest = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"key 'output_dir': {out} exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    resumed = False
+    if manifest.is_file():
+        try:
+            theirs = json.loads(manifest.read_text())
+        except ValueError:
+            raise ConfigError(f"{manifest}: unreadable; not resuming a run directory align cannot identify") from None
+        diff = _differences(theirs, mine)
+        if diff and not force:
+            shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:6])
+            raise ConfigError(f"key 'output_dir': {out} holds another run ({shown}). Rerun with resume=force to "
+                              "take it over with these settings, or choose a new output_dir")
+        resumed = not diff
+    elif entries:
+        shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+        raise ConfigError(f"key 'output_dir': {out} already holds files align did not write ({shown}); choose an "
+                          "empty or new directory (align never replaces or deletes what it did not write)")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resumed:
+            from .checkpoint import atomic_write_text
+
+            atomic_write_text(manifest, json.dumps(mine, indent=1))
+        for p in clean_leftovers(out):
+            print(f"{kind}: removed {p} (left by an interrupted run)", flush=True)
+    return resumed
+
+
+def _differences(theirs: dict, mine: dict) -> list[tuple[str, object, object]]:
+    diff = []
+    if theirs.get("kind") != mine["kind"]:
+        diff.append(("kind", theirs.get("kind"), mine["kind"]))
+    a, b = theirs.get("identity", {}), mine["identity"]
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            diff.append((key, a.get(key), b.get(key)))
+    return diff
