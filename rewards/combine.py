@@ -64,8 +64,6 @@ class RewardSpec:
             self.check()
             fn = IsolatedReward({"name": self.name, "args": self.args, "label": self.label}, self.key,
                                 self.timeout_s)
-            plain = get_reward(self.name)
-            fn.required_columns = [] if getattr(plain, "is_factory", False) else _required_columns(plain)
             object.__setattr__(self, "_fn", fn)
             return fn
         fn = get_reward(self.name)
@@ -104,6 +102,14 @@ def _required_columns(fn) -> list[str]:
     params = inspect.signature(fn).parameters.values()
     return [p.name for p in params if p.default is inspect.Parameter.empty
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("prompts", "completions")]
+
+
+def close_rewards(specs: list[RewardSpec]) -> None:
+    """End the processes rewards started (isolated workers, math-verify pools), so the run's process can exit."""
+    for spec in specs:
+        close = getattr(getattr(spec, "_fn", None), "close", None)
+        if callable(close):
+            close()
 
 
 def check_columns(specs: list[RewardSpec], rows: list[dict]) -> None:

@@ -31,6 +31,23 @@ def _score_in_worker(spec: dict, prompts, completions, columns):
     return _call(_BUILT[key], prompts, completions, columns)
 
 
+def _columns_in_worker(spec: dict) -> list[str]:
+    from .combine import RewardSpec, _required_columns
+
+    key = repr(sorted((k, repr(v)) for k, v in spec.items()))
+    if key not in _BUILT:
+        _BUILT[key] = RewardSpec(**spec).load()
+    return list(_required_columns(_BUILT[key]))
+
+
+def _close_in_worker() -> None:
+    for fn in _BUILT.values():
+        close = getattr(fn, "close", None)
+        if callable(close):
+            close()
+    _BUILT.clear()
+
+
 class IsolatedReward:
     def __init__(self, spec: dict, label: str, timeout_s: float):
         self.spec, self.label, self.timeout_s = spec, label, timeout_s
@@ -40,12 +57,41 @@ class IsolatedReward:
         kill_pool(self._pool)
         self._pool = None
 
+    def _submit(self, fn, *args):
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+        return self._pool.submit(fn, *args)
+
+    @property
+    def required_columns(self) -> list[str]:
+        """The columns the reward built in the worker asks for (a factory's only once it is built), so the column
+        check before any work covers isolated rewards too."""
+        from .combine import RewardError
+
+        if getattr(self, "_columns", None) is None:
+            try:
+                self._columns = self._submit(_columns_in_worker, self.spec).result(timeout=self.timeout_s or None)
+            except cf.TimeoutError:
+                self._kill()
+                raise RewardError(f"reward '{self.label}' timed out while being built in its worker") from None
+            except BrokenProcessPool:
+                self._kill()
+                raise RewardError(f"reward '{self.label}' crashed its worker while being built") from None
+        return self._columns
+
+    def close(self) -> None:
+        """Let the worker end what it started (e.g. math-verify's processes), then end the worker."""
+        if self._pool is not None:
+            try:
+                self._pool.submit(_close_in_worker).result(timeout=10)
+            except Exception:
+                pass
+            self._kill()
+
     def __call__(self, prompts, completions, **columns):
         from .combine import RewardError
 
-        if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
-        future = self._pool.submit(_score_in_worker, self.spec, prompts, completions, columns)
+        future = self._submit(_score_in_worker, self.spec, prompts, completions, columns)
         try:
             return future.result(timeout=self.timeout_s or None)
         except cf.TimeoutError:

@@ -133,4 +133,5 @@ def math_reward(timeout_s: float = 5.0, workers: int = 2):
         return RewardResult(scores, {"timeouts": float(timeouts)})
 
     score.verifier = verifier
+    score.close = verifier._kill  # ends its worker processes (close_rewards, at the end of a run)
     return score

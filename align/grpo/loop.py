@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from rewards.combine import RewardError, check_columns, score
+from rewards.combine import RewardError, check_columns, close_rewards, score
 
 from .. import checkpoint as ckpt
 from ..allocator import keep_freed_memory
@@ -337,6 +337,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                                           {"history": history, "config": config_to_dict(cfg)}, cfg.keep_last)
     final = ckpt.export_final(accelerator, model, tokenizer, Path(cfg.output_dir) / "final")
     log.close()
+    close_rewards(cfg.rewards)
     summary = {"final": str(final), "steps": cfg.steps, **history}
     if "accuracy_start" in history and "accuracy_last" in history:
         print(f"grpo: held-out accuracy {history['accuracy_start']:.1%} -> {history['accuracy_last']:.1%}",
