@@ -161,7 +161,10 @@ def train_sft(cfg: SFTConfig) -> dict:
     steps_per_epoch = max(1, len(train_rows) // global_batch)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    claim(cfg.output_dir, "sft", cfg, force=cfg.resume == "force", write=accelerator.is_main_process)
+    claim(cfg.output_dir, "sft", cfg, force=cfg.resume == "force", write=False)  # every process checks
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # then one writes
+        claim(cfg.output_dir, "sft", cfg, force=cfg.resume == "force")
     accelerator.wait_for_everyone()
     resume = ckpt.latest_checkpoint(cfg.output_dir)
     model = load_for_training(cfg.model, device, resume)

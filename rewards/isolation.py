@@ -12,6 +12,7 @@ import multiprocessing as mp
 from concurrent.futures.process import BrokenProcessPool
 
 _BUILT: dict = {}
+BUILD_TIMEOUT_S = 300.0  # starting a worker and building a factory reward in it (imports, a reward model)
 
 
 def kill_pool(pool: cf.ProcessPoolExecutor | None) -> None:
@@ -66,11 +67,17 @@ class IsolatedReward:
     def required_columns(self) -> list[str]:
         """The columns the reward built in the worker asks for (a factory's only once it is built), so the column
         check before any work covers isolated rewards too."""
-        from .combine import RewardError
+        from .combine import RewardError, _required_columns
+        from .registry import get_reward
 
         if getattr(self, "_columns", None) is None:
-            try:
-                self._columns = self._submit(_columns_in_worker, self.spec).result(timeout=self.timeout_s or None)
+            plain = get_reward(self.spec["name"])
+            if not getattr(plain, "is_factory", False):  # a plain function: its signature says it
+                self._columns = list(_required_columns(plain))
+                return self._columns
+            try:  # a factory: build it in the worker (its start-up included, so not the reward's own timeout)
+                self._columns = self._submit(_columns_in_worker, self.spec).result(
+                    timeout=max(BUILD_TIMEOUT_S, self.timeout_s))
             except cf.TimeoutError:
                 self._kill()
                 raise RewardError(f"reward '{self.label}' timed out while being built in its worker") from None

@@ -23,8 +23,8 @@ DISABLE_HOOK = """
 import sys, gc
 for obj in gc.get_objects():
     if isinstance(obj, dict) and "_blocked" in obj and "_hook" not in obj:
-        obj["_blocked"] = ("no.such.event",); obj["_writes"] = (); obj["_reads"] = (); obj["_read_ok"] = ("/",)
-        obj["_root"] = "/"
+        obj["_blocked"] = ("no.such.event",); obj["_writes"] = (); obj["_reads"] = (); obj["_read_ok"] = ("",)
+        obj["_root"] = ""
 """
 
 

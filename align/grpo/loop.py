@@ -226,7 +226,10 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                           f"{cfg.minibatches}")
     set_seed(cfg.seed + rank)  # each process samples its own completions
     device = accelerator.device
-    claim(cfg.output_dir, "grpo", cfg, force=cfg.resume == "force", write=accelerator.is_main_process)
+    claim(cfg.output_dir, "grpo", cfg, force=cfg.resume == "force", write=False)  # every process checks
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # then one writes
+        claim(cfg.output_dir, "grpo", cfg, force=cfg.resume == "force")
     accelerator.wait_for_everyone()
     resume = ckpt.latest_checkpoint(cfg.output_dir)
     model = load_for_training(cfg.model, device, resume)
