@@ -8,8 +8,17 @@ or scheduler step) and counts it in `train/skipped_nonfinite`.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
-ON_NONFINITE = ("fail", "skip")
+from .config import option
+
+NonFinitePolicy = Literal["fail", "skip"]
+
+
+def nonfinite_option(quantities: str):
+    """The `on_nonfinite` config field of a stage whose `quantities` are checked."""
+    return option("fail", f"A non-finite {quantities}: fail = stop naming the step (nothing applied or saved); "
+                          "skip = drop that update (counted in train/skipped_nonfinite).")
 
 
 class NonFiniteError(RuntimeError):

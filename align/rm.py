@@ -15,7 +15,6 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from .data import DataError, as_messages, load_rows
 from .metrics import MetricsLogger, progress
 from .optim import build_optimizer, warmup_cosine
 from .policy import check_model_dir, load_tokenizer
-from .rundir import claim
+from .rundir import ResumeMode, claim, resume_option
 from .sft import batch_indices
 
 
@@ -47,9 +46,7 @@ class RMConfig:
     eval_every: int = option(50, "Steps between held-out evaluations (0: end only).")
     tensorboard: bool = option(True, "Also write TensorBoard event files (when installed).")
     seed: int = option(0, "Seed for the pair order.")
-    resume: Literal["auto", "force"] = option(
-        "auto", "auto: resume output_dir only when it holds this same run (align-run.json); force: take over a "
-        "directory another align run wrote, with these settings.")
+    resume: ResumeMode = resume_option()
 
     def validate(self) -> None:
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)

@@ -19,9 +19,18 @@ import hashlib
 import json
 from pathlib import Path
 
-from .config import ConfigError, config_to_dict
+from typing import Literal
+
+from .config import ConfigError, config_to_dict, option
 
 MANIFEST = "align-run.json"
+ResumeMode = Literal["auto", "force"]
+
+
+def resume_option():
+    """The `resume` config field of every stage."""
+    return option("auto", "auto: resume output_dir only when it holds this same run (align-run.json); force: take "
+                          "over a directory another align run wrote, with these settings.")
 
 # Dotted config keys that give a stage's saved state its meaning (changing `steps`, logging or checkpoint cadence
 # does not: a rerun with more steps continues the run).

@@ -20,7 +20,6 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -28,13 +27,13 @@ from . import checkpoint as ckpt
 from .allocator import keep_freed_memory
 from .config import ConfigError, config_to_dict, option, require
 from .data import IGNORE, collate, collate_packed, load_chats, pack, tokenize_chats
-from .finite import check_step
+from .finite import NonFinitePolicy, check_step, nonfinite_option
 from .logprobs import forward_logprobs
 from .metrics import MetricsLogger, progress
 from .moe import expert_balance_loss, expert_load, routing_kwargs
 from .optim import build_optimizer, warmup_cosine
 from .policy import ModelConfig, check_model_dir, is_deepseek_v2, load_for_training, load_tokenizer
-from .rundir import claim
+from .rundir import ResumeMode, claim, resume_option
 
 
 @dataclasses.dataclass
@@ -62,12 +61,8 @@ class SFTConfig:
     logprob_chunk: int = option(1024, help="Tokens per LM-head chunk (logits are never materialised in full).")
     tensorboard: bool = option(True, help="Also write TensorBoard event files (when tensorboard is installed).")
     seed: int = option(0, help="Seed for data order and initialisation.")
-    resume: Literal["auto", "force"] = option(
-        "auto", "auto: resume output_dir only when it holds this same run (align-run.json); force: take over a "
-        "directory another align run wrote, with these settings.")
-    on_nonfinite: Literal["fail", "skip"] = option(
-        "fail", "A non-finite loss or gradient norm: fail = stop naming the step (nothing applied or saved); skip = "
-        "drop that step's update (counted in train/skipped_nonfinite).")
+    resume: ResumeMode = resume_option()
+    on_nonfinite: NonFinitePolicy = nonfinite_option("loss or gradient norm")
 
     def validate(self) -> None:
         self.model.validate()

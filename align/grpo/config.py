@@ -8,8 +8,10 @@ from typing import Literal
 from rewards.combine import RewardSpec
 
 from ..config import ConfigError, option, require
+from ..finite import NonFinitePolicy, nonfinite_option
 from ..policy import ModelConfig
 from ..rollout.protocol import RolloutConfig, SamplingConfig
+from ..rundir import ResumeMode, resume_option
 from .core import AGGREGATIONS
 
 
@@ -57,12 +59,8 @@ class GRPOConfig:
     logprob_chunk: int = option(1024, "Tokens per LM-head chunk.")
     tensorboard: bool = option(True, help="Also write TensorBoard event files (when tensorboard is installed).")
     seed: int = option(0, "Seed for prompt order and sampling.")
-    resume: Literal["auto", "force"] = option(
-        "auto", "auto: resume output_dir only when it holds this same run (align-run.json); force: take over a "
-        "directory another align run wrote, with these settings.")
-    on_nonfinite: Literal["fail", "skip"] = option(
-        "fail", "A non-finite reward total, loss or gradient norm: fail = stop naming the step (nothing applied or "
-        "saved); skip = drop that update (counted in train/skipped_nonfinite).")
+    resume: ResumeMode = resume_option()
+    on_nonfinite: NonFinitePolicy = nonfinite_option("reward total, loss or gradient norm")
 
     def _check_attention_backend(self) -> None:
         """The vLLM MLA backend for the device and dtype this run will have (refused before any work)."""
