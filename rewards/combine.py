@@ -80,14 +80,15 @@ class RewardSpec:
 
 @dataclasses.dataclass
 class Scores:
-    total: torch.Tensor                      # [N] combined reward
+    total: torch.Tensor                      # [N] combined reward, NaN where no reward scored the row
     components: dict[str, torch.Tensor]      # name -> [N], NaN where the reward returned None
     extra: dict[str, float] = dataclasses.field(default_factory=dict)
     keep: torch.Tensor | None = None         # [N] bool: rows kept (False where a group was skipped)
 
     def metrics(self) -> dict[str, float]:
-        out = {"reward/total": self.total.mean().item(),
-               "reward/total_std": self.total.std().item() if self.total.numel() > 1 else 0.0}
+        scored = self.total[~self.total.isnan()]
+        out = {"reward/total": scored.mean().item() if scored.numel() else float("nan"),
+               "reward/total_std": scored.std().item() if scored.numel() > 1 else 0.0}
         for name, values in self.components.items():
             ok = values[~values.isnan()]
             out[f"reward/{name}"] = ok.mean().item() if ok.numel() else float("nan")
@@ -172,18 +173,6 @@ def _run_one(spec: RewardSpec, prompts, completions, columns, rows) -> tuple[lis
     return _check_output(spec.key, raw, len(completions), rows), metrics
 
 
-def _group_z(values: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per-group z-score ignoring NaN (None); NaN stays NaN, a constant group gives 0."""
-    v = values.view(-1, group_size)                                                   # [B, G]
-    ok = ~v.isnan()
-    n = ok.sum(1, keepdim=True).clamp_min(1)
-    mean = torch.where(ok, v, 0).sum(1, keepdim=True) / n
-    var = torch.where(ok, (v - mean) ** 2, 0).sum(1, keepdim=True) / (n - 1).clamp_min(1)
-    std = var.sqrt()
-    z = torch.where(std > 1e-6, (v - mean) / std.clamp_min(1e-6), torch.zeros_like(v))
-    return torch.where(ok, z, torch.full_like(v, math.nan)).view(-1)
-
-
 def score(specs: list[RewardSpec], prompts: list, completions: list[str], columns: dict[str, list],
           rows: list[str], group_size: int = 1, mode: str = "sum", on_error: str = "fail") -> Scores:
     """Run every reward on the batch. columns: name -> one value per completion; rows: a label per completion."""
@@ -212,11 +201,16 @@ def score(specs: list[RewardSpec], prompts: list, completions: list[str], column
         extra.update({f"reward/{spec.key}/{k}": v for k, v in metrics.items()})
     comps = {k: torch.tensor([math.nan if v is None else v for v in vals], dtype=torch.float)
              for k, vals in components.items()}
+    from align.grpo.core import group_zscore
+
     total = torch.zeros(n)
+    scored = torch.zeros(n, dtype=torch.bool)
     for spec in specs:
         comp = comps[spec.key]
         if mode == "normalize":
-            comp = _group_z(comp, group_size)
+            comp = group_zscore(comp, group_size)
         total += spec.weight * torch.nan_to_num(comp, nan=0.0)
+        scored |= ~comp.isnan()
+    total = torch.where(scored, total, torch.full_like(total, math.nan))  # no reward scored it: NaN, never 0
     extra["reward/skipped_groups"] = float((~keep).sum().item() // max(1, group_size))
     return Scores(total, comps, extra, keep)

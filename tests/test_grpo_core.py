@@ -172,3 +172,22 @@ def test_mismatch_stats_hand_values():
     assert s["rollout/kl_sampler"] == pytest.approx((torch.exp(d) - d - 1).mean().item())
     assert s["rollout/tis_clip_frac"] == pytest.approx(0.5)
     assert mismatch_stats(old, samp, torch.zeros(1, 3), 2.0) == {}
+
+
+def test_unscored_completions_are_left_out_of_the_baseline():
+    """Issue 15's case: rewards [1, None, 0, 1] through score() and group_advantages give TRL's advantages; the
+    unscored row is neither counted as 0 nor given a signal."""
+    from rewards.combine import RewardSpec, score
+    from rewards.registry import reward
+
+    @reward("test_one_unscored")
+    def one_unscored(prompts, completions, **_):
+        return [1.0, None, 0.0, 1.0]
+
+    s = score([RewardSpec(name="test_one_unscored")], ["p"] * 4, list("abcd"), {}, ["r"] * 4, 4)
+    assert s.total[1].isnan() and s.metrics()["reward/total"] == pytest.approx(2 / 3)
+    adv = group_advantages(s.total, 4)
+    assert adv.tolist() == pytest.approx([3 ** -0.5, 0.0, -2 * 3 ** -0.5, 3 ** -0.5], abs=1e-6)
+    assert not zero_std_groups(s.total, 4).any()
+    assert zero_std_groups(torch.tensor([1.0, float("nan"), 1.0, float("nan")]), 4).all()
+    assert group_advantages(torch.tensor([float("nan")] * 4), 4).tolist() == [0.0] * 4

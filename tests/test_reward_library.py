@@ -135,7 +135,8 @@ def test_normalize_mode_ignores_none():
     sys.modules[__name__].partial = partial
     s = score([RewardSpec(f"{__name__}:partial")], ["p"] * 4, ["a"] * 4, {}, ["r"] * 4, group_size=4,
               mode="normalize")
-    assert s.total[0] == 0 and s.total[1] < 0 < s.total[2] and s.metrics()[f"reward/{__name__}:partial_applies"] == 0.5
+    assert s.total[0].isnan() and s.total[3].isnan()  # no reward scored them: NaN, never 0
+    assert s.total[1] < 0 < s.total[2] and s.metrics()[f"reward/{__name__}:partial_applies"] == 0.5
 
 
 def flaky(prompts, completions, **_):

@@ -12,8 +12,9 @@ and the loss aggregates L over tokens and outputs (AGGREGATIONS, chosen by name)
     "token_mean"     Σ_i Σ_t L_i,t / Σ_i |o_i|        DAPO (longer outputs weigh more)
     "constant"       Σ_i Σ_t L_i,t / (G · T_max)      Dr. GRPO (no length normalisation bias)
 
-Deviations, each optional: std is the unbiased sample std (as TRL), and a group whose rewards are all equal gets
-advantage 0 rather than 0/0; scale="none" drops the std division (Dr. GRPO); ε_low and ε_high may differ (DAPO's
+Deviations, each optional: std is the unbiased sample std (as TRL), a group whose rewards are all equal gets
+advantage 0 rather than 0/0, and a completion no reward scored (NaN) is left out of its group's mean and std and
+gets advantage 0 (TRL's rule); scale="none" drops the std division (Dr. GRPO); ε_low and ε_high may differ (DAPO's
 clip-higher).
 
 Rollout/trainer mismatch (a vLLM engine samples with other kernels and precision than the trainer's forward pass):
@@ -37,26 +38,43 @@ from collections.abc import Callable
 import torch
 
 
+def group_zscore(values: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """(v − mean) / std within each of the N/G groups of G consecutive rows, NaN meaning "no score": such rows are
+    left out of their group's mean and std and stay NaN. std is the unbiased sample std; a group whose scored values
+    are all equal (or that has one) gives 0. scale="none": centred only. Serves both the advantages and the
+    `normalize` reward mode (rewards.combine)."""
+    if scale not in ("group", "none"):
+        raise ValueError(f"unknown advantage scale {scale!r}; expected 'group' or 'none'")
+    v = values.float().view(-1, group_size)                                # [B, G]
+    ok = ~v.isnan()                                                        # [B, G]
+    n = ok.sum(1, keepdim=True)                                            # [B, 1]
+    mean = torch.where(ok, v, 0.0).sum(1, keepdim=True) / n.clamp_min(1)   # [B, 1]
+    centred = torch.where(ok, v - mean, 0.0)                               # [B, G]
+    if scale == "none":
+        z = centred
+    else:
+        std = (centred.pow(2).sum(1, keepdim=True) / (n - 1).clamp_min(1)).sqrt()  # [B, 1]
+        z = torch.where((std > eps) & (n > 1), centred / std.clamp_min(eps), torch.zeros_like(centred))
+    return torch.where(ok, z, torch.full_like(z, math.nan)).view(-1)       # [N]
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
-    """Advantages [N] from rewards [N] laid out as N/G groups of G consecutive rows."""
+    """Advantages [N] from rewards [N] laid out as N/G groups of G consecutive rows. A NaN reward (no reward
+    scored that completion) is left out of its group's statistics and gets advantage 0 (TRL's rule)."""
     if group_size < 2:
         raise ValueError(f"group_size G={group_size}: GRPO needs at least 2 samples per prompt to compare them")
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    r = rewards.float().view(-1, group_size)                               # [B, G]
-    centred = r - r.mean(dim=1, keepdim=True)                              # [B, G]
-    if scale == "none":
-        return centred.view(-1)
-    if scale != "group":
-        raise ValueError(f"unknown advantage scale {scale!r}; expected 'group' or 'none'")
-    std = r.std(dim=1, keepdim=True)                                       # [B, 1]
-    adv = torch.where(std > eps, centred / std.clamp_min(eps), torch.zeros_like(centred))
-    return adv.view(-1)                                                    # [N]
+    return torch.nan_to_num(group_zscore(rewards, group_size, scale, eps), nan=0.0)   # [N]
 
 
 def zero_std_groups(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """[B] bool: groups whose G rewards are all equal (they carry no learning signal)."""
-    return rewards.float().view(-1, group_size).std(dim=1) <= eps
+    """[B] bool: groups whose scored rewards are all equal (they carry no learning signal); NaN = unscored."""
+    v = rewards.float().view(-1, group_size)                               # [B, G]
+    ok = ~v.isnan()
+    hi = torch.where(ok, v, -math.inf).amax(1)
+    lo = torch.where(ok, v, math.inf).amin(1)
+    return ~(hi - lo > eps) | (ok.sum(1) < 2)
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

@@ -284,6 +284,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         fault_point("scoring", step + 1)
         t_reward = time.time()
         kept_total = scores.total[scores.keep]
+        kept_total = kept_total[~kept_total.isnan()]                               # NaN: unscored, not bad
         if not check_step("grpo", step + 1, {"reward/total": kept_total.sum().item()}, cfg.on_nonfinite):
             kept_total = None  # skip: nothing of this step is trained on
         # 3. group-normalised advantages (optionally dropping groups with no signal, and skipped groups)
