@@ -191,3 +191,16 @@ def test_unscored_completions_are_left_out_of_the_baseline():
     assert not zero_std_groups(s.total, 4).any()
     assert zero_std_groups(torch.tensor([1.0, float("nan"), 1.0, float("nan")]), 4).all()
     assert group_advantages(torch.tensor([float("nan")] * 4), 4).tolist() == [0.0] * 4
+
+
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean", "constant"])
+def test_nan_in_padding_and_extreme_ratios_keep_the_loss_finite(aggregation):
+    logprobs = torch.tensor([[-1.0, -2.0, float("nan")], [-0.5, 95.0, -1.0]], requires_grad=True)  # [2, 3]
+    old = torch.tensor([[-1.0, -2.0, -1.0], [-0.5, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])                      # the NaN sits in padding
+    adv = torch.tensor([1.0, -1.0])
+    loss = grpo_loss(logprobs, old, old, adv, mask, beta=0.0, aggregation=aggregation)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
+    ratio = clipped_surrogate(logprobs.detach(), old, adv, 0.2, 0.2)[1]
+    assert ratio[1, 1] == pytest.approx(math.exp(20.0))              # log ρ = 96 bounded at 20

@@ -10,9 +10,11 @@ For a prompt q with G sampled outputs o_1..o_G and rewards r_1..r_G:
 and the loss aggregates L over tokens and outputs (AGGREGATIONS, chosen by name):
     "sequence_mean"  1/G Σ_i 1/|o_i| Σ_t L_i,t        DeepSeekMath's objective (the default)
     "token_mean"     Σ_i Σ_t L_i,t / Σ_i |o_i|        DAPO (longer outputs weigh more)
-    "constant"       Σ_i Σ_t L_i,t / (G · T_max)      Dr. GRPO (no length normalisation bias)
+    "constant"       Σ_i Σ_t L_i,t / (G' · T_max)     Dr. GRPO (no length normalisation bias); G' = completions
+                                                      with at least one counted token, T_max = max_new_tokens
 
-Deviations, each optional: std is the unbiased sample std (as TRL), a group whose rewards are all equal gets
+|log ρ| is clamped at 20 (as verl) and masked positions are selected out with `where`, so a NaN in padding or an
+extreme ratio cannot make the loss NaN. Deviations, each optional: std is the unbiased sample std (as TRL), a group whose rewards are all equal gets
 advantage 0 rather than 0/0, and a completion no reward scored (NaN) is left out of its group's mean and std and
 gets advantage 0 (TRL's rule); scale="none" drops the std division (Dr. GRPO); ε_low and ε_high may differ (DAPO's
 clip-higher).
@@ -86,12 +88,16 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                       eps_low: float = 0.2, eps_high: float = 0.2):
     """Per-token −min(ρA, clip(ρ)A) [N, T], the ratio ρ [N, T], and where the clipped branch was taken [N, T]."""
-    ratio = torch.exp(logprobs - old_logprobs)                             # [N, T]
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # [N, T] exp never overflows
+    ratio = torch.exp(log_ratio)                                           # [N, T]
     adv = advantages.unsqueeze(-1)                                         # [N, 1]
     unclipped = ratio * adv                                                # [N, T]
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv          # [N, T]
     loss = -torch.minimum(unclipped, clipped)                              # [N, T]
     return loss, ratio, clipped < unclipped
+
+
+LOG_RATIO_BOUND = 20.0  # |log ρ| beyond this is clamped (as verl): ρ = e^88 would overflow fp32 to inf, then NaN
 
 
 def tis_weights(old_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
@@ -122,18 +128,23 @@ def mismatch_stats(old_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, 
     return out
 
 
+def _masked(per_token, mask):
+    """per_token where mask, else 0: a NaN or inf at a padded position does not reach the sum (a product would)."""
+    return torch.where(mask.bool(), per_token, torch.zeros_like(per_token))   # [N, T]
+
+
 def _sequence_mean(per_token, mask, max_tokens):
     lengths = mask.sum(dim=1)                                              # [N]
-    per_seq = (per_token * mask).sum(dim=1) / lengths.clamp_min(1)         # [N]
+    per_seq = _masked(per_token, mask).sum(dim=1) / lengths.clamp_min(1)   # [N]
     return per_seq.sum(), (lengths > 0).sum()
 
 
 def _token_mean(per_token, mask, max_tokens):
-    return (per_token * mask).sum(), mask.sum()
+    return _masked(per_token, mask).sum(), mask.sum()
 
 
 def _constant(per_token, mask, max_tokens):
-    return (per_token * mask).sum(), (mask.sum(dim=1) > 0).sum() * max_tokens
+    return _masked(per_token, mask).sum(), (mask.sum(dim=1) > 0).sum() * max_tokens
 
 
 AGGREGATIONS: dict[str, Callable] = {"sequence_mean": _sequence_mean, "token_mean": _token_mean,
@@ -161,8 +172,8 @@ def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
     if ref_logprobs is not None and beta:
         kl = k3_kl(logprobs, ref_logprobs)                                 # [N, T]
         per_token = per_token + beta * kl
-    mask = completion_mask.to(logprobs.dtype)
-    return per_token * mask, {"kl": kl.detach(), "ratio": ratio.detach(), "clipped": clipped.detach()}
+    return _masked(per_token, completion_mask), {"kl": kl.detach(), "ratio": ratio.detach(),
+                                                  "clipped": clipped.detach()}
 
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, beta: float = 0.04,

@@ -149,7 +149,8 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
                     accelerator.backward(loss + balance * len(micro) / len(rows))
                 m = mask[micro].bool()
                 if m.any():
-                    stats["loss/kl"].append(tok["kl"][m].mean().item())
+                    if cfg.beta > 0:  # with β = 0 nothing is measured, and nothing is logged
+                        stats["loss/kl"].append(tok["kl"][m].mean().item())
                     stats["loss/clip_frac"].append(tok["clipped"][m].float().mean().item())
                     stats["policy/ratio"].append(tok["ratio"][m].mean().item())
                     stats["policy/entropy"].append(out.entropy[m].mean().item())
@@ -172,6 +173,8 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
                 stats["train/skipped_nonfinite"].append(1.0)
             optimizer.zero_grad(set_to_none=True)
     skipped = float(len(stats.pop("train/skipped_nonfinite")))
+    if not stats["loss/kl"]:
+        del stats["loss/kl"]
     averaged = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
     return {**averaged, "train/skipped_nonfinite": skipped}, (router_logits, token_mask)
 
