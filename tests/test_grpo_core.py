@@ -204,3 +204,63 @@ def test_nan_in_padding_and_extreme_ratios_keep_the_loss_finite(aggregation):
     assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
     ratio = clipped_surrogate(logprobs.detach(), old, adv, 0.2, 0.2)[1]
     assert ratio[1, 1] == pytest.approx(math.exp(20.0))              # log ρ = 96 bounded at 20
+
+
+def test_gspo_hand_computed_and_against_a_reference_loop():
+    from align.grpo.core import gspo_surrogate
+
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]], requires_grad=True)
+    old = torch.tensor([[-1.2, -2.0, -2.8], [-0.5, -0.7, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([2.0, -1.0])
+    loss, ratio, clipped = gspo_surrogate(logprobs, old, adv, 0.05, 0.05, mask=mask)
+    # row 0: mean log ρ = (0.2 + 0 - 0.2) / 3 = 0 -> s = 1; row 1: (0 + 0.2) / 2 = 0.1 -> s = e^0.1 = 1.105
+    assert ratio[0, 0].item() == pytest.approx(1.0) and ratio[1, 0].item() == pytest.approx(math.exp(0.1))
+    # row 1: A < 0, s > 1 + ε: min(s A, 1.05 A) = s A (the unclipped, more negative) -> loss = s
+    assert loss[1, 0].item() == pytest.approx(math.exp(0.1)) and not clipped[1, 0]
+    for i in range(2):  # reference: per sequence, in plain Python
+        n = int(mask[i].sum())
+        s = math.exp(sum(logprobs[i, t].item() - old[i, t].item() for t in range(n)) / n)
+        a = adv[i].item()
+        ref = -min(s * a, min(max(s, 0.95), 1.05) * a)
+        assert loss[i, 0].item() == pytest.approx(ref)
+    total = grpo_loss(logprobs, old, None, adv, mask, beta=0.0, policy_loss="gspo", eps_low=0.05, eps_high=0.05)
+    assert total.item() == pytest.approx((loss[0, 0].item() + loss[1, 0].item()) / 2)
+    total.backward()  # the gradient reaches every token of a sequence through its mean log-ratio
+    assert (logprobs.grad[1, :2] != 0).all() and logprobs.grad[1, 2] == 0
+
+
+def test_cispo_hand_computed_and_against_a_reference_loop():
+    from align.grpo.core import cispo_surrogate
+
+    logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -2.0]])                                  # ρ = e^0.5 = 1.65 (capped at 1.2), 1
+    adv = torch.tensor([1.0])
+    loss, ratio, capped = cispo_surrogate(logprobs, old, adv, None, 0.2)
+    assert loss[0].tolist() == pytest.approx([1.2 * 1.0, 1.0 * 2.0])    # −w A log π
+    assert capped.tolist() == [[True, False]]
+    loss.sum().backward()
+    assert logprobs.grad[0].tolist() == pytest.approx([-1.2, -1.0])     # −w A: the capped token keeps a gradient
+    for t in range(2):
+        w = min(math.exp(logprobs[0, t].item() - old[0, t].item()), 1.2)
+        assert loss[0, t].item() == pytest.approx(-w * adv[0].item() * logprobs[0, t].item())
+
+
+def test_policy_loss_combinations_are_checked_by_key(tiny_dir, tmp_path):
+    from align.config import ConfigError, load_config
+    from align.grpo.config import GRPOConfig
+
+    base = [f"model.path={tiny_dir}", f"output_dir={tmp_path}/r", "train_data=[x.jsonl]",
+            "rewards=[{name: exact_answer}]"]
+    with pytest.raises(ConfigError, match=r"key 'aggregation' must be sequence_mean with policy_loss=gspo"):
+        load_config(GRPOConfig, None, base + ["policy_loss=gspo", "aggregation=token_mean"])
+    with pytest.raises(ConfigError, match=r"key 'clip_eps_low' must be unset with policy_loss=cispo"):
+        load_config(GRPOConfig, None, base + ["policy_loss=cispo", "clip_eps_low=0.2"])
+    with pytest.raises(ConfigError, match=r"key 'policy_loss' must be one of"):
+        load_config(GRPOConfig, None, base + ["policy_loss=ppo2"])
+    g = load_config(GRPOConfig, None, base + ["policy_loss=gspo"])
+    assert (g.clip_eps_low, g.clip_eps_high) == (3e-4, 4e-4)
+    c = load_config(GRPOConfig, None, base + ["policy_loss=cispo"])
+    assert (c.clip_eps_low, c.clip_eps_high) == (None, 0.2)
+    d = load_config(GRPOConfig, None, base)
+    assert (d.policy_loss, d.clip_eps_low, d.clip_eps_high) == ("clip", 0.2, 0.2)

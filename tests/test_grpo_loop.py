@@ -1,5 +1,7 @@
 """GRPO on the tiny model: identities at the first step, the direction of one update, resume, bad input."""
 
+import math
+
 import pytest
 import torch
 
@@ -128,3 +130,11 @@ def test_skip_policy_keeps_training_and_counts_skipped_groups(tiny_dir, tmp_path
     train_grpo(cfg)
     m = read_metrics(tmp_path / "out")[0]
     assert m["reward/skipped_groups"] >= 1
+
+
+@pytest.mark.parametrize("policy_loss", ["gspo", "cispo"])
+def test_other_policy_losses_train(tiny_dir, tmp_path, policy_loss):
+    train_grpo(_cfg(tiny_dir, tmp_path / "r", "steps=1", f"policy_loss={policy_loss}", "beta=0"))
+    first = read_metrics(tmp_path / "r")[0]
+    assert math.isfinite(first["loss/policy"]) and first["train/grad_norm"] > 0
+    assert "loss/kl" not in first  # β = 0: nothing measured, nothing logged

@@ -12,7 +12,7 @@ from ..finite import NonFinitePolicy, nonfinite_option
 from ..policy import ModelConfig
 from ..rollout.protocol import RolloutConfig, SamplingConfig
 from ..rundir import ResumeMode, resume_option
-from .core import AGGREGATIONS
+from .core import AGGREGATIONS, CLIP_DEFAULTS, POLICY_LOSSES
 
 
 @dataclasses.dataclass
@@ -41,8 +41,13 @@ class GRPOConfig:
     min_lr_ratio: float = option(1.0, "Final lr as a share of the peak (1.0 = constant).")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
     beta: float = option(0.04, "β: weight of the k3 KL penalty to the reference (DeepSeekMath: 0.04; 0 skips π_ref).")
-    clip_eps_low: float = option(0.2, "ε_low: ratio clipped below 1 − ε_low.")
-    clip_eps_high: float = option(0.2, "ε_high: ratio clipped above 1 + ε_high (DAPO: 0.28).")
+    policy_loss: str = option("clip", "Surrogate: clip (the paper's per-token clipped ratio) | gspo (one length-"
+                              "normalised ratio per completion; needs aggregation=sequence_mean) | cispo (clipped, "
+                              "detached IS weight x log-prob; no lower clip).")
+    clip_eps_low: float | None = option(None, "ε_low: ratio clipped below 1 − ε_low (unset: 0.2 for clip, 3e-4 for "
+                                        "gspo; cispo has none).")
+    clip_eps_high: float | None = option(None, "ε_high: ratio clipped above 1 + ε_high (unset: 0.2 for clip and "
+                                         "cispo, 4e-4 for gspo; DAPO: 0.28).")
     tis_cap: float = option(2.0, "C of truncated importance sampling: each token's surrogate is weighted by "
                             "min(π_θold / π_sampler, C) against engine / trainer mismatch (0: off).")
     aggregation: str = option("sequence_mean", "Loss aggregation: sequence_mean (DeepSeekMath) | token_mean (DAPO) "
@@ -93,7 +98,18 @@ class GRPOConfig:
                 "at most prompts_per_step (a minibatch holds whole groups of G completions)", self.minibatches)
         require(self.lr > 0, "lr", "positive", self.lr)
         require(self.beta >= 0, "beta", ">= 0", self.beta)
-        require(0 <= self.clip_eps_low < 1, "clip_eps_low", "in [0, 1)", self.clip_eps_low)
+        require(self.policy_loss in POLICY_LOSSES, "policy_loss", f"one of {sorted(POLICY_LOSSES)}", self.policy_loss)
+        if self.policy_loss == "cispo":
+            require(self.clip_eps_low is None, "clip_eps_low", "unset with policy_loss=cispo (CISPO clips the "
+                    "importance weight from above only)", self.clip_eps_low)
+        if self.policy_loss == "gspo":
+            require(self.aggregation == "sequence_mean", "aggregation", "sequence_mean with policy_loss=gspo (its "
+                    "loss is one value per completion)", self.aggregation)
+        low, high = CLIP_DEFAULTS[self.policy_loss]
+        self.clip_eps_low = low if self.clip_eps_low is None else self.clip_eps_low
+        self.clip_eps_high = high if self.clip_eps_high is None else self.clip_eps_high
+        if self.clip_eps_low is not None:
+            require(0 <= self.clip_eps_low < 1, "clip_eps_low", "in [0, 1)", self.clip_eps_low)
         require(self.clip_eps_high >= 0, "clip_eps_high", ">= 0", self.clip_eps_high)
         require(self.aggregation in AGGREGATIONS, "aggregation", f"one of {sorted(AGGREGATIONS)}", self.aggregation)
         require(self.tis_cap >= 0, "tis_cap", ">= 0 (0: off)", self.tis_cap)

@@ -7,6 +7,9 @@ For a prompt q with G sampled outputs o_1..o_G and rewards r_1..r_G:
     L_i,t    = −min(ρ_i,t A_i, clip(ρ_i,t, 1−ε_low, 1+ε_high) A_i) + β · D_KL,i,t
     D_KL,i,t = π_ref/π_θ − log(π_ref/π_θ) − 1                     k3_kl  (unbiased, ≥ 0)
 
+(`policy_loss=clip`, the paper's). Two other surrogates by name (POLICY_LOSSES): `gspo` (one length-normalised ratio
+per completion, clipped per sequence) and `cispo` (the clipped importance weight, detached, times log π_θ);
+
 and the loss aggregates L over tokens and outputs (AGGREGATIONS, chosen by name):
     "sequence_mean"  1/G Σ_i 1/|o_i| Σ_t L_i,t        DeepSeekMath's objective (the default)
     "token_mean"     Σ_i Σ_t L_i,t / Σ_i |o_i|        DAPO (longer outputs weigh more)
@@ -85,11 +88,18 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
+LOG_RATIO_BOUND = 20.0  # |log ρ| beyond this is clamped (as verl): ρ = e^88 would overflow fp32 to inf, then NaN
+
+
+def _log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
+    return (logprobs - old_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)      # [N, T] exp never overflows
+
+
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                      eps_low: float = 0.2, eps_high: float = 0.2):
-    """Per-token −min(ρA, clip(ρ)A) [N, T], the ratio ρ [N, T], and where the clipped branch was taken [N, T]."""
-    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # [N, T] exp never overflows
-    ratio = torch.exp(log_ratio)                                           # [N, T]
+                      eps_low: float = 0.2, eps_high: float = 0.2, mask: torch.Tensor | None = None):
+    """policy_loss=clip (DeepSeekMath / PPO): per-token −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) [N, T], the ratio ρ
+    [N, T], and where the clipped branch was taken [N, T]."""
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs))                  # [N, T]
     adv = advantages.unsqueeze(-1)                                         # [N, 1]
     unclipped = ratio * adv                                                # [N, T]
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv          # [N, T]
@@ -97,7 +107,37 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     return loss, ratio, clipped < unclipped
 
 
-LOG_RATIO_BOUND = 20.0  # |log ρ| beyond this is clamped (as verl): ρ = e^88 would overflow fp32 to inf, then NaN
+def gspo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   eps_low: float = 3e-4, eps_high: float = 4e-4, mask: torch.Tensor | None = None):
+    """policy_loss=gspo (Zheng et al., 2025, "Group Sequence Policy Optimization"): one ratio per completion,
+    s_i = exp(mean over its tokens of log ρ_i,t), and the loss −min(s_i A_i, clip(s_i, 1−ε_low, 1+ε_high) A_i) set
+    on each of its tokens, so `sequence_mean` aggregation gives the per-sequence objective. Returns the per-token
+    loss [N, T], s_i broadcast [N, T], and where the clipped branch was taken [N, T]."""
+    m = torch.ones_like(logprobs) if mask is None else mask.to(logprobs.dtype)     # [N, T]
+    log_ratio = torch.where(m.bool(), _log_ratio(logprobs, old_logprobs), 0.0)     # [N, T]
+    seq = log_ratio.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)   # [N, 1] mean log ρ
+    ratio = torch.exp(seq).expand_as(logprobs)                             # [N, T]
+    adv = advantages.unsqueeze(-1)                                         # [N, 1]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
+    return -torch.minimum(unclipped, clipped), ratio, clipped < unclipped
+
+
+def cispo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    eps_low: float | None = None, eps_high: float = 0.2, mask: torch.Tensor | None = None):
+    """policy_loss=cispo (MiniMax-M1, 2025): per-token −sg(min(ρ, 1+ε_high)) · A · log π_θ(o_t): the importance
+    weight is clipped from above and detached, so every token keeps a gradient (no lower clip; ε_low unused).
+    Returns the per-token loss [N, T], ρ [N, T], and where the weight hit its cap [N, T]."""
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs))                  # [N, T]
+    weight = torch.clamp(ratio, max=1 + eps_high).detach()                 # [N, T]
+    loss = -weight * advantages.unsqueeze(-1) * logprobs                   # [N, T]
+    return loss, ratio, ratio > 1 + eps_high
+
+
+POLICY_LOSSES: dict[str, Callable] = {"clip": clipped_surrogate, "gspo": gspo_surrogate, "cispo": cispo_surrogate}
+
+# ε defaults per policy loss where the config leaves them unset (GSPO's paper: 3e-4 / 4e-4; CISPO has no lower clip)
+CLIP_DEFAULTS = {"clip": (0.2, 0.2), "gspo": (3e-4, 4e-4), "cispo": (None, 0.2)}
 
 
 def tis_weights(old_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
@@ -160,13 +200,18 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_tokens
 
 def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
                     advantages: torch.Tensor, completion_mask: torch.Tensor, beta: float = 0.04,
-                    eps_low: float = 0.2, eps_high: float = 0.2, weights: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    eps_low: float | None = 0.2, eps_high: float = 0.2, weights: torch.Tensor | None = None,
+                    policy_loss: str = "clip") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token GRPO loss [N, T] and per-token statistics (kl, ratio, clipped) for logging.
 
-    `weights` [N, T] (detached, e.g. `tis_weights`) multiply the surrogate term, not the KL penalty.
+    `policy_loss` names the surrogate (POLICY_LOSSES: clip, gspo, cispo). `weights` [N, T] (detached, e.g.
+    `tis_weights`) multiply the surrogate term, not the KL penalty.
     """
-    policy_loss, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high)
+    if policy_loss not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {policy_loss!r}; expected one of {sorted(POLICY_LOSSES)}")
+    surrogate, ratio, clipped = POLICY_LOSSES[policy_loss](logprobs, old_logprobs, advantages, eps_low, eps_high,
+                                                           mask=completion_mask)
+    policy_loss = surrogate
     per_token = policy_loss if weights is None else policy_loss * weights  # [N, T]
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None and beta:
@@ -177,10 +222,11 @@ def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
 
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, beta: float = 0.04,
-              eps_low: float = 0.2, eps_high: float = 0.2, aggregation: str = "sequence_mean",
-              max_tokens: int | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+              eps_low: float | None = 0.2, eps_high: float = 0.2, aggregation: str = "sequence_mean",
+              max_tokens: int | None = None, weights: torch.Tensor | None = None,
+              policy_loss: str = "clip") -> torch.Tensor:
     """The full-batch GRPO loss (to minimise): aggregate(grpo_token_loss)."""
     per_token, _ = grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, beta,
-                                   eps_low, eps_high, weights)
+                                   eps_low, eps_high, weights, policy_loss)
     num, den = aggregate(per_token, completion_mask, aggregation, max_tokens or logprobs.shape[1])
     return num / den.clamp_min(1)

@@ -107,7 +107,8 @@ def _micro_loss(model, batch: dict, micro: torch.Tensor, den: torch.Tensor, cfg:
     sampled = batch["sampling_logprobs"][micro]                                    # [n, C] the engine's
     per_token, tok = grpo_token_loss(logprobs, old, ref, batch["advantages"][micro], mask, cfg.beta,
                                      cfg.clip_eps_low, cfg.clip_eps_high,
-                                     weights=tis_weights(old, sampled, cfg.tis_cap))   # [n, C]
+                                     weights=tis_weights(old, sampled, cfg.tis_cap),
+                                     policy_loss=cfg.policy_loss)                      # [n, C]
     num, _ = aggregate(per_token, mask, cfg.aggregation, cfg.sampling.max_new_tokens)
     balance = torch.zeros((), device=logprobs.device)
     if moe is not None and cfg.balance_alpha > 0:
