@@ -138,3 +138,35 @@ def test_other_policy_losses_train(tiny_dir, tmp_path, policy_loss):
     first = read_metrics(tmp_path / "r")[0]
     assert math.isfinite(first["loss/policy"]) and first["train/grad_norm"] > 0
     assert "loss/kl" not in first  # β = 0: nothing measured, nothing logged
+
+
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean", "constant"])
+def test_the_loops_loss_is_grpo_loss_on_the_same_tensors(tiny_dir, aggregation):
+    """The loop calls the tested loss as is: its micro-batch losses (2 micro-batches of one group each, with the
+    global denominator) add up to `grpo_loss` over the whole batch."""
+    from accelerate import Accelerator
+
+    from align.grpo.core import grpo_loss, tis_weights
+    from align.optim import build_optimizer, warmup_cosine
+    from align.policy import ModelConfig, load_policy
+
+    torch.manual_seed(0)
+    model = load_policy(ModelConfig(path=str(tiny_dir)))
+    cfg = _cfg(tiny_dir, "unused", "beta=0", "micro_batch_size=4", f"aggregation={aggregation}")
+    prompts = torch.randint(3, 1000, (2, 7)).repeat_interleave(4, 0)                 # 2 groups of G = 4
+    ids = torch.cat([prompts, torch.randint(3, 1000, (8, 5))], 1)
+    mask = torch.ones(8, 5)
+    mask[1, 3:] = 0
+    mask[6, 1:] = 0
+    sampled = torch.full((8, 5), -7.0)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -2.0, 0.0])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask, "sampling_logprobs": sampled,
+             "advantages": adv, "n": 5, "old_logprobs": None, "ref_logprobs": None}
+    with torch.no_grad():
+        lp = forward_logprobs(model, ids, 5).logprobs
+    want = grpo_loss(lp, lp, None, adv, mask, beta=0.0, aggregation=aggregation,
+                     max_tokens=cfg.sampling.max_new_tokens, weights=tis_weights(lp, sampled, cfg.tis_cap))
+    opt = build_optimizer(model, 1e-3, 0.0)
+    stats, _ = _update(model, opt, warmup_cosine(opt, 1, 0, 1.0), Accelerator(cpu=True), batch, cfg, None,
+                       torch.Generator().manual_seed(0))
+    assert stats["loss/policy"] == pytest.approx(want.item(), rel=1e-5, abs=1e-7)

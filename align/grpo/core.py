@@ -221,12 +221,24 @@ def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
                                                   "clipped": clipped.detach()}
 
 
+def loss_denominator(completion_mask: torch.Tensor, aggregation: str, max_tokens: int) -> torch.Tensor:
+    """The denominator `aggregate` divides by, from the mask alone (a loop sums it over micro-batches and
+    processes and passes the total to `grpo_loss`)."""
+    return aggregate(torch.zeros_like(completion_mask, dtype=torch.float), completion_mask, aggregation,
+                     max_tokens)[1].float()
+
+
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, beta: float = 0.04,
               eps_low: float | None = 0.2, eps_high: float = 0.2, aggregation: str = "sequence_mean",
               max_tokens: int | None = None, weights: torch.Tensor | None = None,
-              policy_loss: str = "clip") -> torch.Tensor:
-    """The full-batch GRPO loss (to minimise): aggregate(grpo_token_loss)."""
-    per_token, _ = grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, beta,
-                                   eps_low, eps_high, weights, policy_loss)
+              policy_loss: str = "clip", denominator: torch.Tensor | None = None, with_stats: bool = False):
+    """The GRPO loss (to minimise): aggregate(grpo_token_loss) / denominator.
+
+    `denominator`: the whole batch's (from `loss_denominator`, summed over micro-batches and processes), so that
+    the micro-batch losses add up to the batch loss; default this batch's own. `with_stats`: also return the
+    per-token statistics (kl, ratio, clipped) of `grpo_token_loss`."""
+    per_token, stats = grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, beta,
+                                       eps_low, eps_high, weights, policy_loss)
     num, den = aggregate(per_token, completion_mask, aggregation, max_tokens or logprobs.shape[1])
-    return num / den.clamp_min(1)
+    loss = num / (den.clamp_min(1) if denominator is None else denominator)
+    return (loss, stats) if with_stats else loss

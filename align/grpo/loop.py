@@ -50,9 +50,9 @@ from ..rollout.hf import HFEngine
 from ..sft import batch_indices
 from .config import GRPOConfig
 from .core import (
-    aggregate,
     group_advantages,
-    grpo_token_loss,
+    grpo_loss,
+    loss_denominator,
     mismatch_stats,
     tis_weights,
     zero_std_groups,
@@ -105,16 +105,15 @@ def _micro_loss(model, batch: dict, micro: torch.Tensor, den: torch.Tensor, cfg:
     old = batch["old_logprobs"][micro] if batch["old_logprobs"] is not None else logprobs.detach()
     ref = batch["ref_logprobs"][micro] if batch["ref_logprobs"] is not None else None
     sampled = batch["sampling_logprobs"][micro]                                    # [n, C] the engine's
-    per_token, tok = grpo_token_loss(logprobs, old, ref, batch["advantages"][micro], mask, cfg.beta,
-                                     cfg.clip_eps_low, cfg.clip_eps_high,
-                                     weights=tis_weights(old, sampled, cfg.tis_cap),
-                                     policy_loss=cfg.policy_loss)                      # [n, C]
-    num, _ = aggregate(per_token, mask, cfg.aggregation, cfg.sampling.max_new_tokens)
+    loss, tok = grpo_loss(logprobs, old, ref, batch["advantages"][micro], mask, cfg.beta, cfg.clip_eps_low,
+                          cfg.clip_eps_high, cfg.aggregation, cfg.sampling.max_new_tokens,
+                          weights=tis_weights(old, sampled, cfg.tis_cap), policy_loss=cfg.policy_loss,
+                          denominator=den, with_stats=True)
     balance = torch.zeros((), device=logprobs.device)
     if moe is not None and cfg.balance_alpha > 0:
         balance = expert_balance_loss(out.router_logits, moe["top_k"], cfg.balance_alpha,
                                       _router_mask(out, batch, micro), **moe["routing"])
-    return num / den, balance, out, logprobs, old, sampled, tok
+    return loss, balance, out, logprobs, old, sampled, tok
 
 
 def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConfig, moe, gen, step: int = 0):
@@ -136,8 +135,7 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
         for chunk in groups.chunk(min(cfg.minibatches, len(groups))):
             rows = (chunk[:, None] * G + torch.arange(G)).reshape(-1)                  # [rows of whole groups]
             minibatch_loss = 0.0
-            den = aggregate(torch.zeros_like(mask[rows], dtype=torch.float), mask[rows], cfg.aggregation,
-                            cfg.sampling.max_new_tokens)[1].float()
+            den = loss_denominator(mask[rows], cfg.aggregation, cfg.sampling.max_new_tokens)
             # the loss is normalised by the global count (all processes); data-parallel gradients are averaged
             # over processes, hence x world: the update equals one process taking the whole global batch
             den = accelerator.reduce(den, reduction="sum").clamp_min(1) / accelerator.num_processes
