@@ -283,3 +283,13 @@ def collate_packed(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         pos[i, :n] = torch.tensor(r["position_ids"])
         pos[i, n:] = torch.arange(width - n)  # padding is its own segment, fully ignored
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def batch_indices(n_rows: int, global_batch: int, step: int, seed: int) -> list[int]:
+    """Rows of global batch `step`: epochs are concatenated seeded permutations, so the order depends on step only."""
+    start, out = step * global_batch, []
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        out += perm[offset: offset + global_batch - len(out)]
+    return out

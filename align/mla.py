@@ -35,7 +35,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from . import fastpaths
 from .fastpaths import CACHE_KW
-from .rollout.weights import lora_delta
+from .policy import lora_delta
 
 
 def _effective_weight(linear) -> torch.Tensor:

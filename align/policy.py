@@ -250,3 +250,12 @@ def load_for_training(cfg: ModelConfig, device, resume_from=None):
     if cfg.lora.enabled:
         return load_policy(cfg, device, adapter=resume_from)
     return load_policy(dataclasses.replace(cfg, path=str(resume_from)), device)
+
+
+def lora_delta(module) -> torch.Tensor | None:
+    """The summed ΔW of a peft LoRA layer's active adapters (peft's own `get_delta_weight`); None when its adapters
+    are disabled or already merged, or none is active on it."""
+    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+        return None
+    deltas = [module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A]
+    return sum(deltas[1:], deltas[0]) if deltas else None

@@ -22,12 +22,11 @@ import torch.nn.functional as F
 from .allocator import keep_freed_memory
 from .checkpoint import atomic_dir
 from .config import option, require
-from .data import DataError, as_messages, load_rows
+from .data import DataError, as_messages, batch_indices, load_rows
 from .metrics import MetricsLogger, progress
 from .optim import build_optimizer, warmup_cosine
 from .policy import check_model_dir, load_tokenizer
 from .rundir import ResumeMode, claim, resume_option
-from .sft import batch_indices
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ import torch
 from . import checkpoint as ckpt
 from .allocator import keep_freed_memory
 from .config import ConfigError, config_to_dict, option, require
-from .data import IGNORE, collate, collate_packed, load_chats, pack, tokenize_chats
+from .data import IGNORE, batch_indices, collate, collate_packed, load_chats, pack, tokenize_chats
 from .finite import NonFinitePolicy, check_step, nonfinite_option
 from .logprobs import forward_logprobs
 from .metrics import MetricsLogger, progress
@@ -76,16 +76,6 @@ class SFTConfig:
         require(self.balance_alpha >= 0, "balance_alpha", ">= 0", self.balance_alpha)
         for key in ("eval_every", "save_every", "keep_last", "max_grad_norm"):
             require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
-
-
-def batch_indices(n_rows: int, global_batch: int, step: int, seed: int) -> list[int]:
-    """Rows of global batch `step`: epochs are concatenated seeded permutations, so the order depends on step only."""
-    start, out = step * global_batch, []
-    while len(out) < global_batch:
-        epoch, offset = divmod(start + len(out), n_rows)
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        out += perm[offset: offset + global_batch - len(out)]
-    return out
 
 
 def _prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:

@@ -7,7 +7,8 @@ from align.cli import main
 from align.config import ConfigError, load_config
 from align.data import DataError
 from align.metrics import read_metrics
-from align.sft import SFTConfig, batch_indices, train_sft
+from align.data import batch_indices
+from align.sft import SFTConfig, train_sft
 
 from .conftest import DATA, chat, interrupted_copy, write_jsonl
 

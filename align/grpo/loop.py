@@ -35,7 +35,7 @@ from rewards.combine import RewardError, check_columns, close_rewards, score
 from .. import checkpoint as ckpt
 from ..allocator import keep_freed_memory
 from ..config import ConfigError, config_to_dict
-from ..data import load_prompts
+from ..data import batch_indices, load_prompts
 from ..finite import check_step
 from ..rundir import claim
 from ..evaluate import accuracy
@@ -47,7 +47,7 @@ from ..offload import offloaded
 from ..optim import build_optimizer, warmup_cosine
 from ..policy import check_model_dir, is_deepseek_v2, load_for_training, load_tokenizer
 from ..rollout.hf import HFEngine
-from ..sft import batch_indices
+from ..rollout.protocol import RolloutEngine
 from .config import GRPOConfig
 from .core import (
     group_advantages,
@@ -251,6 +251,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         start, history = state["step"], state.get("history", {})
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    engine: RolloutEngine
     if cfg.rollout.engine == "vllm":
         from ..rollout.vllm import VLLMEngine
 

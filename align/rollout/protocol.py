@@ -88,6 +88,8 @@ class Rollouts:
 
 
 class RolloutEngine(Protocol):
+    last_sync_s: float  # seconds the last sync_weights took (logged as perf/sync_s)
+
     def generate(self, prompts: list[list[dict]], n: int, sampling: SamplingConfig) -> Rollouts:
         """G = n completions for each chat prompt (a list of messages); rows grouped per prompt."""
 

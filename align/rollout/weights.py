@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from ..policy import causal_lm
+from ..policy import causal_lm, lora_delta
 
 _BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
 
@@ -35,15 +35,6 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     """A whole tensor from an FSDP2 shard (DTensor; a collective: every process calls it in the same order)."""
     t = t.detach()
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def lora_delta(module) -> torch.Tensor | None:
-    """The summed ΔW of a peft LoRA layer's active adapters (peft's own `get_delta_weight`); None when its adapters
-    are disabled or already merged, or none is active on it."""
-    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
-        return None
-    deltas = [module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A]
-    return sum(deltas[1:], deltas[0]) if deltas else None
 
 
 def iter_merged_weights(model):
