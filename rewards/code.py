@@ -173,7 +173,7 @@ class _Program:
         line, self.buffer = self.buffer.split(b"\n", 1)
         try:
             msg = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply for the parser
             raise ProgramGone("malformed answer") from None
         if not (isinstance(msg, list) and len(msg) == 2 and isinstance(msg[0], str)):
             raise ProgramGone("malformed answer")

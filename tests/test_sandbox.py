@@ -224,6 +224,9 @@ FORGERIES = {
                                  "def add(a, b): return 0",
     "huge reply": "def add(a, b): return 'x' * (8 << 20)",
     "nested bomb": "def add(a, b):\n    x = []\n    for _ in range(10000): x = [x]\n    return x",
+    "parser-depth bomb on the pipe": "import os\ndef add(a, b):\n    for fd in range(3, 10):\n        try:\n"
+                                     "            os.write(fd, b'[' * 200000 + b'\\n')\n        except OSError:\n"
+                                     "            pass\n    return 0",
     "read the tests": "import gc\ndef add(a, b):\n    for o in gc.get_objects():\n"
                       "        if isinstance(o, str) and o.startswith('assert add('): return int(o.split('== ')[1])\n"
                       "    return 0",
