@@ -234,6 +234,8 @@ def run_tests(program: str, tests: list[str], limits: SandboxLimits, isolation: 
             names = None
         if names is None:
             return 0.0, False
+        # a program's `abs` or `len` would otherwise stand in for the builtin the test means to call
+        names = [n for n in names if not hasattr(builtins, n)]
         for test in tests:
             ns = {"__name__": "test", **{n: _proxy(remote, n) for n in names}}
             try:

@@ -151,10 +151,17 @@ def test_huge_file_is_cut_at_the_file_size_limit():
 
 @GUARD
 def test_signals_reach_nothing_outside(guard):
-    code = DISABLE_HOOK + ("import os, signal\nfor pid in (os.getppid(), %d, -1, 0):\n    try:\n"
-                           "        os.kill(pid, signal.SIGKILL)\n    except OSError:\n        pass\n" % os.getpid())
-    run_python(code, limits=LIMITS, guard=guard)  # this test process is still alive to assert
-    assert True
+    import subprocess
+
+    canary = subprocess.Popen(["sleep", "30"])  # a process of the user align runs as
+    code = DISABLE_HOOK + ("import os, signal\nfor pid in (os.getppid(), %d, %d, -1, 0):\n    try:\n"
+                           "        os.kill(pid, signal.SIGKILL)\n    except OSError:\n        pass\n"
+                           % (os.getpid(), canary.pid))
+    run_python(code, limits=LIMITS, guard=guard)
+    time.sleep(0.2)
+    alive = canary.poll() is None
+    canary.kill()
+    assert alive  # (and this test process is still here to assert it)
 
 
 @GUARD
@@ -175,7 +182,8 @@ def test_shells_and_ctypes_run_only_as_nobody_inside(tmp_path, guard):
                  f"import os\nos.system('touch {target} /usr/pwned')",
                  "import ctypes\nprint(ctypes.CDLL(None).setuid(0))"):
         r = run_python(DISABLE_HOOK + code, limits=LIMITS, guard=guard)
-        assert "0\n" != r.stdout, code                       # setuid(0) fails: -1
+        if "setuid" in code and not guard:                    # the hook refuses ctypes when on
+            assert r.stdout.strip() == "-1", r                 # setuid(0) fails as nobody
     assert not target.exists() and not Path("/usr/pwned").exists()
 
 
@@ -248,6 +256,8 @@ def test_humaneval_style_check_function():
     assert run_tests(good, [test], LIMITS)[0] == 1.0
     assert run_tests("def total(xs):\n    return len(xs)", [test], LIMITS)[0] == 0.0
     assert run_tests(FORGERIES["always-equal object"].replace("add(a, b)", "total(xs)"), [test], LIMITS)[0] == 0.0
+    shadow = "def abs(x):\n    return 0\ndef total(xs):\n    return 12345"   # abs(wrong - 0.75) < 1e-9 "passes"
+    assert run_tests(shadow, [test], LIMITS)[0] == 0.0
 
 
 def test_values_keep_their_types_and_exceptions_their_names():
