@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from .finite import nonfinite_tensor
+
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 TRAINER_STATE = "trainer_state.pt"
@@ -68,28 +70,6 @@ def _load_safetensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
-
-
-def nonfinite_tensor(tensors) -> str | None:
-    """Name of the first floating-point tensor in a mapping (or nested state) that is not all finite."""
-    import torch
-
-    def walk(obj, name):
-        if isinstance(obj, torch.Tensor):
-            return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
-        if isinstance(obj, dict):
-            items = obj.items()
-        elif isinstance(obj, (list, tuple)):
-            items = enumerate(obj)
-        else:
-            return None
-        for k, v in items:
-            found = walk(v, f"{name}.{k}" if name else str(k))
-            if found:
-                return found
-        return None
-
-    return walk(tensors, "")
 
 
 def clean_leftovers(output_dir: str | Path) -> list[Path]:

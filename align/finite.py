@@ -42,3 +42,25 @@ def check_step(stage: str, step: int, values: dict[str, float | None], policy: s
         return False
     raise NonFiniteError(f"{stage} step {step}: {bad[0]} is {bad[1]}; the step was not applied and nothing was "
                          "saved (on_nonfinite=skip drops such steps instead)")
+
+
+def nonfinite_tensor(tensors) -> str | None:
+    """Name of the first floating-point tensor in a mapping (or nested state) that is not all finite."""
+    import torch
+
+    def walk(obj, name):
+        if isinstance(obj, torch.Tensor):
+            return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+        if isinstance(obj, dict):
+            items = obj.items()
+        elif isinstance(obj, (list, tuple)):
+            items = enumerate(obj)
+        else:
+            return None
+        for k, v in items:
+            found = walk(v, f"{name}.{k}" if name else str(k))
+            if found:
+                return found
+        return None
+
+    return walk(tensors, "")

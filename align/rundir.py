@@ -116,3 +116,14 @@ def _differences(theirs: dict, mine: dict) -> list[tuple[str, object, object]]:
         if a.get(key) != b.get(key):
             diff.append((key, a.get(key), b.get(key)))
     return diff
+
+
+def claim_all(accelerator, output_dir: str | Path, kind: str, cfg) -> None:
+    """`claim` under several processes: every process checks the directory first (so none sees a half-written
+    manifest), then the main one writes."""
+    force = cfg.resume == "force"
+    claim(output_dir, kind, cfg, force=force, write=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        claim(output_dir, kind, cfg, force=force)
+    accelerator.wait_for_everyone()

@@ -33,7 +33,7 @@ from .metrics import MetricsLogger, progress
 from .moe import expert_balance_loss, expert_load, routing_kwargs
 from .optim import build_optimizer, warmup_cosine
 from .policy import ModelConfig, check_model_dir, is_deepseek_v2, load_for_training, load_tokenizer
-from .rundir import ResumeMode, claim, resume_option
+from .rundir import ResumeMode, claim_all, resume_option
 
 
 @dataclasses.dataclass
@@ -146,11 +146,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     steps_per_epoch = max(1, len(train_rows) // global_batch)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    claim(cfg.output_dir, "sft", cfg, force=cfg.resume == "force", write=False)  # every process checks
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:  # then one writes
-        claim(cfg.output_dir, "sft", cfg, force=cfg.resume == "force")
-    accelerator.wait_for_everyone()
+    claim_all(accelerator, cfg.output_dir, "sft", cfg)  # before any write: the directory is this run's
     resume = ckpt.latest_checkpoint(cfg.output_dir)
     model = load_for_training(cfg.model, device, resume)
     moe = None

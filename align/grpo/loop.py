@@ -36,10 +36,9 @@ from .. import checkpoint as ckpt
 from ..allocator import keep_freed_memory
 from ..config import ConfigError, config_to_dict
 from ..data import batch_indices, load_prompts
-from ..finite import check_step
-from ..rundir import claim
 from ..evaluate import accuracy
 from ..faults import fault_point
+from ..finite import check_step
 from ..logprobs import forward_logprobs
 from ..metrics import MetricsLogger, progress
 from ..moe import expert_balance_loss, expert_load, routing_kwargs
@@ -48,6 +47,7 @@ from ..optim import build_optimizer, warmup_cosine
 from ..policy import check_model_dir, is_deepseek_v2, load_for_training, load_tokenizer
 from ..rollout.hf import HFEngine
 from ..rollout.protocol import RolloutEngine
+from ..rundir import claim_all
 from .config import GRPOConfig
 from .core import (
     group_advantages,
@@ -228,11 +228,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                           f"{cfg.minibatches}")
     set_seed(cfg.seed + rank)  # each process samples its own completions
     device = accelerator.device
-    claim(cfg.output_dir, "grpo", cfg, force=cfg.resume == "force", write=False)  # every process checks
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:  # then one writes
-        claim(cfg.output_dir, "grpo", cfg, force=cfg.resume == "force")
-    accelerator.wait_for_everyone()
+    claim_all(accelerator, cfg.output_dir, "grpo", cfg)  # before any write: the directory is this run's
     resume = ckpt.latest_checkpoint(cfg.output_dir)
     model = load_for_training(cfg.model, device, resume)
     moe = None
@@ -286,10 +282,9 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                        cfg.on_reward_error)
         fault_point("scoring", step + 1)
         t_reward = time.time()
-        kept_total = scores.total[scores.keep]
-        kept_total = kept_total[~kept_total.isnan()]                               # NaN: unscored, not bad
-        if not check_step("grpo", step + 1, {"reward/total": kept_total.sum().item()}, cfg.on_nonfinite):
-            kept_total = None  # skip: nothing of this step is trained on
+        kept = scores.total[scores.keep]
+        kept = kept[~kept.isnan()]                                                 # NaN: unscored, not bad
+        rewards_ok = check_step("grpo", step + 1, {"reward/total": kept.sum().item()}, cfg.on_nonfinite)
         # 3. group-normalised advantages (optionally dropping groups with no signal, and skipped groups)
         advantages = group_advantages(scores.total, G, cfg.scale_rewards)           # [N]
         zero = zero_std_groups(scores.total, G)                                     # [B]
@@ -302,7 +297,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         metrics = {**scores.metrics(), "reward/zero_std_frac": zero.float().mean().item(),
                    "rollout/completion_len": rollouts.completion_mask.sum(1).float().mean().item(),
                    "rollout/truncated_frac": rollouts.truncated.float().mean().item()}
-        if rollouts.completion_ids.shape[0] > 0 and kept_total is not None:
+        if rollouts.completion_ids.shape[0] > 0 and rewards_ok:  # skip policy: a bad step trains on nothing
             # 4. token layout: prompt (left-padded) + completion (right-padded); loss on completion tokens
             loss_mask = rollouts.completion_mask.clone()                            # [N, C]
             if cfg.mask_truncated:
