@@ -12,6 +12,8 @@ logits it records (`output_router_logits=True`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
@@ -122,3 +124,30 @@ def measure_experts_impl(model, tokens: int = 4096, repeats: int = 3, cache: str
     except OSError:
         pass  # a read-only home: measure again next time
     return best
+
+
+@dataclasses.dataclass(frozen=True)
+class Router:
+    """A DeepSeek-V2 policy's routing settings: what the balance loss and the load metrics need to know."""
+
+    top_k: int       # experts per token
+    routing: dict    # select_experts' method / n_group / topk_group
+
+    def balance_loss(self, router_logits, alpha: float, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return expert_balance_loss(router_logits, self.top_k, alpha, token_mask, **self.routing)
+
+    def load(self, router_logits, token_mask: torch.Tensor | None = None) -> dict[str, float]:
+        return expert_load(router_logits, self.top_k, token_mask, **self.routing)
+
+
+def router_of(model, balance_alpha: float, path: str) -> Router | None:
+    """The policy's Router when it is a DeepSeek-V2 MoE, else None; a balance loss on a dense model is refused."""
+    config = model.config
+    if getattr(config, "model_type", None) == "deepseek_v2":
+        return Router(config.num_experts_per_tok, routing_kwargs(config))
+    if balance_alpha > 0:
+        from .config import ConfigError
+
+        raise ConfigError(f"balance_alpha={balance_alpha} needs a DeepSeek-V2 MoE model; {path} is "
+                          f"{config.model_type!r} (set balance_alpha=0)")
+    return None

@@ -6,7 +6,8 @@ Rows are `{"prompt": str | messages, "chosen": str | messages, "rejected": str |
 as one conversation with the tokenizer's chat template and scored by a one-output sequence-classification head
 (`AutoModelForSequenceClassification`, num_labels=1) on the last real token. The starting point is a causal-LM
 checkpoint (the head is new) or a sequence-classification one. Reports held-out pair accuracy (share of pairs with
-r_chosen > r_rejected). The output directory is an ordinary HF directory that the `classifier` reward loads.
+r_chosen > r_rejected). Set-up, resume, checkpoints and the finiteness check are the shared ones (`align.trainer`);
+OUTPUT/final is an ordinary HF directory that the `classifier` reward loads.
 """
 
 from __future__ import annotations
@@ -14,19 +15,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .allocator import keep_freed_memory
-from .checkpoint import atomic_dir
 from .config import option, require
 from .data import DataError, as_messages, batch_indices, load_rows
-from .metrics import MetricsLogger, progress
-from .optim import build_optimizer, warmup_cosine
+from .finite import NonFinitePolicy, nonfinite_option
+from .metrics import progress
 from .policy import check_model_dir, load_tokenizer
-from .rundir import ResumeMode, claim, resume_option
+from .rundir import ResumeMode, resume_option
+from .trainer import start_run
 
 
 @dataclasses.dataclass
@@ -43,9 +42,12 @@ class RMConfig:
     warmup_ratio: float = option(0.05, "Share of steps with linear warmup.")
     max_grad_norm: float = option(1.0, "Gradient clipping (0: off).")
     eval_every: int = option(50, "Steps between held-out evaluations (0: end only).")
+    save_every: int = option(0, "Steps between checkpoints (0: only at the end).")
+    keep_last: int = option(1, "Checkpoints kept (0: all).")
     tensorboard: bool = option(True, "Also write TensorBoard event files (when installed).")
     seed: int = option(0, "Seed for the pair order.")
     resume: ResumeMode = resume_option()
+    on_nonfinite: NonFinitePolicy = nonfinite_option("loss or gradient norm")
 
     def validate(self) -> None:
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)
@@ -53,6 +55,9 @@ class RMConfig:
             require(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))
         require(self.epochs > 0, "epochs", "positive", self.epochs)
         require(self.lr > 0, "lr", "positive", self.lr)
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
+        for key in ("eval_every", "save_every", "keep_last", "max_grad_norm"):
+            require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
 
 
 def load_pairs(path, tokenizer) -> list[tuple[str, str]]:
@@ -87,54 +92,53 @@ def pair_accuracy(model, tokenizer, pairs, max_length: int, device, batch: int =
     return right / max(1, len(pairs))
 
 
-def train_rm(cfg: RMConfig) -> dict:
-    from transformers import AutoModelForSequenceClassification
+def _load_rm(cfg: RMConfig, tokenizer):
+    """`load` for start_run: a one-output sequence classifier from cfg.model (a new head on a causal LM), or the
+    resumed checkpoint."""
+    def load(resume, device):
+        from transformers import AutoModelForSequenceClassification
 
-    keep_freed_memory()  # the process reuses freed activations instead of faulting them in again
+        model = AutoModelForSequenceClassification.from_pretrained(str(resume or cfg.model), num_labels=1)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model.to(device)
+    return load
+
+
+def train_rm(cfg: RMConfig) -> dict:
+    """Train the reward model to the end (resuming from the newest checkpoint in output_dir); returns a summary."""
     check_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     tokenizer.padding_side = "right"  # the score is read at the last real token
     train = [p for path in cfg.train_data for p in load_pairs(path, tokenizer)]
     held = [p for path in cfg.eval_data for p in load_pairs(path, tokenizer)]
-
-    claim(cfg.output_dir, "rm", cfg, force=cfg.resume == "force")  # before any write
-    torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1).to(device)
-    model.config.pad_token_id = tokenizer.pad_token_id
     steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = warmup_cosine(optimizer, steps, int(cfg.warmup_ratio * steps))
-    log = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard, prefix="rm ")
-    log.truncate_after(-1)  # a rerun of the same command trains from the start again
+
+    run = start_run(cfg, "rm", total_updates=steps, warmup_steps=int(cfg.warmup_ratio * steps),
+                    load=_load_rm(cfg, tokenizer), model_path=cfg.model)
+    model, device = run.model, run.device
     start = time.time()
-    acc_start = pair_accuracy(model, tokenizer, held, cfg.max_length, device) if held else None
-    model.train()
-    for step in progress(range(steps), steps, 0, "rm"):
+    acc_start = run.state.get("pair_accuracy_start")
+    if held and not run.resumed:
+        acc_start = pair_accuracy(model, tokenizer, held, cfg.max_length, device)
+    for step in progress(range(run.start, steps), steps, run.start, "rm", run.is_main):
         batch = [train[i] for i in batch_indices(len(train), cfg.batch_size, step, cfg.seed)]
         r = _rewards(model, tokenizer, [c for c, _ in batch] + [x for _, x in batch], cfg.max_length, device)
         margin = r[:len(batch)] - r[len(batch):]                                        # [B]
         loss = -F.logsigmoid(margin).mean()
-        loss.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        run.accelerator.backward(loss)
+        _, grad_norm = run.apply(step + 1, {"loss/bt": loss.item()})
         metrics = {"loss/bt": loss.item(), "rm/train_accuracy": (margin > 0).float().mean().item(),
-                   "rm/margin": margin.mean().item()}
+                   "rm/margin": margin.mean().item(), "train/grad_norm": grad_norm}
         if held and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == steps):
             metrics["eval/pair_accuracy"] = pair_accuracy(model, tokenizer, held, cfg.max_length, device)
-        log.log(step + 1, metrics, echo="eval/pair_accuracy" in metrics)
-    with atomic_dir(Path(cfg.output_dir) / "final") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    log.close()
-    summary = {"final": str(Path(cfg.output_dir) / "final"), "steps": steps, "pairs": len(train),
-               "seconds": round(time.time() - start, 1)}
+        run.log.log(step + 1, metrics, echo="eval/pair_accuracy" in metrics)
+        run.save(step + 1, steps, tokenizer, {"pair_accuracy_start": acc_start})
+    final = run.finish(tokenizer)
+    summary = {"final": str(final), "steps": steps, "pairs": len(train), "seconds": round(time.time() - start, 1)}
     if held:
         summary.update(heldout_pairs=len(held), pair_accuracy_start=acc_start,
                        pair_accuracy=pair_accuracy(model, tokenizer, held, cfg.max_length, device))
-        print(f"rm: held-out pair accuracy {acc_start:.1%} -> {summary['pair_accuracy']:.1%} "
-              f"({len(held)} pairs) in {summary['seconds']} s", flush=True)
+        if run.is_main:
+            print(f"rm: held-out pair accuracy {acc_start:.1%} -> {summary['pair_accuracy']:.1%} "
+                  f"({len(held)} pairs) in {summary['seconds']} s", flush=True)
     return summary

@@ -19,21 +19,18 @@ import contextlib
 import dataclasses
 import math
 import time
-from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .allocator import keep_freed_memory
-from .config import ConfigError, config_to_dict, option, require
+from .config import ConfigError, option, require
 from .data import IGNORE, batch_indices, collate, collate_packed, load_chats, pack, tokenize_chats
-from .finite import NonFinitePolicy, check_step, nonfinite_option
+from .finite import NonFinitePolicy, nonfinite_option
 from .logprobs import forward_logprobs
-from .metrics import MetricsLogger, progress
-from .moe import expert_balance_loss, expert_load, routing_kwargs
-from .optim import build_optimizer, warmup_cosine
-from .policy import ModelConfig, check_model_dir, is_deepseek_v2, load_for_training, load_tokenizer
-from .rundir import ResumeMode, claim_all, resume_option
+from .metrics import progress
+from .moe import Router
+from .policy import ModelConfig, check_model_dir, load_tokenizer
+from .rundir import ResumeMode, resume_option
+from .trainer import start_run
 
 
 @dataclasses.dataclass
@@ -98,21 +95,24 @@ def _to_batch(rows: list[dict], packing: bool, pad_id: int, device) -> dict[str,
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _nll_sum(model, batch: dict, cfg: SFTConfig, moe: dict | None):
+def _nll_sum(model, batch: dict, cfg: SFTConfig, router: Router | None):
     """Summed NLL over labelled tokens, their count, balance loss, router logits of one micro-batch."""
     ids = batch["input_ids"]                                                        # [B, T]
     out = forward_logprobs(model, ids, ids.shape[1] - 1, attention_mask=batch.get("attention_mask"),
                            position_ids=batch.get("position_ids"), chunk_tokens=cfg.logprob_chunk,
-                           router_logits=moe is not None)
+                           router_logits=router is not None)
     labels = batch["labels"][:, 1:]                                                 # [B, T-1]
     mask = (labels != IGNORE).float()                                               # [B, T-1]
     nll = -(out.logprobs * mask).sum()
     balance = torch.zeros((), device=ids.device)
-    if moe is not None and cfg.balance_alpha > 0:
-        token_mask = batch["attention_mask"].reshape(-1) if "attention_mask" in batch else None
-        balance = expert_balance_loss(out.router_logits, moe["top_k"], cfg.balance_alpha, token_mask,
-                                      **moe["routing"])
+    if router is not None and cfg.balance_alpha > 0:
+        balance = router.balance_loss(out.router_logits, cfg.balance_alpha, _token_mask(batch))
     return nll, mask.sum(), balance, out.router_logits
+
+
+def _token_mask(batch: dict) -> torch.Tensor | None:
+    """[B*T] 1 on real tokens (None for packed rows, which have no padding mask)."""
+    return batch["attention_mask"].reshape(-1) if "attention_mask" in batch else None
 
 
 @torch.no_grad()
@@ -128,9 +128,7 @@ def heldout_loss(model, rows: list[dict], cfg: SFTConfig, pad_id: int, device) -
 
 def train_sft(cfg: SFTConfig) -> dict:
     """Run SFT to the end (resuming from the newest checkpoint in output_dir); returns a summary."""
-    keep_freed_memory()  # the process reuses freed activations instead of faulting them in again
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate import PartialState
 
     # -- everything that can fail on bad input happens before the first write
     context = check_model_dir(cfg.model.path).get("max_position_embeddings")
@@ -138,101 +136,60 @@ def train_sft(cfg: SFTConfig) -> dict:
         raise ConfigError(f"key 'max_length' is {cfg.max_length}, beyond the model's context of {context} tokens")
     tokenizer = load_tokenizer(cfg.model.path)
     train_rows, held_rows, data_stats = _prepare_data(cfg, tokenizer)
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # CPU: gloo across processes
-    set_seed(cfg.seed)
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    world = PartialState().num_processes
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    steps_per_epoch = max(1, len(train_rows) // global_batch)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(1, len(train_rows) // global_batch)))
 
-    claim_all(accelerator, cfg.output_dir, "sft", cfg)  # before any write: the directory is this run's
-    resume = ckpt.latest_checkpoint(cfg.output_dir)
-    model = load_for_training(cfg.model, device, resume)
-    moe = None
-    if is_deepseek_v2(model.config):
-        moe = {"top_k": model.config.num_experts_per_tok, "routing": routing_kwargs(model.config)}
-    elif cfg.balance_alpha > 0:
-        raise ConfigError(f"balance_alpha={cfg.balance_alpha} needs a DeepSeek-V2 MoE model; {cfg.model.path} is "
-                          f"{model.config.model_type!r} (set balance_alpha=0)")
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = warmup_cosine(optimizer, total_steps, int(cfg.warmup_ratio * total_steps), cfg.min_lr_ratio)
-    start_step, best = 0, {}
-    if resume is not None:
-        state = ckpt.load_training_state(resume, optimizer, scheduler)
-        start_step, best = state["step"], state.get("heldout", {})
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    log = MetricsLogger(cfg.output_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard,
-                        prefix="sft ")
-    log.truncate_after(start_step)
-    pad_id = tokenizer.pad_token_id
-    if accelerator.is_main_process:
-        where = f"resuming at step {start_step}" if resume else "new run"
+    run = start_run(cfg, "sft", total_updates=total_steps, warmup_steps=int(cfg.warmup_ratio * total_steps))
+    accelerator, rank, pad_id = run.accelerator, run.accelerator.process_index, tokenizer.pad_token_id
+    if run.is_main:
+        where = f"resuming at step {run.start}" if run.resumed else "new run"
         print(f"sft: {len(train_rows)} rows ({data_stats['truncated']} truncated, {data_stats['dropped']} dropped), "
               f"{total_steps} steps of {global_batch}, {where}", flush=True)
-
-    heldout = dict(best)
-    if held_rows and start_step == 0:
-        heldout["start"] = heldout_loss(model, held_rows, cfg, pad_id, device)
-        log.log(0, {"eval/loss": heldout["start"]})
-    t0 = time.time()
-    skipped = 0
-    steps = range(start_step, total_steps)
-    for step in progress(steps, total_steps, start_step, "sft", accelerator.is_main_process):
+    heldout = dict(run.state.get("heldout", {}))
+    if held_rows and run.start == 0:
+        heldout["start"] = heldout_loss(run.model, held_rows, cfg, pad_id, run.device)
+        run.log.log(0, {"eval/loss": heldout["start"]})
+    t0, skipped = time.time(), 0
+    for step in progress(range(run.start, total_steps), total_steps, run.start, "sft", run.is_main):
         # -- this process's micro-batches of global batch `step`
         idx = batch_indices(len(train_rows), global_batch, step, cfg.seed)
         mine = idx[rank * cfg.batch_size * cfg.grad_accum:(rank + 1) * cfg.batch_size * cfg.grad_accum]
         micro = [_to_batch([train_rows[i] for i in mine[m * cfg.batch_size:(m + 1) * cfg.batch_size]],
-                           cfg.packing, pad_id, device) for m in range(cfg.grad_accum)]
+                           cfg.packing, pad_id, run.device) for m in range(cfg.grad_accum)]
         n_tokens = sum((mb["labels"][:, 1:] != IGNORE).sum() for mb in micro).float()
         n_tokens = accelerator.reduce(n_tokens, reduction="sum").clamp_min(1.0)
         # -- loss = token-mean NLL over the global batch (+ balance loss), accumulated over micro-batches
-        loss_sum, balance_sum, router = 0.0, 0.0, []
+        loss_sum, balance_sum, router_logits = 0.0, 0.0, ()
         for m, mb in enumerate(micro):
-            sync = contextlib.nullcontext() if m == len(micro) - 1 else accelerator.no_sync(model)
+            sync = contextlib.nullcontext() if m == len(micro) - 1 else accelerator.no_sync(run.model)
             with sync:
-                nll, _, balance, router_logits = _nll_sum(model, mb, cfg, moe)
-                loss = nll * world / n_tokens + balance / len(micro)
-                accelerator.backward(loss)
+                nll, _, balance, router_logits = _nll_sum(run.model, mb, cfg, run.router)
+                accelerator.backward(nll * world / n_tokens + balance / len(micro))
             loss_sum += nll.item() / n_tokens.item() * world
             balance_sum += balance.item() / len(micro)
-            router = router_logits
         if world > 1:  # each process summed its share of the global token mean: add the shares up
-            shares = accelerator.reduce(torch.tensor([loss_sum, balance_sum], device=device), reduction="sum")
+            shares = accelerator.reduce(torch.tensor([loss_sum, balance_sum], device=run.device), reduction="sum")
             loss_sum, balance_sum = shares[0].item() / world, shares[1].item() / world
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        if check_step("sft", step + 1, {"loss/sft": loss_sum, "loss/balance": balance_sum,
-                                        "train/grad_norm": None if grad_norm is None else float(grad_norm)},
-                      cfg.on_nonfinite):
-            optimizer.step()
-            scheduler.step()
-        else:
-            skipped += 1
-        optimizer.zero_grad(set_to_none=True)
+        applied, grad_norm = run.apply(step + 1, {"loss/sft": loss_sum, "loss/balance": balance_sum})
+        skipped += not applied
         done = step + 1
         # -- metrics, evaluation, checkpoint
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # None: DeepSpeed clips in its step
         metrics = {"loss/sft": loss_sum, "loss/balance": balance_sum, "train/grad_norm": grad_norm,
-                   "train/lr": scheduler.get_last_lr()[0], "train/tokens": int(n_tokens.item()),
-                   "perf/sec_per_step": (time.time() - t0) / (done - start_step), "train/skipped_nonfinite": skipped}
-        if moe is not None:
-            last = micro[-1].get("attention_mask")
-            token_mask = last.reshape(-1) if last is not None else None
-            metrics.update(expert_load(router, moe["top_k"], token_mask, **moe["routing"]))
+                   "train/lr": run.scheduler.get_last_lr()[0], "train/tokens": int(n_tokens.item()),
+                   "perf/sec_per_step": (time.time() - t0) / (done - run.start), "train/skipped_nonfinite": skipped}
+        if run.router is not None:
+            metrics.update(run.router.load(router_logits, _token_mask(micro[-1])))
         if held_rows and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
-            heldout["last"] = metrics["eval/loss"] = heldout_loss(model, held_rows, cfg, pad_id, device)
-        log.log(done, metrics, echo=(done % cfg.log_every == 0 or done == total_steps or "eval/loss" in metrics))
-        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
-            ckpt.save_training_checkpoint(accelerator, model, tokenizer, cfg.output_dir, done, optimizer, scheduler,
-                                          {"heldout": heldout, "config": config_to_dict(cfg)}, cfg.keep_last)
-    final = ckpt.export_final(accelerator, model, tokenizer, Path(cfg.output_dir) / "final")
-    log.close()
+            heldout["last"] = metrics["eval/loss"] = heldout_loss(run.model, held_rows, cfg, pad_id, run.device)
+        run.log.log(done, metrics, echo=(done % cfg.log_every == 0 or done == total_steps or "eval/loss" in metrics))
+        run.save(done, total_steps, tokenizer, {"heldout": heldout})
+    final = run.finish(tokenizer)
     summary = {"final": str(final), "steps": total_steps, "seconds": round(time.time() - t0, 1), **data_stats}
     if "start" in heldout and "last" in heldout:
         drop = 1 - heldout["last"] / heldout["start"]
         summary.update(heldout_start=heldout["start"], heldout_end=heldout["last"], heldout_drop=drop)
-        if accelerator.is_main_process:
+        if run.is_main:
             print(f"sft: held-out loss {heldout['start']:.4f} -> {heldout['last']:.4f} ({drop:.1%} lower) in "
                   f"{summary['seconds']} s", flush=True)
     return summary

@@ -8,6 +8,7 @@ import torch
 from align.config import ConfigError, load_config
 from align.grpo.config import GRPOConfig
 from align.grpo.loop import _update, train_grpo
+from align.grpo.trajectory import PolicyForward, Trajectory
 from align.logprobs import forward_logprobs
 from align.metrics import read_metrics
 from rewards import RewardError
@@ -18,6 +19,25 @@ from .conftest import DATA, interrupted_copy, write_jsonl
 def char_count(prompts, completions, **_):
     """A reward with spread even for a random-weight model."""
     return [float(len(c)) for c in completions]
+
+
+def _traj(ids, completion_mask, advantages, G, **kw) -> Trajectory:
+    """A trajectory over fixed token ids (the last completion_mask.shape[1] of each row are the completion)."""
+    return Trajectory(input_ids=ids, attention_mask=torch.ones_like(ids), completion_mask=completion_mask,
+                      group=torch.arange(len(ids)) // G, rewards={}, total=advantages, advantages=advantages,
+                      sampling_logprobs=kw.pop("sampling_logprobs", torch.zeros(completion_mask.shape)), **kw)
+
+
+def _run(model, cfg, optimizer=None, accelerator=None):
+    """The shared trainer's Run around a bare model, for calling `_update` directly."""
+    from accelerate import Accelerator
+
+    from align.optim import build_optimizer, warmup_cosine
+    from align.trainer import Run
+
+    opt = optimizer or build_optimizer(model, 1e-3, 0.0)
+    return Run("grpo", cfg, accelerator or Accelerator(cpu=True), model, opt, warmup_cosine(opt, 1, 0, 1.0),
+               None, None, 0, {}, False)
 
 
 def _cfg(model, out, *extra):
@@ -33,9 +53,7 @@ def test_first_step_ratio_one_and_kl_zero(tiny_dir, tmp_path, lora):
     train_grpo(_cfg(tiny_dir, tmp_path / "r", "steps=1", f"model.lora.enabled={str(lora).lower()}"))
     first = read_metrics(tmp_path / "r")[0]
     assert first["reward/total_std"] > 0 and first["train/grad_norm"] > 0
-    assert first["loss/kl"] == 0.0
-    assert first["policy/ratio"] == 1.0
-    assert first["loss/clip_frac"] == 0.0
+    assert first["loss/kl"] == 0.0  # π_ref (a separate copy, or adapters off) scores what π_θ does
     assert first["rollout/logprob_gap"] < 1e-3  # HF sampling log-probs agree with the trainer's (fp32)
 
 
@@ -47,25 +65,37 @@ def test_multiple_inner_epochs_use_precomputed_old_logprobs(tiny_dir, tmp_path):
 
 
 def test_one_update_moves_logprobs_in_the_advantage_direction(tiny_dir):
-    from accelerate import Accelerator
-
-    from align.optim import build_optimizer, warmup_cosine
     from align.policy import ModelConfig, load_policy
 
     torch.manual_seed(0)
     model = load_policy(ModelConfig(path=str(tiny_dir)))
-    cfg = _cfg(tiny_dir, "unused", "beta=0", "micro_batch_size=8")
+    cfg = _cfg(tiny_dir, "unused", "beta=0", "micro_batch_size=8", "group_size=2")
     ids = torch.randint(3, 1000, (2, 12))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones(2, 5),
-             "sampling_logprobs": torch.zeros(2, 5),
-             "advantages": torch.tensor([1.0, -1.0]), "n": 5, "old_logprobs": None, "ref_logprobs": None}
+    traj = _traj(ids, torch.ones(2, 5), torch.tensor([1.0, -1.0]), G=2)
     before = forward_logprobs(model, ids, 5).logprobs.sum(1).detach()
-    opt = build_optimizer(model, 1e-3, 0.0)
-    _update(model, opt, warmup_cosine(opt, 1, 0, 1.0), Accelerator(cpu=True), batch, cfg, None,
-            torch.Generator().manual_seed(0))
+    _update(_run(model, cfg), traj, cfg, PolicyForward.of(cfg), torch.Generator().manual_seed(0), 1)
     after = forward_logprobs(model, ids, 5).logprobs.sum(1).detach()
     assert after[0] > before[0]  # positive advantage: more likely
     assert after[1] < before[1]  # negative advantage: less likely
+
+
+def test_precomputed_old_logprobs_equal_the_update_forward(tiny_dir):
+    """π_θold computed once, no grad, micro-batched (`PolicyForward.no_grad`) is what the update's own forward
+    gives before the policy moves: ρ = 1 and nothing clipped, measured, not by construction (old is passed in)."""
+    from align.policy import ModelConfig, load_policy
+
+    torch.manual_seed(0)
+    model = load_policy(ModelConfig(path=str(tiny_dir)))
+    cfg = _cfg(tiny_dir, "unused", "beta=0", "micro_batch_size=4", "group_size=4")
+    prompts = torch.randint(3, 1000, (2, 7)).repeat_interleave(4, 0)                 # 2 groups of G = 4
+    ids = torch.cat([prompts, torch.randint(3, 1000, (8, 5))], 1)
+    traj = _traj(ids, torch.ones(8, 5), torch.randn(8), G=4)
+    forward = PolicyForward.of(cfg)
+    traj.old_logprobs = forward.no_grad(model, traj)
+    frozen = torch.optim.SGD(model.parameters(), lr=0.0)                              # the policy does not move
+    stats = _update(_run(model, cfg, frozen), traj, cfg, forward, torch.Generator().manual_seed(0), 1)
+    assert stats["policy/ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["loss/clip_frac"] == 0.0
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
@@ -144,10 +174,7 @@ def test_other_policy_losses_train(tiny_dir, tmp_path, policy_loss):
 def test_the_loops_loss_is_grpo_loss_on_the_same_tensors(tiny_dir, aggregation):
     """The loop calls the tested loss as is: its micro-batch losses (2 micro-batches of one group each, with the
     global denominator) add up to `grpo_loss` over the whole batch."""
-    from accelerate import Accelerator
-
     from align.grpo.core import grpo_loss, tis_weights
-    from align.optim import build_optimizer, warmup_cosine
     from align.policy import ModelConfig, load_policy
 
     torch.manual_seed(0)
@@ -160,13 +187,10 @@ def test_the_loops_loss_is_grpo_loss_on_the_same_tensors(tiny_dir, aggregation):
     mask[6, 1:] = 0
     sampled = torch.full((8, 5), -7.0)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -2.0, 0.0])
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask, "sampling_logprobs": sampled,
-             "advantages": adv, "n": 5, "old_logprobs": None, "ref_logprobs": None}
     with torch.no_grad():
         lp = forward_logprobs(model, ids, 5).logprobs
     want = grpo_loss(lp, lp, None, adv, mask, beta=0.0, aggregation=aggregation,
                      max_tokens=cfg.sampling.max_new_tokens, weights=tis_weights(lp, sampled, cfg.tis_cap))
-    opt = build_optimizer(model, 1e-3, 0.0)
-    stats, _ = _update(model, opt, warmup_cosine(opt, 1, 0, 1.0), Accelerator(cpu=True), batch, cfg, None,
-                       torch.Generator().manual_seed(0))
+    stats = _update(_run(model, cfg), _traj(ids, mask, adv, G=4, sampling_logprobs=sampled), cfg,
+                    PolicyForward.of(cfg), torch.Generator().manual_seed(0), 1)
     assert stats["loss/policy"] == pytest.approx(want.item(), rel=1e-5, abs=1e-7)

@@ -124,3 +124,9 @@ class GRPOConfig:
         require(len(set(keys)) == len(keys), "rewards", "uniquely named (give repeated rewards a label)", keys)
         for key in ("eval_every", "save_every", "keep_last", "warmup_steps", "max_grad_norm"):
             require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
+
+    def loss_kwargs(self) -> dict:
+        """The settings of `core.grpo_loss` this config fixes (after `validate`, which fills in the clip defaults)."""
+        return {"beta": self.beta, "eps_low": self.clip_eps_low, "eps_high": self.clip_eps_high,
+                "aggregation": self.aggregation, "max_tokens": self.sampling.max_new_tokens,
+                "policy_loss": self.policy_loss}

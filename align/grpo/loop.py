@@ -10,7 +10,10 @@ One exploration stage, in data-flow order:
     sync      hand the new weights to the rollout engine
     metrics   reward per component, zero-std groups, KL, clip fraction, entropy, lengths, truncation, expert load
 
-The maths is in `core` (pure functions). Old log-probs: with μ = 1 and one minibatch the policy is still π_θold
+Set-up, resume, checkpoints and the finiteness check are the shared trainer's (`align.trainer`); each step below
+is one call into a tested function: `rewards.combine.score`, `trajectory.build_trajectory` (advantages, loss mask,
+dropped groups, into one typed `Trajectory`), `PolicyForward` (every log-prob forward), `core.grpo_loss` (the
+maths, pure functions). Old log-probs: with μ = 1 and one minibatch the policy is still π_θold
 when the loss is taken, so the trainer's own detached log-probs serve (ρ = 1 exactly, its gradient is ∇ log π);
 otherwise they are computed once by the policy before the first update. The engine's sampling log-probs enter
 only through truncated importance sampling (`core.tis_weights`: weight min(π_θold / π_sampler, C) on the
@@ -26,127 +29,90 @@ from __future__ import annotations
 
 import contextlib
 import time
-from pathlib import Path
 
 import torch
 
 from rewards.combine import RewardError, check_columns, close_rewards, score
 
-from .. import checkpoint as ckpt
-from ..allocator import keep_freed_memory
-from ..config import ConfigError, config_to_dict
-from ..data import batch_indices, load_prompts
+from ..config import ConfigError
+from ..data import PromptRow, batch_indices, load_prompts
 from ..evaluate import accuracy
 from ..faults import fault_point
 from ..finite import check_step
-from ..logprobs import forward_logprobs
-from ..metrics import MetricsLogger, progress
-from ..moe import expert_balance_loss, expert_load, routing_kwargs
+from ..metrics import progress
 from ..offload import offloaded
-from ..optim import build_optimizer, warmup_cosine
-from ..policy import check_model_dir, is_deepseek_v2, load_for_training, load_tokenizer
+from ..policy import check_model_dir, load_tokenizer
 from ..rollout.hf import HFEngine
 from ..rollout.protocol import RolloutEngine
-from ..rundir import claim_all
+from ..trainer import Run, start_run
 from .config import GRPOConfig
-from .core import (
-    group_advantages,
-    grpo_loss,
-    loss_denominator,
-    mismatch_stats,
-    tis_weights,
-    zero_std_groups,
-)
+from .core import grpo_loss, loss_denominator, mismatch_stats, tis_weights
 from .reference import Reference
+from .trajectory import PolicyForward, Trajectory, build_trajectory
 
 
-def _prompt_batch(rows, cfg: GRPOConfig, step: int, rank: int = 0, world: int = 1):
-    """This process's share of step `step`'s B prompts (B / world consecutive ones), each repeated G times."""
+def _step_prompts(rows: list[PromptRow], cfg: GRPOConfig, step: int, rank: int = 0, world: int = 1):
+    """This process's share of step `step`'s B prompts (B / world consecutive ones of a (seed, step) draw)."""
     picked = [rows[i] for i in batch_indices(len(rows), cfg.prompts_per_step, step, cfg.seed)]
     share = cfg.prompts_per_step // world
-    picked = picked[rank * share:(rank + 1) * share]
-    G = cfg.group_size
-    prompts = [r.messages for r in picked for _ in range(G)]                       # N prompts (repeated G times)
+    return picked[rank * share:(rank + 1) * share]
+
+
+def _per_completion(picked: list[PromptRow], G: int) -> tuple[list, dict[str, list]]:
+    """Prompts and columns with one entry per completion, as rewards take them (each prompt's G times)."""
+    prompts = [r.messages for r in picked for _ in range(G)]                       # N
     names = sorted({k for r in picked for k in r.columns})
-    columns = {k: [r.columns.get(k) for r in picked for _ in range(G)] for k in names}
-    return picked, prompts, columns
+    return prompts, {k: [r.columns.get(k) for r in picked for _ in range(G)] for k in names}
 
 
-def _policy_logprobs(model, batch: dict, rows: torch.Tensor, cfg: GRPOConfig, **kw):
-    """Log-probs of the completion tokens of `rows` (whole groups: each group's prompt runs once)."""
-    return forward_logprobs(model, batch["input_ids"][rows], batch["n"], batch["attention_mask"][rows],
-                            chunk_tokens=cfg.logprob_chunk, temperature=cfg.sampling.temperature or 1.0,
-                            group_size=cfg.group_size, **kw)
-
-
-def _micro_size(cfg: GRPOConfig) -> int:
-    """Sequences per forward: micro_batch_size rounded down to whole groups (at least one group)."""
-    return max(cfg.micro_batch_size // cfg.group_size, 1) * cfg.group_size
-
-
-@torch.no_grad()
-def _logprobs_no_grad(model, batch: dict, cfg: GRPOConfig) -> torch.Tensor:
-    n_rows = batch["input_ids"].shape[0]
-    parts = [_policy_logprobs(model, batch, torch.arange(s, min(s + _micro_size(cfg), n_rows)), cfg).logprobs
-             for s in range(0, n_rows, _micro_size(cfg))]
-    return torch.cat(parts)                                                        # [N, C]
-
-
-def _router_mask(out, batch: dict, micro: torch.Tensor) -> torch.Tensor:
+def _router_mask(out, micro: Trajectory) -> torch.Tensor:
     """[tokens] 1 on the real tokens of `out.router_logits`' rows (the shared-prompt forward lays them out itself)."""
-    return out.router_mask if out.router_mask is not None else batch["attention_mask"][micro].reshape(-1)
+    return out.router_mask if out.router_mask is not None else micro.attention_mask.reshape(-1)
 
 
-def _micro_loss(model, batch: dict, micro: torch.Tensor, den: torch.Tensor, cfg: GRPOConfig, moe):
-    """One micro-batch's share of the minibatch loss (numerator / the minibatch's global denominator)."""
-    mask = batch["loss_mask"][micro]                                               # [n, C]
-    out = _policy_logprobs(model, batch, micro, cfg, with_entropy=True, router_logits=moe is not None)
-    logprobs = out.logprobs                                                        # [n, C]
-    old = batch["old_logprobs"][micro] if batch["old_logprobs"] is not None else logprobs.detach()
-    ref = batch["ref_logprobs"][micro] if batch["ref_logprobs"] is not None else None
-    sampled = batch["sampling_logprobs"][micro]                                    # [n, C] the engine's
-    loss, tok = grpo_loss(logprobs, old, ref, batch["advantages"][micro], mask, cfg.beta, cfg.clip_eps_low,
-                          cfg.clip_eps_high, cfg.aggregation, cfg.sampling.max_new_tokens,
-                          weights=tis_weights(old, sampled, cfg.tis_cap), policy_loss=cfg.policy_loss,
-                          denominator=den, with_stats=True)
-    balance = torch.zeros((), device=logprobs.device)
-    if moe is not None and cfg.balance_alpha > 0:
-        balance = expert_balance_loss(out.router_logits, moe["top_k"], cfg.balance_alpha,
-                                      _router_mask(out, batch, micro), **moe["routing"])
-    return loss, balance, out, logprobs, old, sampled, tok
+def _micro_loss(model, micro: Trajectory, den: torch.Tensor, cfg: GRPOConfig, forward: PolicyForward, router):
+    """One micro-batch's share of the minibatch loss (numerator / the minibatch's global denominator), its
+    balance loss, per-token statistics, and the forward's output."""
+    out = forward(model, micro, with_entropy=True, router_logits=router is not None)
+    old = micro.old_logprobs if micro.old_logprobs is not None else out.logprobs.detach()   # [n, C]
+    loss, tok = grpo_loss(out.logprobs, old, micro.ref_logprobs, micro.advantages, micro.completion_mask,
+                          weights=tis_weights(old, micro.sampling_logprobs, cfg.tis_cap), denominator=den,
+                          with_stats=True, **cfg.loss_kwargs())
+    balance = torch.zeros((), device=loss.device)
+    if router is not None and cfg.balance_alpha > 0:
+        balance = router.balance_loss(out.router_logits, cfg.balance_alpha, _router_mask(out, micro))
+    return loss, balance, {**tok, "old": old}, out
 
 
-def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConfig, moe, gen, step: int = 0):
-    """μ epochs x minibatches optimizer steps over one batch of rollouts.
+STAT_KEYS = ("loss/policy", "loss/kl", "loss/clip_frac", "loss/balance", "policy/entropy", "policy/ratio",
+             "train/grad_norm", "rollout/logprob_gap", "rollout/kl_sampler", "rollout/tis_clip_frac")
 
-    Returns statistics averaged over the updates, and the last micro-batch's router logits with its token mask
-    (for expert load).
-    """
-    n_rows = batch["input_ids"].shape[0]
-    mask = batch["loss_mask"]                                                      # [N, C]
-    stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/kl", "loss/clip_frac", "loss/balance",
-                                                     "policy/entropy", "policy/ratio", "train/grad_norm",
-                                                     "rollout/logprob_gap", "rollout/kl_sampler",
-                                                     "rollout/tis_clip_frac", "train/skipped_nonfinite")}
-    router_logits, token_mask = (), None
-    G = cfg.group_size if n_rows % cfg.group_size == 0 else 1
+
+def _update(run: Run, traj: Trajectory, cfg: GRPOConfig, forward: PolicyForward, gen: torch.Generator,
+            step: int) -> dict[str, float]:
+    """μ epochs x minibatches optimizer steps over one trajectory; statistics averaged over the updates, and the
+    expert load of the last micro-batch."""
+    model, accelerator = run.model, run.accelerator
+    stats: dict[str, list[float]] = {k: [] for k in STAT_KEYS}
+    skipped, load = 0, {}
+    G = cfg.group_size if len(traj) % cfg.group_size == 0 else 1
     for epoch in range(cfg.inner_epochs):
-        groups = torch.randperm(n_rows // G, generator=gen)                            # rows stay in their groups
+        groups = torch.randperm(len(traj) // G, generator=gen)                         # rows stay in their groups
         for chunk in groups.chunk(min(cfg.minibatches, len(groups))):
             rows = (chunk[:, None] * G + torch.arange(G)).reshape(-1)                  # [rows of whole groups]
-            minibatch_loss = 0.0
-            den = loss_denominator(mask[rows], cfg.aggregation, cfg.sampling.max_new_tokens)
             # the loss is normalised by the global count (all processes); data-parallel gradients are averaged
             # over processes, hence x world: the update equals one process taking the whole global batch
+            den = loss_denominator(traj.completion_mask[rows], cfg.aggregation, cfg.sampling.max_new_tokens)
             den = accelerator.reduce(den, reduction="sum").clamp_min(1) / accelerator.num_processes
-            micros = rows.split(_micro_size(cfg))
-            for i, micro in enumerate(micros):
+            micros = rows.split(forward.micro_batch)
+            minibatch_loss = 0.0
+            for i, idx in enumerate(micros):
+                micro = traj[idx]
                 sync = accelerator.no_sync(model) if i < len(micros) - 1 else contextlib.nullcontext()
                 with sync:  # gradients are all-reduced once per minibatch, at its last micro-batch
-                    loss, balance, out, logprobs, old, sampled, tok = _micro_loss(model, batch, micro, den, cfg,
-                                                                                  moe)
-                    accelerator.backward(loss + balance * len(micro) / len(rows))
-                m = mask[micro].bool()
+                    loss, balance, tok, out = _micro_loss(model, micro, den, cfg, forward, run.router)
+                    accelerator.backward(loss + balance * len(idx) / len(rows))
+                m = micro.completion_mask.bool()
                 if m.any():
                     if cfg.beta > 0:  # with β = 0 nothing is measured, and nothing is logged
                         stats["loss/kl"].append(tok["kl"][m].mean().item())
@@ -154,28 +120,19 @@ def _update(model, optimizer, scheduler, accelerator, batch: dict, cfg: GRPOConf
                     stats["policy/ratio"].append(tok["ratio"][m].mean().item())
                     stats["policy/entropy"].append(out.entropy[m].mean().item())
                     if epoch == 0:  # engine's sampling log-probs vs the trainer's π_θold
-                        for k, v in mismatch_stats(old, sampled, m, cfg.tis_cap).items():
+                        for k, v in mismatch_stats(tok["old"], micro.sampling_logprobs, m, cfg.tis_cap).items():
                             stats[k].append(v)
                 minibatch_loss += loss.item()
                 stats["loss/balance"].append(balance.item())
-                router_logits, token_mask = out.router_logits, _router_mask(out, batch, micro)
+                if run.router is not None:
+                    load = run.router.load(out.router_logits, _router_mask(out, micro))
             stats["loss/policy"].append(minibatch_loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            # None under DeepSpeed, which clips inside its own step
-            grad_norm = None if grad_norm is None else float(grad_norm)
-            stats["train/grad_norm"].append(float("nan") if grad_norm is None else grad_norm)
-            if check_step("grpo", step, {"loss/policy": minibatch_loss, "train/grad_norm": grad_norm},
-                          cfg.on_nonfinite):
-                optimizer.step()
-                scheduler.step()
-            else:
-                stats["train/skipped_nonfinite"].append(1.0)
-            optimizer.zero_grad(set_to_none=True)
-    skipped = float(len(stats.pop("train/skipped_nonfinite")))
-    if not stats["loss/kl"]:
-        del stats["loss/kl"]
-    averaged = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
-    return {**averaged, "train/skipped_nonfinite": skipped}, (router_logits, token_mask)
+            applied, grad_norm = run.apply(step, {"loss/policy": minibatch_loss})
+            stats["train/grad_norm"].append(grad_norm)
+            skipped += not applied
+    # loss/kl is absent with β = 0 (nothing measured); other empty lists (no token counted) are NaN
+    averaged = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items() if v or k != "loss/kl"}
+    return {**averaged, "train/skipped_nonfinite": float(skipped), **load}
 
 
 def _mean_over_processes(metrics: dict[str, float], world: int) -> dict[str, float]:
@@ -190,17 +147,12 @@ def _mean_over_processes(metrics: dict[str, float], world: int) -> dict[str, flo
     return {k: sum(m[k] for m in every if k in m) / sum(k in m for m in every) for k in keys}
 
 
-def train_grpo(cfg: GRPOConfig) -> dict:
-    """Run GRPO to `cfg.steps` (resuming from the newest checkpoint in output_dir); returns a summary."""
-    keep_freed_memory()  # the process reuses freed activations instead of faulting them in again
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    # -- everything that can fail on bad input happens before the first write
-    model_json = check_model_dir(cfg.model.path)
+def _checked_inputs(cfg: GRPOConfig, world: int):
+    """Tokenizer, train and eval prompts, the model's context: everything bad input can break, checked before
+    anything is written."""
+    context = check_model_dir(cfg.model.path).get("max_position_embeddings")
     tokenizer = load_tokenizer(cfg.model.path)
     train_rows = [r for path in cfg.train_data for r in load_prompts(path)]
-    context = model_json.get("max_position_embeddings")
     if context:
         for r in train_rows:
             text = tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
@@ -216,9 +168,6 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         check_columns(cfg.rewards, [r.columns for r in train_rows])
     except RewardError as e:
         raise ConfigError(str(e)) from None
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # CPU: gloo across processes
-    world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.prompts_per_step % world:
         raise ConfigError(f"key 'prompts_per_step' must be a multiple of the {world} processes (each takes an "
                           f"equal share of the prompts), got {cfg.prompts_per_step}")
@@ -226,122 +175,95 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         raise ConfigError(f"key 'minibatches' must be at most the {cfg.prompts_per_step // world} prompt groups "
                           f"each of the {world} processes holds (a minibatch holds whole groups), got "
                           f"{cfg.minibatches}")
-    set_seed(cfg.seed + rank)  # each process samples its own completions
-    device = accelerator.device
-    claim_all(accelerator, cfg.output_dir, "grpo", cfg)  # before any write: the directory is this run's
-    resume = ckpt.latest_checkpoint(cfg.output_dir)
-    model = load_for_training(cfg.model, device, resume)
-    moe = None
-    if is_deepseek_v2(model.config):
-        moe = {"top_k": model.config.num_experts_per_tok, "routing": routing_kwargs(model.config)}
-    elif cfg.balance_alpha > 0:
-        raise ConfigError(f"balance_alpha={cfg.balance_alpha} needs a DeepSeek-V2 MoE model; {cfg.model.path} is "
-                          f"{model.config.model_type!r}")
-    reference = Reference(cfg.model, cfg.beta, device, cfg.ref_offload)
-    n_updates = cfg.steps * cfg.inner_epochs * cfg.minibatches
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = warmup_cosine(optimizer, n_updates, cfg.warmup_steps, cfg.min_lr_ratio)
-    start, history = 0, {}
-    if resume is not None:
-        state = ckpt.load_training_state(resume, optimizer, scheduler)
-        start, history = state["step"], state.get("history", {})
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    engine: RolloutEngine
+    return tokenizer, train_rows, eval_rows, context
+
+
+def _engine(cfg: GRPOConfig, run: Run, tokenizer, context: int | None) -> RolloutEngine:
     if cfg.rollout.engine == "vllm":
         from ..rollout.vllm import VLLMEngine
 
-        engine = VLLMEngine(cfg.model.path, tokenizer, cfg.rollout, dtype=next(model.parameters()).dtype,
-                            device=device, seed=cfg.seed + rank, max_model_len=context or 4096)
-        engine.sync_weights(model)  # resumed or adapted weights, not the ones on disk
-    else:  # sharded weights (FSDP2 / ZeRO-3): every process takes part in each decode step
-        engine = HFEngine(accelerator.unwrap_model(model), tokenizer, synced=world > 1)
-    log = MetricsLogger(cfg.output_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard,
-                        prefix="grpo ")
-    if accelerator.is_main_process:
-        log.truncate_after(start)
-    G, needs_old = cfg.group_size, cfg.inner_epochs > 1 or cfg.minibatches > 1
-    if accelerator.is_main_process:
+        engine = VLLMEngine(cfg.model.path, tokenizer, cfg.rollout, dtype=next(run.model.parameters()).dtype,
+                            device=run.device, seed=cfg.seed + run.accelerator.process_index,
+                            max_model_len=context or 4096)
+        engine.sync_weights(run.model)  # resumed or adapted weights, not the ones on disk
+        return engine
+    # sharded weights (FSDP2 / ZeRO-3): every process takes part in each decode step
+    return HFEngine(run.accelerator.unwrap_model(run.model), tokenizer, synced=run.accelerator.num_processes > 1)
+
+
+def train_grpo(cfg: GRPOConfig) -> dict:
+    """Run GRPO to `cfg.steps` (resuming from the newest checkpoint in output_dir); returns a summary."""
+    from accelerate import PartialState
+
+    world = PartialState().num_processes
+    tokenizer, train_rows, eval_rows, context = _checked_inputs(cfg, world)
+    run = start_run(cfg, "grpo", total_updates=cfg.steps * cfg.inner_epochs * cfg.minibatches,
+                    warmup_steps=cfg.warmup_steps, seed_per_process=True)
+    rank, device, G = run.accelerator.process_index, run.device, cfg.group_size
+    reference = Reference(cfg.model, cfg.beta, device, cfg.ref_offload)
+    engine = _engine(cfg, run, tokenizer, context)
+    forward = PolicyForward.of(cfg)
+    needs_old = cfg.inner_epochs > 1 or cfg.minibatches > 1  # else π_θold is the update's own forward, detached
+    history = dict(run.state.get("history", {}))
+    if run.is_main:
         print(f"grpo: {len(train_rows)} prompts, {cfg.steps} steps of {cfg.prompts_per_step} x G={G}"
               f"{f' over {world} processes' if world > 1 else ''}, "
-              f"{'resuming at step ' + str(start) if resume else 'new run'}", flush=True)
-    if eval_rows and start == 0:
+              f"{'resuming at step ' + str(run.start) if run.resumed else 'new run'}", flush=True)
+    if eval_rows and run.start == 0:
         history["accuracy_start"] = accuracy(engine, eval_rows, cfg.eval_max_new_tokens)["accuracy"]
-        log.log(0, {"eval/accuracy": history["accuracy_start"]})
+        run.log.log(0, {"eval/accuracy": history["accuracy_start"]})
 
-    for step in progress(range(start, cfg.steps), cfg.steps, start, "grpo", accelerator.is_main_process):
+    for step in progress(range(run.start, cfg.steps), cfg.steps, run.start, "grpo", run.is_main):
         t0 = time.time()
         # 1. rollouts: G completions per prompt from the current policy
-        picked, prompts, columns = _prompt_batch(train_rows, cfg, step, rank, world)
-        with offloaded(model, optimizer, enabled=cfg.rollout.offload_policy and cfg.rollout.engine == "vllm"):
+        picked = _step_prompts(train_rows, cfg, step, rank, world)
+        with offloaded(run.model, run.optimizer, enabled=cfg.rollout.offload_policy and cfg.rollout.engine == "vllm"):
             rollouts = engine.generate([r.messages for r in picked], n=G, sampling=cfg.sampling)
         fault_point("generation", step + 1)
         t_gen = time.time()
-        # 2. rewards, per component and weighted total
+        # 2. rewards, per component and weighted total (NaN: no reward scored the completion)
+        prompts, columns = _per_completion(picked, G)
         scores = score(cfg.rewards, prompts, rollouts.completions, columns, columns["row"], G, cfg.reward_mode,
                        cfg.on_reward_error)
         fault_point("scoring", step + 1)
         t_reward = time.time()
         kept = scores.total[scores.keep]
-        kept = kept[~kept.isnan()]                                                 # NaN: unscored, not bad
-        rewards_ok = check_step("grpo", step + 1, {"reward/total": kept.sum().item()}, cfg.on_nonfinite)
-        # 3. group-normalised advantages (optionally dropping groups with no signal, and skipped groups)
-        advantages = group_advantages(scores.total, G, cfg.scale_rewards)           # [N]
-        zero = zero_std_groups(scores.total, G)                                     # [B]
-        keep = scores.keep & ~(zero.repeat_interleave(G) & cfg.drop_zero_std_groups)  # [N]
-        if not keep.all() and world == 1:
-            rows = keep.nonzero().squeeze(-1)
-            rollouts, advantages = rollouts.select(rows), advantages[rows]
-        elif not keep.all():  # several processes: keep the rows (equal work everywhere), take them out of the loss
-            advantages = torch.where(keep, advantages, torch.zeros_like(advantages))
+        rewards_ok = check_step("grpo", step + 1, {"reward/total": kept[~kept.isnan()].sum().item()},
+                                cfg.on_nonfinite)
+        # 3. the trajectory: group-normalised advantages, loss mask, groups dropped (skipped / zero-std)
+        traj, zero = build_trajectory(rollouts, scores.total, scores.components, scores.keep,
+                                      scale=cfg.scale_rewards, drop_zero_std=cfg.drop_zero_std_groups,
+                                      mask_truncated=cfg.mask_truncated, drop_rows=world == 1)
         metrics = {**scores.metrics(), "reward/zero_std_frac": zero.float().mean().item(),
                    "rollout/completion_len": rollouts.completion_mask.sum(1).float().mean().item(),
                    "rollout/truncated_frac": rollouts.truncated.float().mean().item()}
-        if rollouts.completion_ids.shape[0] > 0 and rewards_ok:  # skip policy: a bad step trains on nothing
-            # 4. token layout: prompt (left-padded) + completion (right-padded); loss on completion tokens
-            loss_mask = rollouts.completion_mask.clone()                            # [N, C]
-            if cfg.mask_truncated:
-                loss_mask[rollouts.truncated] = 0
-            if world > 1:
-                loss_mask[~keep] = 0
-            batch = {"input_ids": torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1).to(device),
-                     "attention_mask": torch.cat([rollouts.prompt_mask, rollouts.completion_mask], 1).to(device),
-                     "loss_mask": loss_mask.to(device), "advantages": advantages.to(device),
-                     "sampling_logprobs": rollouts.sampling_logprobs.to(device),
-                     "n": rollouts.completion_ids.shape[1]}
-            # 5. old (only when the policy moves between minibatches) and reference log-probs, no grad
-            batch["old_logprobs"] = _logprobs_no_grad(model, batch, cfg) if needs_old else None
-            batch["ref_logprobs"] = reference.logprobs(
-                model, batch["input_ids"], batch["attention_mask"], batch["n"], cfg.logprob_chunk,
-                cfg.sampling.temperature or 1.0, _micro_size(cfg), G)
+        if len(traj) > 0 and rewards_ok:  # on_nonfinite=skip: a bad step trains on nothing
+            traj = traj.to(device)
+            # 4. old (only when the policy moves between minibatches) and reference log-probs, no grad
+            traj.old_logprobs = forward.no_grad(run.model, traj) if needs_old else None
+            traj.ref_logprobs = reference.logprobs(run.model, traj, forward)
             t_ref = time.time()
-            # 6. μ epochs of clipped-surrogate updates
+            # 5. μ epochs x minibatches of updates on grpo_loss
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # minibatch order: a function of step
-            update_stats, (router_logits, token_mask) = _update(model, optimizer, scheduler, accelerator, batch, cfg,
-                                                                moe, gen, step + 1)
-            metrics.update(update_stats)
+            metrics.update(_update(run, traj, cfg, forward, gen, step + 1))
             fault_point("update", step + 1)
-            if moe is not None:
-                metrics.update(expert_load(router_logits, moe["top_k"], token_mask, **moe["routing"]))
             metrics.update({"perf/ref_s": t_ref - t_reward, "perf/update_s": time.time() - t_ref})
-        # 7. weight sync to the rollout engine
-        engine.sync_weights(model)
+        # 6. weight sync to the rollout engine
+        engine.sync_weights(run.model)
+        # 7. metrics, held-out accuracy, checkpoint
         metrics.update({"perf/generate_s": t_gen - t0, "perf/sync_s": engine.last_sync_s,
-                        "perf/reward_s": t_reward - t_gen,
-                        "perf/step_s": time.time() - t0, "train/lr": scheduler.get_last_lr()[0]})
+                        "perf/reward_s": t_reward - t_gen, "perf/step_s": time.time() - t0,
+                        "train/lr": run.scheduler.get_last_lr()[0]})
         done = step + 1
         if eval_rows and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
             history["accuracy_last"] = metrics["eval/accuracy"] = accuracy(
                 engine, eval_rows, cfg.eval_max_new_tokens)["accuracy"]
-        log.log(done, _mean_over_processes(metrics, world))
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-            ckpt.save_training_checkpoint(accelerator, model, tokenizer, cfg.output_dir, done, optimizer, scheduler,
-                                          {"history": history, "config": config_to_dict(cfg)}, cfg.keep_last)
-    final = ckpt.export_final(accelerator, model, tokenizer, Path(cfg.output_dir) / "final")
-    log.close()
+        run.log.log(done, _mean_over_processes(metrics, world))
+        run.save(done, cfg.steps, tokenizer, {"history": history})
+    final = run.finish(tokenizer)
     close_rewards(cfg.rewards)
     summary = {"final": str(final), "steps": cfg.steps, **history}
-    if "accuracy_start" in history and "accuracy_last" in history:
+    if "accuracy_start" in history and "accuracy_last" in history and run.is_main:
         print(f"grpo: held-out accuracy {history['accuracy_start']:.1%} -> {history['accuracy_last']:.1%}",
               flush=True)
     return summary

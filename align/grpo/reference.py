@@ -12,8 +12,8 @@ import contextlib
 
 import torch
 
-from ..logprobs import forward_logprobs
 from ..policy import ModelConfig, load_policy
+from .trajectory import PolicyForward, Trajectory
 
 
 class Reference:
@@ -38,25 +38,12 @@ class Reference:
                 self.model.to("cpu")
                 torch.cuda.empty_cache()
 
-    @torch.no_grad()
-    def logprobs(self, policy, input_ids, attention_mask, n_targets: int, chunk_tokens: int, temperature: float,
-                 micro_batch: int, group_size: int = 1) -> torch.Tensor | None:
-        """π_ref log-probs [N, n_targets] of the last n_targets tokens, or None when β = 0."""
+    def logprobs(self, policy, traj: Trajectory, forward: PolicyForward) -> torch.Tensor | None:
+        """π_ref log-probs [N, C] of the trajectory's completion tokens, or None when β = 0."""
         if not self.enabled:
             return None
         if self.use_adapter_off:
             with getattr(policy, "module", policy).disable_adapter():
-                return self._score(policy, input_ids, attention_mask, n_targets, chunk_tokens, temperature,
-                                   micro_batch, group_size)
+                return forward.no_grad(policy, traj)
         with self._on_device() as model:
-            return self._score(model, input_ids, attention_mask, n_targets, chunk_tokens, temperature, micro_batch,
-                               group_size)
-
-    @staticmethod
-    def _score(model, input_ids, attention_mask, n_targets, chunk_tokens, temperature, micro_batch, group_size):
-        out = []
-        for s in range(0, input_ids.shape[0], micro_batch):
-            out.append(forward_logprobs(model, input_ids[s:s + micro_batch], n_targets,
-                                        attention_mask[s:s + micro_batch], chunk_tokens=chunk_tokens,
-                                        temperature=temperature, group_size=group_size).logprobs)
-        return torch.cat(out)
+            return forward.no_grad(model, traj)

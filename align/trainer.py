@@ -1,0 +1,116 @@
+"""What every trainer (`align sft`, `align rm`, `align grpo`) does around its own step, written once.
+
+    start_run   (bad input already refused by the caller) Accelerator and seed; claim output_dir for this run;
+                the newest verified checkpoint; the model, fresh or resumed; its MoE router settings (balance loss,
+                load metrics); AdamW with linear warmup + cosine decay, resumed state; accelerate's prepare; the
+                metrics logger, cut back to the resumed step
+    Run.apply   clip the gradients; the step's loss and gradient norm must be finite (else stop, or skip the
+                update: `on_nonfinite`); optimizer and scheduler step; clear the gradients
+    Run.save    a checkpoint every `save_every` steps and at the last one
+    Run.finish  the final model as an ordinary HF directory (OUTPUT/final), the logger closed
+
+Every stage's config has output_dir, seed, lr, weight_decay, max_grad_norm, save_every, keep_last, tensorboard,
+resume and on_nonfinite with the same meaning; `min_lr_ratio` and `balance_alpha` where the stage has them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .allocator import keep_freed_memory
+from .config import config_to_dict
+from .finite import check_step
+from .metrics import MetricsLogger
+from .moe import Router, router_of
+from .optim import build_optimizer, warmup_cosine
+from .rundir import claim_all
+
+
+@dataclasses.dataclass
+class Run:
+    """One stage's training state between `start_run` and `Run.finish`."""
+
+    stage: str                 # "sft" | "rm" | "grpo": names the run in the manifest, errors and console lines
+    cfg: Any                   # the stage's config dataclass
+    accelerator: Any           # accelerate.Accelerator (CPU: gloo across processes)
+    model: Any                 # prepared (wrapped under DDP / FSDP2 / DeepSpeed)
+    optimizer: Any
+    scheduler: Any
+    log: MetricsLogger
+    router: Router | None      # the policy's MoE routing, None for a dense model
+    start: int                 # steps already done (0 for a new run)
+    state: dict                # what the resumed checkpoint saved besides weights ({} for a new run)
+    resumed: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def apply(self, step: int, values: dict[str, float]) -> tuple[bool, float]:
+        """Clip, check `values` and the gradient norm are finite, then step (or skip, `on_nonfinite=skip`).
+
+        Returns (applied, gradient norm); the norm is NaN under DeepSpeed, which clips inside its own step."""
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or math.inf)
+        norm = None if norm is None else float(norm)
+        applied = check_step(self.stage, step, {**values, "train/grad_norm": norm}, self.cfg.on_nonfinite)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return applied, math.nan if norm is None else norm
+
+    def save(self, done: int, total: int, tokenizer, state: dict) -> None:
+        """Checkpoint step `done` when it is due (every `save_every`, and the last step); `state` is saved with it
+        (with the config) and comes back as `Run.state` on resume."""
+        if (self.cfg.save_every and done % self.cfg.save_every == 0) or done == total:
+            ckpt.save_training_checkpoint(self.accelerator, self.model, tokenizer, self.cfg.output_dir, done,
+                                          self.optimizer, self.scheduler, {**state, "config": config_to_dict(self.cfg)},
+                                          self.cfg.keep_last)
+
+    def finish(self, tokenizer) -> Path:
+        final = ckpt.export_final(self.accelerator, self.model, tokenizer, Path(self.cfg.output_dir) / "final")
+        self.log.close()
+        return final
+
+
+def start_run(cfg, stage: str, *, total_updates: int, warmup_steps: int, seed_per_process: bool = False,
+              load: Callable[[Path | None, torch.device], Any] | None = None, model_path: str | None = None) -> Run:
+    """Set up a stage's run (see the module docstring). `load(resume, device)` builds the model (default: the
+    policy of `cfg.model`, from the resumed checkpoint when there is one); `seed_per_process`: each process seeds
+    `cfg.seed + rank` (GRPO: each samples its own completions)."""
+    keep_freed_memory()  # the process reuses freed activations instead of faulting them in again
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .policy import load_for_training
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed + (accelerator.process_index if seed_per_process else 0))
+    claim_all(accelerator, cfg.output_dir, stage, cfg)  # before any write: the directory is this run's
+    resume = ckpt.latest_checkpoint(cfg.output_dir)
+    if load is None:
+        model = load_for_training(cfg.model, accelerator.device, resume)
+    else:
+        model = load(resume, accelerator.device)
+    router = router_of(model, getattr(cfg, "balance_alpha", 0.0), model_path or str(cfg.model.path))
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, total_updates, warmup_steps, getattr(cfg, "min_lr_ratio", 0.0))
+    state = ckpt.load_training_state(resume, optimizer, scheduler) if resume is not None else {}
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    log = MetricsLogger(cfg.output_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard,
+                        prefix=f"{stage} ")
+    start = state.get("step", 0)
+    log.truncate_after(start)
+    return Run(stage, cfg, accelerator, model, optimizer, scheduler, log, router, start, state, resume is not None)
