@@ -19,7 +19,7 @@ from importlib.metadata import entry_points
 
 RewardFn = Callable[..., list]
 ENTRY_POINT_GROUP = "align.rewards"
-BUILTIN_MODULES = ("rewards.math", "rewards.rules", "rewards.code", "rewards.model")
+BUILTIN_MODULES = ("rewards.math", "rewards.rules", "rewards.code", "rewards.model", "rewards.judge")
 _REGISTRY: dict[str, RewardFn] = {}
 
 
