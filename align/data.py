@@ -3,8 +3,8 @@
 Rows are either conversational, `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`, or
 prompt / completion, `{"prompt": str | messages, "completion": str | messages}`. Validation runs over every row before
 any training and names `file:row N: field`. Tokenisation renders the whole chat with the tokenizer's own template and
-labels exactly the characters each assistant turn adds to it (found by rendering the prefix with and without the
-turn), so the loss is on assistant tokens only, whatever the template.
+labels each assistant turn's content and its end-of-turn token (found by rendering the prefix with and without the
+turn; a template it cannot be found in is refused by name), so the loss is on assistant tokens only.
 """
 
 from __future__ import annotations
@@ -188,41 +188,93 @@ def load_prompts(path: str | Path) -> list[PromptRow]:
 
 
 # ---------------------------------------------------------------------------------------------- tokenisation
+#
+# The assistant-only loss mask. For each assistant turn i the chat is rendered twice: `before` = the messages before
+# it with the generation prompt (exactly the prompt the model continues at inference), `upto` = the messages up to
+# and including it. What `upto` adds to `before` is the turn as the template writes it; in it the template may put
+# whitespace before the content (DeepSeek-V2: ' ' after 'Assistant:'), then the content itself (trimmed, as Llama-3
+# renders it), then whitespace, then the end-of-turn special token (<｜end▁of▁sentence｜>, <|eot_id|>, <|im_end|>),
+# then text between turns (Qwen's '\n'). The learned span runs from the end of the generation prompt through the
+# end-of-turn token: the continuation the model generates, its stop token included, and nothing of the template's
+# text between turns, the system / user turns or the role headers. A template the span cannot be read from that way
+# is refused, naming the tokenizer: one that renders earlier turns differently once later ones follow (the prefix
+# test), puts text other than whitespace between its generation prompt and the content (a role header missing from
+# its generation prompt), renders the content altered, or ends the turn with no special token (nothing to stop on).
+# Tokens are then labelled when they lie wholly inside a span (a token the tokenizer merged across the end of the
+# generation prompt holds prompt text and is not learned).
+
+
+def _special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens, longest first (an end-of-turn token must be one)."""
+    names = set(tokenizer.all_special_tokens)
+    names |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return sorted(names, key=len, reverse=True)
+
+
+def _refuse(tokenizer, what: str) -> DataError:
+    return DataError(f"the chat template of tokenizer {tokenizer.name_or_path or '?'} {what}; the assistant-only "
+                     "loss mask cannot be derived from it (align/data.py: tokenisation)")
+
+
+def _turn_span(tokenizer, before: str, upto: str, content: str, specials: list[str], i: int) -> tuple[int, int]:
+    """The span of `upto` the model learns for the assistant turn rendered as `upto[len(before):]`."""
+    turn = upto[len(before):]
+    lead = len(turn) - len(turn.lstrip())
+    content = content.strip()
+    if not turn[lead:].startswith(content):
+        raise _refuse(tokenizer, f"renders assistant turn messages[{i}] as {turn[:80]!r} after its generation prompt, "
+                                 f"not as optional whitespace then the content {content[:40]!r}")
+    rest = turn[lead + len(content):]
+    gap = len(rest) - len(rest.lstrip())
+    end = next((t for t in specials if rest[gap:].startswith(t)), None)
+    if end is None:
+        raise _refuse(tokenizer, f"ends assistant turn messages[{i}] with {rest[:40]!r}, not with a special token "
+                                 f"after the content (the model could not learn to stop)")
+    return len(before), len(before) + lead + len(content) + gap + len(end)
 
 
 def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render `messages` with the chat template; return the text and the character spans of the assistant turns."""
+    """Render `messages` with the chat template; return the text and the character spans the model learns: each
+    assistant turn's content and its end-of-turn token (see the comment above)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
+    specials = _special_tokens(tokenizer)
+    spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        if i == 0:
+            raise DataError("messages[0] is an assistant turn: there is no prompt before it to learn it from")
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (upto.startswith(before) and text.startswith(upto)):
-            raise DataError("the tokenizer's chat template does not render a conversation as a prefix of its "
-                            "continuation; the assistant-only loss mask cannot be derived from it")
-        spans.append((len(before), len(upto)))
+        if not (upto.startswith(before) and text.startswith(upto)) or (spans and len(before) < spans[-1][1]):
+            raise _refuse(tokenizer, f"does not render the conversation up to messages[{i}] as a prefix of its "
+                                     f"continuation (it changes earlier turns when later ones are added)")
+        spans.append(_turn_span(tokenizer, before, upto, m["content"], specials, i))
     return text, spans
 
 
 def tokenize_chat(tokenizer, messages: list[dict], max_length: int) -> dict:
-    """`input_ids` and `labels` (IGNORE outside assistant turns), truncated to `max_length` tokens."""
+    """`input_ids` and `labels` (IGNORE outside the assistant spans), truncated to `max_length` tokens. The ids are
+    those of the whole rendered chat; a token is labelled when it lies wholly inside a span."""
     text, spans = assistant_char_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [IGNORE] * len(ids)
     for t, (start, end) in enumerate(enc["offset_mapping"]):
-        if end > start and any(s <= start < e for s, e in spans):
+        if end > start and any(s <= start and end <= e for s, e in spans):
             labels[t] = ids[t]
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length}
 
 
 def tokenize_chats(tokenizer, chats: list[list[dict]], max_length: int, source: str = "") -> tuple[list[dict], dict]:
-    """Tokenise all chats; rows left with no assistant token after truncation are dropped (and counted)."""
+    """Tokenise all chats; rows left with no assistant token after truncation are dropped (and counted). A row the
+    mask cannot be derived for stops it with `source:row N`."""
     out, truncated, dropped = [], 0, 0
-    for chat in chats:
-        ex = tokenize_chat(tokenizer, chat, max_length)
+    for i, chat in enumerate(chats):
+        try:
+            ex = tokenize_chat(tokenizer, chat, max_length)
+        except DataError as e:
+            raise DataError(f"{source}:row {i + 1}: {e}") from None
         truncated += ex.pop("truncated")
         if all(label == IGNORE for label in ex["labels"][1:]):
             dropped += 1

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from .config import ConfigError, option, require
+from .hub import model_dir, resolve_model
 
 ATTN_TARGETS = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]
@@ -54,7 +55,8 @@ class LoRAConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    path: str = option(help="A DeepSeek-V2 checkpoint directory (config.json + weights + tokenizer).")
+    path: str = option(help="A DeepSeek-V2 checkpoint directory (config.json + weights + tokenizer), or a hub id "
+                            "owner/name[@branch, tag or commit sha] fetched into the hub cache (align/hub.py).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "Weights dtype: auto = bfloat16 on GPU, float32 on CPU.")
     experts_impl: Literal["auto", "eager", "grouped_mm", "batched_mm"] = option(
@@ -64,7 +66,7 @@ class ModelConfig:
     lora: LoRAConfig = option(factory=LoRAConfig, help="LoRA settings.")
 
     def validate(self) -> None:
-        require(bool(self.path), "model.path", "a checkpoint directory", self.path)
+        require(bool(self.path), "model.path", "a checkpoint directory or hub id", self.path)
         self.lora.validate()
 
 
@@ -81,20 +83,22 @@ def resolve_experts_impl(name: str, device: torch.device) -> str:
 
 
 def check_model_dir(path: str | Path) -> dict:
-    """Refuse an unusable model directory with a clear message; returns its config.json."""
-    path = Path(path)
+    """Refuse an unusable model directory (or hub id, resolved by `hub.resolve_model`) with a clear message;
+    returns its config.json."""
+    source = resolve_model(path)
+    path, where = source.path, source.describe()
     if not path.is_dir():
-        raise ConfigError(f"model directory {path} does not exist")
+        raise ConfigError(f"model directory {where} does not exist")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise ConfigError(f"model directory {path} has no config.json: not an HF checkpoint directory")
+        raise ConfigError(f"model directory {where} has no config.json: not an HF checkpoint directory")
     try:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{cfg_file}: unreadable ({e})") from None
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin")) + list(path.glob("*.safetensors.index.json"))
     if not weights and not (path / "adapter_config.json").is_file():
-        raise ConfigError(f"model directory {path} has no weights (*.safetensors or *.bin)")
+        raise ConfigError(f"model directory {where} has no weights (*.safetensors or *.bin)")
     return cfg
 
 
@@ -103,10 +107,12 @@ def is_deepseek_v2(config) -> bool:
 
 
 def load_tokenizer(path: str | Path):
+    """The tokenizer of model directory or hub id `path`, left-padded, with a pad token and a chat template."""
     from transformers import AutoTokenizer
 
+    local = model_dir(path)  # outside the try: its ConfigError is a ValueError too
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(local))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a tokenizer from {path}: {e}") from None
     if not tok.chat_template:
@@ -193,7 +199,8 @@ def check_lora_targets(model, expected: set[str], experts: bool) -> None:
 
 def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu", trainable: bool = True,
                 adapter: str | Path | None = None):
-    """Load the causal LM at `cfg.path` on `device` with the configured dtype, experts kernel and LoRA.
+    """Load the causal LM at `cfg.path` (a directory or hub id) on `device` with the configured dtype, experts
+    kernel and LoRA.
 
     `adapter`: a saved LoRA adapter directory to resume from (loaded trainable).
     """
@@ -201,9 +208,9 @@ def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu", trainable:
 
     device = torch.device(device)
     check_model_dir(cfg.path)
-    dtype = resolve_dtype(cfg.dtype, device)
+    local, dtype = model_dir(cfg.path), resolve_dtype(cfg.dtype, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(local), dtype=dtype)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a causal LM from {cfg.path}: {e}") from None
     if is_deepseek_v2(model.config) and hasattr(model, "set_experts_implementation"):

@@ -3,7 +3,9 @@
 At its start, before any write, every stage (sft, grpo, rm) claims its `output_dir` (`claim`):
   * missing or empty: created, and `align-run.json` records the stage kind and its identity — the settings that
     give the saved state its meaning (model path and the sha256 of its config.json, LoRA settings, training data,
-    learning rate, seed, and the stage's own: GRPO's group size, β and rewards, ...);
+    learning rate, seed, and the stage's own: GRPO's group size, β and rewards, ...); a hub model is recorded as
+    its repo id and `model.revision`, the commit sha it resolved to (align/hub.py), so a rerun resumes only on the
+    same commit (`owner/name@<that sha>` pins it after the branch moved);
   * holding a manifest with the same kind and identity: the run resumes (the same command, rerun);
   * holding a manifest that differs: refused, naming each differing key and both values, before anything is read
     or written; `resume=force` takes the directory over (the newer settings are recorded), a new `output_dir` is
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from .config import ConfigError, config_to_dict, option
+from .hub import resolve_model
 
 MANIFEST = "align-run.json"
 ResumeMode = Literal["auto", "force"]
@@ -50,8 +53,8 @@ def _get(tree: dict, dotted: str):
     return tree
 
 
-def _model_hash(path: str | None) -> str | None:
-    cfg = Path(path) / "config.json" if path else None
+def _model_hash(path: Path | None) -> str | None:
+    cfg = path / "config.json" if path else None
     if cfg is None or not cfg.is_file():
         return None
     return hashlib.sha256(cfg.read_bytes()).hexdigest()[:16]
@@ -62,8 +65,11 @@ def identity(kind: str, cfg) -> dict:
     values = config_to_dict(cfg)
     out = {k: _get(values, k) for k in IDENTITY_KEYS[kind]}
     model_key = "model.path" if "model.path" in out else "model"
-    out[model_key] = str(Path(out[model_key]).resolve()) if out[model_key] else None
-    out["model.config_sha256"] = _model_hash(out[model_key])
+    source = resolve_model(out[model_key]) if out[model_key] else None
+    if source is not None:
+        out[model_key] = source.hub.repo_id if source.hub else str(source.path.resolve())
+    out["model.config_sha256"] = _model_hash(source.path if source else None)
+    out["model.revision"] = source.commit if source else None
     if isinstance(out.get("train_data"), list):
         out["train_data"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in out["train_data"]]
     return json.loads(json.dumps(out, default=str))

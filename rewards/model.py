@@ -1,8 +1,9 @@
 """Learned rewards: a local sequence-classification reward model, and a remote HTTP scorer.
 
 `classifier` (RM_helpful / RM_safety as in the paper): an HF `*ForSequenceClassification` directory with one output
-(as `align rm` writes). Each (prompt, completion) is rendered with the reward model's chat template and scored in
-batches on `device`; with `offload=true` the model waits on CPU between uses.
+(as `align rm` writes), or a hub id `owner/name[@revision]` of one (resolved like every model path, align/hub.py).
+Each (prompt, completion) is rendered with the reward model's chat template and scored in batches on `device`; with
+`offload=true` the model waits on CPU between uses.
 
 `http`: POST {"prompts", "completions", "columns"} as JSON to `url`, expect {"scores": [...]}. Timeouts and retries
 with backoff; a server that stays down is a clear error naming the URL (the run's fail / skip policy applies).
@@ -35,18 +36,19 @@ def render_pairs(tokenizer, prompts, completions) -> list[str]:
 class ClassifierReward:
     def __init__(self, path: str, batch_size: int = 32, device: str = "auto", offload: bool = False,
                  max_length: int = 1024):
-        from pathlib import Path
-
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        if not (Path(path) / "config.json").is_file():
+        from align.hub import model_dir
+
+        local = model_dir(path)  # a hub id neither cached nor reachable: ConfigError naming it
+        if not (local / "config.json").is_file():
             raise FileNotFoundError(f"reward model directory {path} does not exist or has no config.json")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         self.offload = offload and self.device.type != "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(local))
         self.tokenizer.padding_side = "right"
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval().requires_grad_(False)
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(local)).eval().requires_grad_(False)
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model {path} has {self.model.config.num_labels} outputs; expected 1")
         self.model.to("cpu" if self.offload else self.device)
@@ -74,7 +76,7 @@ class ClassifierReward:
 @reward_factory("classifier")
 def classifier(path: str, batch_size: int = 32, device: str = "auto", offload: bool = False,
                max_length: int = 1024):
-    """Score with a local sequence-classification reward model (e.g. one trained by `align rm`)."""
+    """Score with a sequence-classification reward model: a directory (e.g. one `align rm` wrote) or a hub id."""
     return ClassifierReward(path, batch_size, device, offload, max_length)
 
 
