@@ -30,7 +30,7 @@ from .metrics import progress
 from .moe import Router
 from .policy import ModelConfig, check_model_dir, load_tokenizer
 from .rundir import ResumeMode, resume_option
-from .trainer import start_run
+from .trainer import start_run, world_size
 
 
 @dataclasses.dataclass
@@ -128,15 +128,13 @@ def heldout_loss(model, rows: list[dict], cfg: SFTConfig, pad_id: int, device) -
 
 def train_sft(cfg: SFTConfig) -> dict:
     """Run SFT to the end (resuming from the newest checkpoint in output_dir); returns a summary."""
-    from accelerate import PartialState
-
     # -- everything that can fail on bad input happens before the first write
     context = check_model_dir(cfg.model.path).get("max_position_embeddings")
     if context and cfg.max_length > context:
         raise ConfigError(f"key 'max_length' is {cfg.max_length}, beyond the model's context of {context} tokens")
     tokenizer = load_tokenizer(cfg.model.path)
     train_rows, held_rows, data_stats = _prepare_data(cfg, tokenizer)
-    world = PartialState().num_processes
+    world = world_size()
     global_batch = cfg.batch_size * cfg.grad_accum * world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(1, len(train_rows) // global_batch)))
 

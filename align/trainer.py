@@ -84,6 +84,14 @@ class Run:
         return final
 
 
+def world_size() -> int:
+    """Processes in this run, known before start_run (accelerate's process state, created as start_run's
+    Accelerator will be: on CPU with gloo)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).num_processes
+
+
 def start_run(cfg, stage: str, *, total_updates: int, warmup_steps: int, seed_per_process: bool = False,
               load: Callable[[Path | None, torch.device], Any] | None = None, model_path: str | None = None) -> Run:
     """Set up a stage's run (see the module docstring). `load(resume, device)` builds the model (default: the

@@ -14,18 +14,19 @@ and the groups that fail are dropped (counted in `reward/skipped_groups`) instea
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import inspect
 import math
 
 import torch
 
+from align.grpo.core import group_zscore
+
+from .calling import RewardError, build_reward, call_reward, required_columns
+from .isolation import IsolatedReward
 from .registry import RewardResult, get_reward
 
-
-class RewardError(RuntimeError):
-    """A reward failed; the message names the reward and the data row."""
+__all__ = ["RewardError", "RewardSpec", "Scores", "check_columns", "close_rewards", "score"]
 
 
 @dataclasses.dataclass
@@ -59,21 +60,10 @@ class RewardSpec:
         if cached is not None:
             return cached
         if self.isolate or self.timeout_s:
-            from .isolation import IsolatedReward
-
             self.check()
-            fn = IsolatedReward({"name": self.name, "args": self.args, "label": self.label}, self.key,
-                                self.timeout_s)
-            object.__setattr__(self, "_fn", fn)
-            return fn
-        fn = get_reward(self.name)
-        if getattr(fn, "is_factory", False):
-            try:
-                fn = fn(**self.args)
-            except TypeError as e:
-                raise KeyError(f"reward {self.name!r} takes settings in 'args': {e}") from None
-        elif self.args:
-            raise KeyError(f"reward {self.name!r} takes no 'args' (got {sorted(self.args)})")
+            fn = IsolatedReward({"name": self.name, "args": self.args}, self.key, self.timeout_s)
+        else:
+            fn = build_reward(self.name, self.args)
         object.__setattr__(self, "_fn", fn)
         return fn
 
@@ -97,14 +87,6 @@ class Scores:
         return {**out, **self.extra}
 
 
-def _required_columns(fn) -> list[str]:
-    if hasattr(fn, "required_columns"):
-        return fn.required_columns
-    params = inspect.signature(fn).parameters.values()
-    return [p.name for p in params if p.default is inspect.Parameter.empty
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("prompts", "completions")]
-
-
 def close_rewards(specs: list[RewardSpec]) -> None:
     """End the processes rewards started (isolated workers, math-verify pools), so the run's process can exit."""
     for spec in specs:
@@ -116,18 +98,11 @@ def close_rewards(specs: list[RewardSpec]) -> None:
 def check_columns(specs: list[RewardSpec], rows: list[dict]) -> None:
     """Before any work: every row has every column each reward requires. rows: column dicts with a 'row' label."""
     for spec in specs:
-        for col in _required_columns(spec.load()):
+        for col in required_columns(spec.load()):
             for r in rows:
                 if r.get(col) is None:
                     raise RewardError(f"reward '{spec.key}' needs column '{col}', which {r.get('row', 'a row')} "
                                       f"does not have")
-
-
-def _call(fn, prompts, completions, columns):
-    out = fn(prompts=prompts, completions=completions, **columns)
-    if inspect.isawaitable(out):
-        out = asyncio.run(out)
-    return out
 
 
 def _check_output(name: str, values, n: int, rows: list[str]) -> list[float | None]:
@@ -156,13 +131,13 @@ def _check_output(name: str, values, n: int, rows: list[str]) -> list[float | No
 
 def _run_one(spec: RewardSpec, prompts, completions, columns, rows) -> tuple[list, dict]:
     fn = spec.load()
-    for col in _required_columns(fn):
+    for col in required_columns(fn):
         values = columns.get(col)
         missing = range(len(completions)) if values is None else [i for i, v in enumerate(values) if v is None]
         for i in missing:
             raise RewardError(f"reward '{spec.key}' needs column '{col}', which {rows[i]} does not have")
     try:
-        raw = _call(fn, prompts, completions, columns)
+        raw = call_reward(fn, prompts, completions, columns)
     except RewardError as e:
         raise e if "batch from" in str(e) or " for " in str(e) else RewardError(f"{e} (batch from {rows[0]})")
     except Exception as e:
@@ -201,8 +176,6 @@ def score(specs: list[RewardSpec], prompts: list, completions: list[str], column
         extra.update({f"reward/{spec.key}/{k}": v for k, v in metrics.items()})
     comps = {k: torch.tensor([math.nan if v is None else v for v in vals], dtype=torch.float)
              for k, vals in components.items()}
-    from align.grpo.core import group_zscore
-
     total = torch.zeros(n)
     scored = torch.zeros(n, dtype=torch.bool)
     for spec in specs:

@@ -11,6 +11,9 @@ import concurrent.futures as cf
 import multiprocessing as mp
 from concurrent.futures.process import BrokenProcessPool
 
+from .calling import RewardError, build_reward, call_reward, required_columns
+from .registry import get_reward
+
 _BUILT: dict = {}
 BUILD_TIMEOUT_S = 300.0  # starting a worker and building a factory reward in it (imports, a reward model)
 
@@ -23,22 +26,20 @@ def kill_pool(pool: cf.ProcessPoolExecutor | None) -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _score_in_worker(spec: dict, prompts, completions, columns):
-    from .combine import RewardSpec, _call
-
+def _built(spec: dict):
+    """The worker's reward for spec {name, args}, built on first use and kept."""
     key = repr(sorted((k, repr(v)) for k, v in spec.items()))
     if key not in _BUILT:
-        _BUILT[key] = RewardSpec(**spec).load()
-    return _call(_BUILT[key], prompts, completions, columns)
+        _BUILT[key] = build_reward(spec["name"], spec.get("args", {}))
+    return _BUILT[key]
+
+
+def _score_in_worker(spec: dict, prompts, completions, columns):
+    return call_reward(_built(spec), prompts, completions, columns)
 
 
 def _columns_in_worker(spec: dict) -> list[str]:
-    from .combine import RewardSpec, _required_columns
-
-    key = repr(sorted((k, repr(v)) for k, v in spec.items()))
-    if key not in _BUILT:
-        _BUILT[key] = RewardSpec(**spec).load()
-    return list(_required_columns(_BUILT[key]))
+    return list(required_columns(_built(spec)))
 
 
 def _close_in_worker() -> None:
@@ -67,13 +68,10 @@ class IsolatedReward:
     def required_columns(self) -> list[str]:
         """The columns the reward built in the worker asks for (a factory's only once it is built), so the column
         check before any work covers isolated rewards too."""
-        from .combine import RewardError, _required_columns
-        from .registry import get_reward
-
         if getattr(self, "_columns", None) is None:
             plain = get_reward(self.spec["name"])
             if not getattr(plain, "is_factory", False):  # a plain function: its signature says it
-                self._columns = list(_required_columns(plain))
+                self._columns = list(required_columns(plain))
                 return self._columns
             try:  # a factory: build it in the worker (its start-up included, so not the reward's own timeout)
                 self._columns = self._submit(_columns_in_worker, self.spec).result(
@@ -96,8 +94,6 @@ class IsolatedReward:
             self._kill()
 
     def __call__(self, prompts, completions, **columns):
-        from .combine import RewardError
-
         future = self._submit(_score_in_worker, self.spec, prompts, completions, columns)
         try:
             return future.result(timeout=self.timeout_s or None)

@@ -104,6 +104,7 @@ def test_nan_input_weights_stop_at_the_first_step_and_nothing_is_saved(tiny_dir,
 
 def test_on_nonfinite_skip_drops_the_step(tiny_dir, tmp_path, monkeypatch):
     import align.sft as sft
+    from align.policy import load_for_training
 
     real = sft._nll_sum
     calls = []
@@ -118,7 +119,7 @@ def test_on_nonfinite_skip_drops_the_step(tiny_dir, tmp_path, monkeypatch):
     train_sft(_cfg(tiny_dir, out, "on_nonfinite=skip", "max_steps=2", "save_every=0"))
     rows = [r for r in read_metrics(out) if "loss/sft" in r]
     assert rows[0]["train/skipped_nonfinite"] == 1 and rows[1]["train/skipped_nonfinite"] == 1
-    assert all(torch.isfinite(p).all() for p in sft.load_for_training(_cfg(tiny_dir, out).model, "cpu",
+    assert all(torch.isfinite(p).all() for p in load_for_training(_cfg(tiny_dir, out).model, "cpu",
                                                                            out / "final").parameters())
 
 

@@ -173,29 +173,52 @@ def _masked(per_token, mask):
     return torch.where(mask.bool(), per_token, torch.zeros_like(per_token))   # [N, T]
 
 
-def _sequence_mean(per_token, mask, max_tokens):
-    lengths = mask.sum(dim=1)                                              # [N]
-    per_seq = _masked(per_token, mask).sum(dim=1) / lengths.clamp_min(1)   # [N]
-    return per_seq.sum(), (lengths > 0).sum()
+def _per_sequence_mean(per_token, mask):
+    return (_masked(per_token, mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)).sum()   # Σ_i mean_t L_i,t
 
 
-def _token_mean(per_token, mask, max_tokens):
-    return _masked(per_token, mask).sum(), mask.sum()
+def _token_sum(per_token, mask):
+    return _masked(per_token, mask).sum()                                  # Σ_i Σ_t L_i,t
 
 
-def _constant(per_token, mask, max_tokens):
-    return _masked(per_token, mask).sum(), (mask.sum(dim=1) > 0).sum() * max_tokens
+def _nonempty_rows(mask, max_tokens):
+    return (mask.sum(dim=1) > 0).sum()                                     # G'
 
 
-AGGREGATIONS: dict[str, Callable] = {"sequence_mean": _sequence_mean, "token_mean": _token_mean,
-                                     "constant": _constant}
+def _tokens(mask, max_tokens):
+    return mask.sum()                                                      # Σ_i |o_i|
+
+
+def _nonempty_rows_x_max(mask, max_tokens):
+    return (mask.sum(dim=1) > 0).sum() * max_tokens                        # G' · T_max
+
+
+# name: (numerator from the per-token loss, denominator from the mask alone)
+AGGREGATIONS: dict[str, tuple[Callable, Callable]] = {
+    "sequence_mean": (_per_sequence_mean, _nonempty_rows),
+    "token_mean": (_token_sum, _tokens),
+    "constant": (_token_sum, _nonempty_rows_x_max),
+}
+
+
+def _aggregation(mode: str) -> tuple[Callable, Callable]:
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}; expected one of {sorted(AGGREGATIONS)}")
+    return AGGREGATIONS[mode]
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_tokens: int = 1):
     """(numerator, denominator) of the loss; mask [N, T] is 1 on tokens that count."""
-    if mode not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {mode!r}; expected one of {sorted(AGGREGATIONS)}")
-    return AGGREGATIONS[mode](per_token, mask.to(per_token.dtype), max_tokens)
+    numerator, _ = _aggregation(mode)
+    mask = mask.to(per_token.dtype)
+    return numerator(per_token, mask), loss_denominator(mask, mode, max_tokens)
+
+
+def loss_denominator(completion_mask: torch.Tensor, aggregation: str, max_tokens: int) -> torch.Tensor:
+    """The denominator of `aggregation` from the mask alone (a loop sums it over micro-batches and processes and
+    passes the total to `grpo_loss`)."""
+    _, denominator = _aggregation(aggregation)
+    return denominator(completion_mask.float(), max_tokens).float()
 
 
 def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
@@ -219,13 +242,6 @@ def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
         per_token = per_token + beta * kl
     return _masked(per_token, completion_mask), {"kl": kl.detach(), "ratio": ratio.detach(),
                                                   "clipped": clipped.detach()}
-
-
-def loss_denominator(completion_mask: torch.Tensor, aggregation: str, max_tokens: int) -> torch.Tensor:
-    """The denominator `aggregate` divides by, from the mask alone (a loop sums it over micro-batches and
-    processes and passes the total to `grpo_loss`)."""
-    return aggregate(torch.zeros_like(completion_mask, dtype=torch.float), completion_mask, aggregation,
-                     max_tokens)[1].float()
 
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, beta: float = 0.04,

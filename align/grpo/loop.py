@@ -44,7 +44,7 @@ from ..offload import offloaded
 from ..policy import check_model_dir, load_tokenizer
 from ..rollout.hf import HFEngine
 from ..rollout.protocol import RolloutEngine
-from ..trainer import Run, start_run
+from ..trainer import Run, start_run, world_size
 from .config import GRPOConfig
 from .core import grpo_loss, loss_denominator, mismatch_stats, tis_weights
 from .reference import Reference
@@ -193,9 +193,7 @@ def _engine(cfg: GRPOConfig, run: Run, tokenizer, context: int | None) -> Rollou
 
 def train_grpo(cfg: GRPOConfig) -> dict:
     """Run GRPO to `cfg.steps` (resuming from the newest checkpoint in output_dir); returns a summary."""
-    from accelerate import PartialState
-
-    world = PartialState().num_processes
+    world = world_size()
     tokenizer, train_rows, eval_rows, context = _checked_inputs(cfg, world)
     run = start_run(cfg, "grpo", total_updates=cfg.steps * cfg.inner_epochs * cfg.minibatches,
                     warmup_steps=cfg.warmup_steps, seed_per_process=True)
