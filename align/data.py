@@ -1,7 +1,9 @@
-"""Chat data: load (JSONL, JSON, Parquet, `save_to_disk` directories) through `datasets`, validate, tokenise.
+"""Chat data: load (JSONL, JSON, Parquet, `save_to_disk` directories, hub dataset ids: `align.formats`), validate,
+tokenise.
 
-Rows are either conversational, `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`, or
-prompt / completion, `{"prompt": str | messages, "completion": str | messages}`. Validation runs over every row before
+Rows are either conversational, `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (content
+may be a list of text parts, joined with no separator), or prompt / completion, `{"prompt": str | messages,
+"completion": str | messages}`. Validation runs over every row before
 any training and names `file:row N: field`. Tokenisation renders the whole chat with the tokenizer's own template and
 labels each assistant turn's content and its end-of-turn token (found by rendering the prefix with and without the
 turn; a template it cannot be found in is refused by name), so the loss is on assistant tokens only.
@@ -50,13 +52,22 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [{k: r.get(k) for k in keys} for r in rows]
 
 
-def load_rows(path: str | Path):
-    """Load a dataset file or `save_to_disk` directory: JSONL as a list of dicts, the rest as a `datasets.Dataset`."""
-    path = Path(path)
+def load_rows(source):
+    """The rows of a data source (`align.formats`: a local file or `save_to_disk` directory, a hub dataset id, a
+    sidecar or mapping; `columns` / `format` applied): JSONL as a list of dicts, a Dataset where nothing reshapes it."""
+    from .formats import load_hub, parse_source, reshape
+
+    src = parse_source(source)
+    rows = _read_local(src.path) if src.path is not None else load_hub(src)
+    return reshape(_checked(src.name, rows), src)
+
+
+def _read_local(path: Path):
+    """A local dataset file or `save_to_disk` directory: JSONL as a list of dicts, the rest as a Dataset."""
     if not path.exists():
         raise DataError(f"{path}: data file not found")
     if path.suffix.lower() == ".jsonl" and not path.is_dir():
-        return _checked(path, _read_jsonl(path))
+        return _read_jsonl(path)
     import datasets
 
     datasets.disable_progress_bars()
@@ -80,10 +91,10 @@ def load_rows(path: str | Path):
         raise
     except Exception as e:  # datasets / pyarrow raise many types; name the file either way
         raise DataError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
-    return _checked(path, ds)
+    return ds
 
 
-def _checked(path: Path, rows):
+def _checked(path: str | Path, rows):
     """`rows` (a list of dicts or a Dataset) if it has rows and no repeated 'id'."""
     if len(rows) == 0:
         raise DataError(f"{path}: no rows")
@@ -100,6 +111,29 @@ def _checked(path: Path, rows):
 # ------------------------------------------------------------------------------------------------- validation
 
 
+def content_text(content, where: str, field: str) -> str:
+    """A message's content as text: a string as is, a list of text parts joined with no separator. Non-text parts
+    and malformed ones raise DataError naming the field."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+        got = f"{content!r:.80}" if isinstance(content, list) else type(content).__name__
+        raise DataError(f"{where}: field '{field}' must be a string or a list of text parts "
+                        f"([{{\"type\": \"text\", \"text\": ...}}]), got {got}")
+    texts = []
+    for j, part in enumerate(content):
+        f = f"{field}[{j}]"
+        if not isinstance(part.get("type"), str):
+            raise DataError(f"{where}: field '{f}.type' is missing (a part is {{\"type\": \"text\", \"text\": ...}})")
+        if part["type"] != "text":
+            raise DataError(f"{where}: field '{f}' is a part of type {part['type']!r}; only text parts are "
+                            f"supported (align trains and samples on text)")
+        if not isinstance(part.get("text"), str):
+            raise DataError(f"{where}: field '{f}.text' must be a string, got {type(part.get('text')).__name__}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def _check_messages(messages, where: str, field: str, need_assistant_last: bool) -> None:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field '{field}' must be a non-empty list of messages, got {messages!r:.80}")
@@ -113,13 +147,17 @@ def _check_messages(messages, where: str, field: str, need_assistant_last: bool)
             raise DataError(f"{where}: field '{f}.role' is {m['role']!r}; expected one of {', '.join(ROLES)}")
         if "content" not in m or m["content"] is None:
             raise DataError(f"{where}: field '{f}.content' is missing")
-        if not isinstance(m["content"], str):
-            raise DataError(f"{where}: field '{f}.content' must be a string, got {type(m['content']).__name__}")
-        if not m["content"].strip():
+        if not content_text(m["content"], where, f"{f}.content").strip():
             raise DataError(f"{where}: field '{f}.content' is empty")
     if need_assistant_last and messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: field '{field}' must end with an assistant message, ends with "
                         f"{messages[-1]['role']!r}")
+
+
+def _plain(messages: list[dict], where: str, field: str) -> list[dict]:
+    """Checked messages as {role, content: str} (a list of text parts joined: `align.formats.content_text`)."""
+    return [{"role": m["role"], "content": content_text(m["content"], where, f"{field}[{i}].content")}
+            for i, m in enumerate(messages)]
 
 
 def as_messages(value, role: str, where: str, field: str) -> list[dict]:
@@ -130,14 +168,14 @@ def as_messages(value, role: str, where: str, field: str) -> list[dict]:
     if value is None:
         raise DataError(f"{where}: field '{field}' is missing")
     _check_messages(value, where, field, need_assistant_last=False)
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return _plain(value, where, field)
 
 
 def row_messages(row: dict, where: str) -> list[dict]:
     """The full conversation of a training row (validated); raises DataError naming the field."""
     if row.get("messages") is not None:
         _check_messages(row["messages"], where, "messages", need_assistant_last=True)
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        return _plain(row["messages"], where, "messages")
     if row.get("prompt") is not None or row.get("completion") is not None:
         prompt = as_messages(row.get("prompt"), "user", where, "prompt")
         completion = as_messages(row.get("completion"), "assistant", where, "completion")
@@ -153,7 +191,7 @@ def row_prompt(row: dict, where: str) -> list[dict]:
         return as_messages(row["prompt"], "user", where, "prompt")
     if row.get("messages") is not None:
         _check_messages(row["messages"], where, "messages", need_assistant_last=False)
-        msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        msgs = _plain(row["messages"], where, "messages")
         if msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
         if not msgs:
@@ -162,10 +200,12 @@ def row_prompt(row: dict, where: str) -> list[dict]:
     raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
 
 
-def load_chats(path: str | Path) -> list[list[dict]]:
-    """Load and validate every row of a chat file; the first bad row stops it with file:row:field."""
-    ds = load_rows(path)
-    return [row_messages(row, f"{path}:row {i + 1}") for i, row in enumerate(ds)]
+def load_chats(path) -> list[list[dict]]:
+    """Load and validate every row of a chat source; the first bad row stops it with source:row:field."""
+    from .formats import source_name
+
+    ds, name = load_rows(path), source_name(path)
+    return [row_messages(row, f"{name}:row {i + 1}") for i, row in enumerate(ds)]
 
 
 @dataclass
@@ -176,13 +216,16 @@ class PromptRow:
     columns: dict
 
 
-def load_prompts(path: str | Path) -> list[PromptRow]:
-    ds = load_rows(path)
+def load_prompts(path) -> list[PromptRow]:
+    """The prompts of a data source (`align.formats`), each with its row's other columns."""
+    from .formats import source_name
+
+    ds, name = load_rows(path), source_name(path)
     out = []
     for i, row in enumerate(ds):
-        msgs = row_prompt(row, f"{path}:row {i + 1}")
+        msgs = row_prompt(row, f"{name}:row {i + 1}")
         columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
-        columns.setdefault("row", f"{path}:row {i + 1}")
+        columns.setdefault("row", f"{name}:row {i + 1}")
         out.append(PromptRow(msgs, columns))
     return out
 
@@ -345,3 +388,18 @@ def batch_indices(n_rows: int, global_batch: int, step: int, seed: int) -> list[
         perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
         out += perm[offset: offset + global_batch - len(out)]
     return out
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The ids that end a completion: EOS, and the template's end-of-turn token where it differs (Llama-3's
+    <|eot_id|>, Qwen's <|im_end|>): what SFT taught the model to emit when its turn is done."""
+    ids = [tokenizer.eos_token_id]
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    try:
+        text, spans = assistant_char_spans(tokenizer, chat)
+    except DataError:
+        return ids  # a template the mask refuses: SFT refuses it too, EOS alone stops
+    end = next((t for t in _special_tokens(tokenizer) if text[:spans[0][1]].endswith(t)), None)
+    if end is not None:
+        ids.append(tokenizer.convert_tokens_to_ids(end))
+    return list(dict.fromkeys(i for i in ids if i is not None))

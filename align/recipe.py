@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_text
 from .config import ConfigError, build_config, merge_dicts, parse_overrides, read_yaml
+from .hub import hub_ref
 from .resources import data_dir, recipes_dir
 from .rollout.protocol import RolloutConfig
 
@@ -90,7 +91,8 @@ def _check_paths(cfg, stage_key: str, source: str, lines: dict[str, int], made: 
     """Data files and model directories named by a stage must exist, unless an earlier stage makes them."""
     model = getattr(cfg, "model", None)
     model_path = getattr(model, "path", model)
-    if isinstance(model_path, str) and model_path not in made and not Path(model_path).is_dir():
+    if (isinstance(model_path, str) and model_path not in made and not Path(model_path).is_dir()
+            and hub_ref(model_path) is None):
         key = f"{stage_key}.model.path" if hasattr(model, "path") else f"{stage_key}.model"
         raise ConfigError(f"{source}:{lines.get(key, '?')}: key '{key}': model directory {model_path} does not exist")
     for field in ("train_data", "eval_data"):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .config import option, require
 from .data import DataError, as_messages, batch_indices, load_rows
 from .finite import NonFinitePolicy, nonfinite_option
+from .hub import model_dir
 from .metrics import progress
 from .policy import check_model_dir, load_tokenizer
 from .rundir import ResumeMode, resume_option
@@ -98,7 +99,7 @@ def _load_rm(cfg: RMConfig, tokenizer):
     def load(resume, device):
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(resume or cfg.model), num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(str(resume or model_dir(cfg.model)), num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
         return model.to(device)
     return load

@@ -194,3 +194,16 @@ def test_refusals_name_the_row(tokenizer):
     ok = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     with pytest.raises(DataError, match=r"^d.jsonl:row 2: messages\[0\] is an assistant turn"):
         tokenize_chats(tokenizer, [ok, [{"role": "assistant", "content": "hello"}]], 64, "d.jsonl")
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_rollouts_stop_at_the_end_of_turn_token_sft_teaches(tiny_dir, name):
+    """Llama-3 with EOS <|end_of_text|> ends turns with <|eot_id|>: both stop a completion (else GRPO samples past
+    the turn SFT taught the model to end)."""
+    from align.data import stop_token_ids
+
+    template, specials, roles, _, eot = FORMATS[name]
+    tok = _tokenizer(tiny_dir, template, specials, {**roles, "eos_token": "<|end_of_text|>"} if name == "llama-3"
+                     else roles)
+    ids = stop_token_ids(tok)
+    assert ids[0] == tok.eos_token_id and tok.convert_tokens_to_ids(eot) in ids and len(set(ids)) == len(ids)

@@ -39,6 +39,7 @@ from ..data import PromptRow, batch_indices, load_prompts
 from ..evaluate import accuracy
 from ..faults import fault_point
 from ..finite import check_step
+from ..hub import model_dir
 from ..metrics import progress
 from ..offload import offloaded
 from ..policy import check_model_dir, load_tokenizer
@@ -182,7 +183,7 @@ def _engine(cfg: GRPOConfig, run: Run, tokenizer, context: int | None) -> Rollou
     if cfg.rollout.engine == "vllm":
         from ..rollout.vllm import VLLMEngine
 
-        engine = VLLMEngine(cfg.model.path, tokenizer, cfg.rollout, dtype=next(run.model.parameters()).dtype,
+        engine = VLLMEngine(str(model_dir(cfg.model.path)), tokenizer, cfg.rollout, dtype=next(run.model.parameters()).dtype,
                             device=run.device, seed=cfg.seed + run.accelerator.process_index,
                             max_model_len=context or 4096)
         engine.sync_weights(run.model)  # resumed or adapted weights, not the ones on disk

@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .. import fastpaths
 from ..fastpaths import CACHE_KW
+from ..data import stop_token_ids
 from ..mla import absorbed_mla
 from .protocol import Rollouts, SamplingConfig
 
@@ -162,7 +163,7 @@ class HFEngine:
         prompt_ids, prompt_mask = self.encode_prompts(prompts)                           # [B, P]
         prompt_ids = prompt_ids.repeat_interleave(n, dim=0)                              # [N, P]
         prompt_mask = prompt_mask.repeat_interleave(n, dim=0)                            # [N, P]
-        stop_ids = [tok.eos_token_id]
+        stop_ids = stop_token_ids(tok)
         was_training = model.training
         model.eval()
         outs, logps = [], []

@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from ..data import stop_token_ids
 from .hf import prompt_texts
 from .protocol import RolloutConfig, Rollouts, SamplingConfig
 from .weights import iter_checkpoint_weights, iter_merged_weights
@@ -217,7 +218,7 @@ class VLLMEngine:
         greedy = sampling.temperature == 0
         params = SamplingParams(n=n, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
                                 max_tokens=sampling.max_new_tokens, stop=sampling.stop or None,
-                                include_stop_str_in_output=True, stop_token_ids=[tok.eos_token_id], logprobs=0)
+                                include_stop_str_in_output=True, stop_token_ids=stop_token_ids(tok), logprobs=0)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
         self.sleep()
         rows = [(prompt, c) for prompt, o in zip(ids, outs) for c in o.outputs]           # N = B*G, grouped
