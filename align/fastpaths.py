@@ -9,6 +9,8 @@ what each was written for.
 |                 |                                         | update; a Cache built from a list of DynamicLayer subclasses     |
 | prefill_cache   | `rollout.hf` (ReservedCache, the shared | DynamicLayer's update / keys / values protocol; `generate`       |
 |                 | prefill of each prompt's G samples)     | continuing from a caller's filled cache                          |
+| moe_routes      | `routing` (record / replay MoE routes:  | DeepseekV2TopkRouter returning (logits, weights, indices) for    |
+|                 | routing_replay, routing/ metrics)       | its [b, t, H] input, and DeepseekV2Moe using what it returns     |
 
 Each path is checked once per process, when first used (or by `align doctor`): first the signature, bound by
 name, then a probe that runs the fast path and transformers' own path on a two-layer DeepSeek-V2 built from a
@@ -147,7 +149,11 @@ def _probe_absorbed_mla() -> None:
 
 @torch.no_grad()
 def _probe_shared_prefix() -> None:
-    from .logprobs import _forward_shared_prompt, chunked_token_logprobs, forward_logprobs
+    from .logprobs import (
+        _forward_shared_prompt,
+        chunked_token_logprobs,
+        forward_logprobs,
+    )
 
     _check_expand_kv()
     model = probe_model()
@@ -164,7 +170,7 @@ def _probe_shared_prefix() -> None:
 
 @torch.no_grad()
 def _probe_prefill_cache() -> None:
-    from .rollout.hf import prefilled_cache, ReservedCache
+    from .rollout.hf import ReservedCache, prefilled_cache
 
     model = probe_model()
     ids, mask = _probe_inputs()
@@ -181,17 +187,45 @@ def _probe_prefill_cache() -> None:
         _close(torch.stack(out.logits, 1), torch.stack(ref.logits, 1), what)
 
 
+@torch.no_grad()
+def _probe_moe_routes() -> None:
+    from .logprobs import forward_logprobs
+    from .routing import gates
+
+    model = probe_model()
+    ids, mask = _probe_inputs()
+    if len(gates(model)) != 1:
+        raise RuntimeError(f"found {len(gates(model))} MoE gates (DeepseekV2TopkRouter) in a model with one MoE layer")
+    ref = forward_logprobs(model, ids, 3, mask, record_routes=True)
+    gate = gates(model)[0]
+    other = gate.register_forward_hook(lambda m, a, out: (out[0], out[1], (out[2] + 1) % m.num_experts))
+    try:  # a gate that would choose other experts: replay must put the recorded ones back
+        rerouted = forward_logprobs(model, ids, 3, mask).logprobs
+        replayed = forward_logprobs(model, ids, 3, mask, routes=ref.routes, record_routes=True)
+    finally:
+        other.remove()
+    if torch.allclose(rerouted, ref.logprobs):
+        raise RuntimeError("the MoE layer does not use the indices its gate returns")
+    if not torch.equal(replayed.routes, ref.routes):
+        raise RuntimeError("replayed routes were not the ones used")
+    _close(replayed.logprobs, ref.logprobs, "routing replay")
+
+
 PROBES = {
     "absorbed_mla": _probe_absorbed_mla,
     "shared_prefix": _probe_shared_prefix,
     "prefill_cache": _probe_prefill_cache,
+    "moe_routes": _probe_moe_routes,
 }
 
 WHAT = {
     "absorbed_mla": "absorbed-MLA decode",
     "shared_prefix": "shared-prompt MLA forward",
     "prefill_cache": "reserved KV cache and shared prefill",
+    "moe_routes": "MoE route recording and replay",
 }
+
+INSTEAD = {"moe_routes": "routes are neither recorded nor replayed (routing_replay acts as none; no routing/ metrics)"}
 
 
 @functools.cache
@@ -209,9 +243,9 @@ def active(name: str) -> bool:
     s = status(name)
     if not s.active and name not in _warned:
         _warned.add(name)
+        instead = INSTEAD.get(name, "transformers' own path is used instead (same results, slower)")
         warnings.warn(f"align: the {WHAT[name]} is off on transformers {transformers_version()} ({s.reason}); "
-                      "transformers' own path is used instead (same results, slower). `align doctor` shows every "
-                      "fast path.", RuntimeWarning, stacklevel=2)
+                      f"{instead}. `align doctor` shows every fast path.", RuntimeWarning, stacklevel=2)
     return s.active
 
 

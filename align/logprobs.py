@@ -108,6 +108,7 @@ class ForwardOut:
     router_logits: tuple[torch.Tensor, ...]    # per MoE layer [tokens, E] (empty for dense models)
     router_mask: torch.Tensor | None = None    # [tokens] 1 on real tokens of router_logits' rows (None: the rows
                                                # are input_ids' [B*T] and the attention mask tells)
+    routes: torch.Tensor | None = None         # [B, T, L, k] the MoE routes used (with record_routes)
 
 
 def _shared_prompt(input_ids, attention_mask, n_targets: int, group_size: int, model) -> bool:
@@ -151,25 +152,52 @@ def _forward_shared_prompt(model, lm, input_ids, attention_mask, n_targets: int,
     return head, hidden, routers, router_mask
 
 
+def _route_plan(routes: torch.Tensor, shared: bool, group_size: int, P: int) -> list[list[torch.Tensor]]:
+    """routes [n, T, L, k] as each MoE layer's gate calls see them in this forward (see align/routing.py)."""
+    if not shared:
+        return [[routes[:, :, layer]] for layer in range(routes.shape[2])]
+    return [[routes[::group_size, :P, layer], routes[:, P:, layer]] for layer in range(routes.shape[2])]
+
+
+def _recorded_routes(calls: list[list[torch.Tensor]], shared: bool, group_size: int) -> torch.Tensor:
+    """The recorder's per-layer calls laid out as routes [n, T, L, k]."""
+    if shared:
+        rows = [torch.cat([c[0].repeat_interleave(group_size, 0), c[1]], 1) for c in calls]   # [n, T, k] each
+    else:
+        rows = [c[0] for c in calls]
+    return torch.stack(rows, 2)                                        # [n, T, L, k]
+
+
 def forward_logprobs(model, input_ids: torch.Tensor, n_targets: int, attention_mask: torch.Tensor | None = None,
                      position_ids: torch.Tensor | None = None, chunk_tokens: int = 1024, temperature: float = 1.0,
-                     with_entropy: bool = False, router_logits: bool = False, group_size: int = 1) -> ForwardOut:
+                     with_entropy: bool = False, router_logits: bool = False, group_size: int = 1,
+                     routes: torch.Tensor | None = None, record_routes: bool = False) -> ForwardOut:
     """Log-probs of the last `n_targets` tokens of each row of `input_ids` [B, T] under `model`.
 
-    `group_size`: rows come in groups of that many sharing one prompt (see the module docstring)."""
+    `group_size`: rows come in groups of that many sharing one prompt (see the module docstring). `routes`
+    [B, T, L, k]: MoE routes to replay (align/routing.py); `record_routes`: return the routes used as
+    `ForwardOut.routes`."""
     from .policy import causal_lm
+    from .routing import recording, replaying
 
     lm = causal_lm(model)
     kwargs = {"output_router_logits": True} if router_logits else {}
     targets = input_ids[:, -n_targets:]                                # [B, n]
-    if position_ids is None and _shared_prompt(input_ids, attention_mask, n_targets, group_size, lm):
-        head, hidden, routers, router_mask = _forward_shared_prompt(model, lm, input_ids, attention_mask,
-                                                                    n_targets, group_size, kwargs)
-        logp, ent = chunked_token_logprobs(hidden, head.weight, targets, chunk_tokens, temperature, with_entropy)
-        return ForwardOut(logp, ent, routers, router_mask)
-    with _lm_head_captured(lm) as (head, capture):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    logits_to_keep=n_targets + 1, use_cache=False, **kwargs)
-    hidden = capture.hidden[:, :-1]                                    # [B, n, H]
+    shared = position_ids is None and _shared_prompt(input_ids, attention_mask, n_targets, group_size, lm)
+    P = input_ids.shape[1] - n_targets
+    replay = (replaying(model, _route_plan(routes, shared, group_size, P)) if routes is not None
+              else contextlib.nullcontext())
+    record = recording(model) if record_routes else contextlib.nullcontext()
+    with replay, record as recorder:
+        if shared:
+            head, hidden, routers, router_mask = _forward_shared_prompt(model, lm, input_ids, attention_mask,
+                                                                        n_targets, group_size, kwargs)
+        else:
+            with _lm_head_captured(lm) as (head, capture):
+                out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            logits_to_keep=n_targets + 1, use_cache=False, **kwargs)
+            hidden = capture.hidden[:, :-1]                            # [B, n, H]
+            routers, router_mask = tuple(getattr(out, "router_logits", None) or ()), None
+    used = _recorded_routes(recorder.take(), shared, group_size) if record_routes else None
     logp, ent = chunked_token_logprobs(hidden, head.weight, targets, chunk_tokens, temperature, with_entropy)
-    return ForwardOut(logp, ent, tuple(getattr(out, "router_logits", None) or ()))
+    return ForwardOut(logp, ent, routers, router_mask, used)

@@ -10,7 +10,8 @@
     Run.finish  the final model as an ordinary HF directory (OUTPUT/final), the logger closed
 
 Every stage's config has output_dir, seed, lr, weight_decay, max_grad_norm, save_every, keep_last, tensorboard,
-resume and on_nonfinite with the same meaning; `min_lr_ratio` and `balance_alpha` where the stage has them.
+resume and on_nonfinite with the same meaning; `min_lr_ratio`, `balance_alpha` and `freeze_router` where the stage
+has them.
 """
 
 from __future__ import annotations
@@ -84,6 +85,15 @@ class Run:
         return final
 
 
+def _freeze_router(model, router: Router | None, path: str) -> None:
+    from .config import ConfigError
+    from .routing import freeze_router
+
+    if router is None:
+        raise ConfigError(f"key 'freeze_router': {path} is not a DeepSeek-V2 MoE model (it has no router)")
+    freeze_router(model)
+
+
 def world_size() -> int:
     """Processes in this run, known before start_run (accelerate's process state, created as start_run's
     Accelerator will be: on CPU with gloo)."""
@@ -112,6 +122,8 @@ def start_run(cfg, stage: str, *, total_updates: int, warmup_steps: int, seed_pe
     else:
         model = load(resume, accelerator.device)
     router = router_of(model, getattr(cfg, "balance_alpha", 0.0), model_path or str(cfg.model.path))
+    if getattr(cfg, "freeze_router", False):  # before the optimizer, which takes the trainable parameters
+        _freeze_router(model, router, model_path or str(cfg.model.path))
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, total_updates, warmup_steps, getattr(cfg, "min_lr_ratio", 0.0))
     state = ckpt.load_training_state(resume, optimizer, scheduler) if resume is not None else {}

@@ -91,7 +91,7 @@ def test_precomputed_old_logprobs_equal_the_update_forward(tiny_dir):
     ids = torch.cat([prompts, torch.randint(3, 1000, (8, 5))], 1)
     traj = _traj(ids, torch.ones(8, 5), torch.randn(8), G=4)
     forward = PolicyForward.of(cfg)
-    traj.old_logprobs = forward.no_grad(model, traj)
+    traj.old_logprobs, _ = forward.no_grad(model, traj)
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)                              # the policy does not move
     stats = _update(_run(model, cfg, frozen), traj, cfg, forward, torch.Generator().manual_seed(0), 1)
     assert stats["policy/ratio"] == pytest.approx(1.0, abs=1e-6)

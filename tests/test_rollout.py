@@ -57,7 +57,7 @@ def test_select_keeps_rows():
 
 def test_beta_zero_loads_no_reference(tiny_dir):
     ref = Reference(ModelConfig(path=str(tiny_dir)), beta=0.0, device="cpu")
-    assert ref.model is None and ref.logprobs(None, None, None) is None
+    assert ref.model is None and ref.logprobs(None, None, None) == (None, None)
     full = Reference(ModelConfig(path=str(tiny_dir)), beta=0.04, device="cpu")
     assert full.model is not None and not any(p.requires_grad for p in full.model.parameters())
 

@@ -56,6 +56,17 @@ class GRPOConfig:
     drop_zero_std_groups: bool = option(False, "Leave out groups whose rewards are all equal (DAPO's filter).")
     mask_truncated: bool = option(False, "Exclude completions cut by max_new_tokens from the loss.")
     balance_alpha: float = option(0.0, "α of the expert-level balance loss during RL (0: off).")
+    routing_replay: Literal["none", "old", "rollout"] = option(
+        "none", "MoE routes reused across a step's forwards (align/routing.py): none; old (R2): the old-policy "
+        "forward's routes in every update forward (needs inner_epochs or minibatches > 1: otherwise the update "
+        "forward is the old one); rollout (R3): the routes the engine chose while sampling, in the old, reference "
+        "(replay_reference) and update forwards.")
+    replay_reference: bool = option(True, "With routing_replay=rollout, the reference forward reuses the sampler's "
+                                    "routes too (else it routes afresh).")
+    freeze_router: bool = option(False, "Keep the MoE gate weights fixed (no gradient), with LoRA or full "
+                                 "fine-tuning.")
+    routing_metrics_every: int = option(1, "Steps between routing/ agreement metrics (MoE policies; each costs up "
+                                        "to three no-grad forwards; 0: off).")
     ref_offload: bool = option(False, "Keep the frozen reference on CPU between uses (full fine-tuning only).")
     eval_every: int = option(10, "Steps between held-out accuracy evaluations (0: start and end only).")
     eval_max_new_tokens: int = option(64, "Completion length for held-out evaluation.")
@@ -114,6 +125,12 @@ class GRPOConfig:
         require(self.aggregation in AGGREGATIONS, "aggregation", f"one of {sorted(AGGREGATIONS)}", self.aggregation)
         require(self.tis_cap >= 0, "tis_cap", ">= 0 (0: off)", self.tis_cap)
         require(self.balance_alpha >= 0, "balance_alpha", ">= 0", self.balance_alpha)
+        if self.routing_replay == "rollout" and self.rollout.engine == "vllm":
+            from ..rollout.vllm import routed_experts_missing
+
+            missing = routed_experts_missing()
+            require(missing is None, "routing_replay", f"none or old with rollout.engine=vllm here: {missing}",
+                    self.routing_replay)
         for i, spec in enumerate(self.rewards):
             require(bool(spec.name), f"rewards[{i}].name", "a reward name", spec.name)
             try:
@@ -122,7 +139,7 @@ class GRPOConfig:
                 raise ConfigError(f"key 'rewards[{i}].name': {e.args[0]}") from None
         keys = [spec.key for spec in self.rewards]
         require(len(set(keys)) == len(keys), "rewards", "uniquely named (give repeated rewards a label)", keys)
-        for key in ("eval_every", "save_every", "keep_last", "warmup_steps", "max_grad_norm"):
+        for key in ("eval_every", "save_every", "keep_last", "warmup_steps", "max_grad_norm", "routing_metrics_every"):
             require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
 
     def loss_kwargs(self) -> dict:

@@ -28,12 +28,14 @@ be offloaded to CPU while vLLM generates (`rollout.offload_policy`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import torch
 
 from rewards.combine import RewardError, check_columns, close_rewards, score
 
+from .. import fastpaths
 from ..config import ConfigError
 from ..data import PromptRow, batch_indices, load_prompts
 from ..evaluate import accuracy
@@ -136,6 +138,35 @@ def _update(run: Run, traj: Trajectory, cfg: GRPOConfig, forward: PolicyForward,
     return {**averaged, "train/skipped_nonfinite": float(skipped), **load}
 
 
+def _fresh_routes(model, traj: Trajectory, forward: PolicyForward) -> torch.Tensor:
+    """[N, P+C, L, k] the routes `model` chooses itself (no replay) on the trajectory."""
+    return forward.no_grad(model, dataclasses.replace(traj, routes=None), record_routes=True)[1]
+
+
+def _routing_metrics(model, traj: Trajectory, forward: PolicyForward, reference: Reference,
+                     before: torch.Tensor) -> dict[str, float]:
+    """Agreement of top-k expert sets (share of tokens, mean over MoE layers) on the positions whose outputs
+    predict completion tokens, every model routing afresh:
+
+        routing/update_agreement   the policy after the step's last update vs at its start
+        routing/ref_agreement      the policy after the update vs π_ref
+        routing/sampler_agreement  the policy at the step's start vs the engine while sampling (when recorded)
+    """
+    from ..routing import agreement
+
+    P = traj.input_ids.shape[1] - traj.completion_len
+    where = torch.zeros(traj.input_ids.shape, device=traj.input_ids.device)            # [N, P+C]
+    where[:, P - 1:-1] = traj.completion_mask
+    after = _fresh_routes(model, traj, forward)
+    out = {"routing/update_agreement": agreement(after, before, where)}
+    _, ref_routes = reference.logprobs(model, dataclasses.replace(traj, routes=None), forward, record_routes=True)
+    if ref_routes is not None:
+        out["routing/ref_agreement"] = agreement(after, ref_routes, where)
+    if traj.sampler_routes is not None:
+        out["routing/sampler_agreement"] = agreement(before, traj.sampler_routes.to(before.device), where)
+    return out
+
+
 def _mean_over_processes(metrics: dict[str, float], world: int) -> dict[str, float]:
     """Each metric averaged over the processes that report it (every process logs its own share of the batch)."""
     if world == 1:
@@ -151,7 +182,12 @@ def _mean_over_processes(metrics: dict[str, float], world: int) -> dict[str, flo
 def _checked_inputs(cfg: GRPOConfig, world: int):
     """Tokenizer, train and eval prompts, the model's context: everything bad input can break, checked before
     anything is written."""
-    context = check_model_dir(cfg.model.path).get("max_position_embeddings")
+    model_json = check_model_dir(cfg.model.path)
+    context = model_json.get("max_position_embeddings")
+    for key, used in (("routing_replay", cfg.routing_replay != "none"), ("freeze_router", cfg.freeze_router)):
+        if used and model_json.get("model_type") != "deepseek_v2":
+            raise ConfigError(f"key '{key}': {cfg.model.path} is {model_json.get('model_type')!r}, not a DeepSeek-V2 "
+                              "MoE model (it has no router)")
     tokenizer = load_tokenizer(cfg.model.path)
     train_rows = [r for path in cfg.train_data for r in load_prompts(path)]
     if context:
@@ -180,22 +216,31 @@ def _checked_inputs(cfg: GRPOConfig, world: int):
 
 
 def _engine(cfg: GRPOConfig, run: Run, tokenizer, context: int | None) -> RolloutEngine:
+    """The rollout engine; it records the MoE routes it samples with for routing_replay=rollout, and (transformers
+    engine) for the routing metrics."""
+    record_routes = run.router is not None and (cfg.routing_replay == "rollout" or (
+        cfg.routing_metrics_every > 0 and cfg.rollout.engine == "hf"))
     if cfg.rollout.engine == "vllm":
         from ..rollout.vllm import VLLMEngine
 
         engine = VLLMEngine(str(model_dir(cfg.model.path)), tokenizer, cfg.rollout, dtype=next(run.model.parameters()).dtype,
                             device=run.device, seed=cfg.seed + run.accelerator.process_index,
-                            max_model_len=context or 4096)
+                            max_model_len=context or 4096, record_routes=cfg.routing_replay == "rollout")
         engine.sync_weights(run.model)  # resumed or adapted weights, not the ones on disk
         return engine
     # sharded weights (FSDP2 / ZeRO-3): every process takes part in each decode step
-    return HFEngine(run.accelerator.unwrap_model(run.model), tokenizer, synced=run.accelerator.num_processes > 1)
+    return HFEngine(run.accelerator.unwrap_model(run.model), tokenizer, synced=run.accelerator.num_processes > 1,
+                    record_routes=record_routes)
 
 
 def train_grpo(cfg: GRPOConfig) -> dict:
     """Run GRPO to `cfg.steps` (resuming from the newest checkpoint in output_dir); returns a summary."""
     world = world_size()
     tokenizer, train_rows, eval_rows, context = _checked_inputs(cfg, world)
+    uses_routes = cfg.routing_replay != "none" or cfg.routing_metrics_every > 0
+    if uses_routes and check_model_dir(cfg.model.path).get("model_type") == "deepseek_v2" and not fastpaths.active(
+            "moe_routes"):  # the installed transformers' MoE gate is not what align.routing hooks (one warning)
+        cfg = dataclasses.replace(cfg, routing_replay="none", routing_metrics_every=0)
     run = start_run(cfg, "grpo", total_updates=cfg.steps * cfg.inner_epochs * cfg.minibatches,
                     warmup_steps=cfg.warmup_steps, seed_per_process=True)
     rank, device, G = run.accelerator.process_index, run.device, cfg.group_size
@@ -232,20 +277,30 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         # 3. the trajectory: group-normalised advantages, loss mask, groups dropped (skipped / zero-std)
         traj, zero = build_trajectory(rollouts, scores.total, scores.components, scores.keep,
                                       scale=cfg.scale_rewards, drop_zero_std=cfg.drop_zero_std_groups,
-                                      mask_truncated=cfg.mask_truncated, drop_rows=world == 1)
+                                      mask_truncated=cfg.mask_truncated, drop_rows=world == 1,
+                                      replay_sampler_routes=cfg.routing_replay == "rollout")
         metrics = {**scores.metrics(), "reward/zero_std_frac": zero.float().mean().item(),
                    "rollout/completion_len": rollouts.completion_mask.sum(1).float().mean().item(),
                    "rollout/truncated_frac": rollouts.truncated.float().mean().item()}
         if len(traj) > 0 and rewards_ok:  # on_nonfinite=skip: a bad step trains on nothing
             traj = traj.to(device)
-            # 4. old (only when the policy moves between minibatches) and reference log-probs, no grad
-            traj.old_logprobs = forward.no_grad(run.model, traj) if needs_old else None
-            traj.ref_logprobs = reference.logprobs(run.model, traj, forward)
+            every = cfg.routing_metrics_every
+            measure = run.router is not None and every > 0 and (step + 1) % every == 0
+            before = _fresh_routes(run.model, traj, forward) if measure else None
+            # 4. old (only when the policy moves between minibatches) and reference log-probs, no grad; with
+            # routing_replay=old the old forward's routes are replayed from here on
+            if needs_old:
+                traj.old_logprobs, old_routes = forward.no_grad(run.model, traj, cfg.routing_replay == "old")
+                traj.routes = old_routes if cfg.routing_replay == "old" else traj.routes
+            ref_traj = traj if cfg.replay_reference else dataclasses.replace(traj, routes=None)
+            traj.ref_logprobs, _ = reference.logprobs(run.model, ref_traj, forward)
             t_ref = time.time()
             # 5. μ epochs x minibatches of updates on grpo_loss
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # minibatch order: a function of step
             metrics.update(_update(run, traj, cfg, forward, gen, step + 1))
             fault_point("update", step + 1)
+            if measure:
+                metrics.update(_routing_metrics(run.model, traj, forward, reference, before))
             metrics.update({"perf/ref_s": t_ref - t_reward, "perf/update_s": time.time() - t_ref})
         # 6. weight sync to the rollout engine
         engine.sync_weights(run.model)

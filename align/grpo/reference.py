@@ -38,12 +38,13 @@ class Reference:
                 self.model.to("cpu")
                 torch.cuda.empty_cache()
 
-    def logprobs(self, policy, traj: Trajectory, forward: PolicyForward) -> torch.Tensor | None:
-        """π_ref log-probs [N, C] of the trajectory's completion tokens, or None when β = 0."""
+    def logprobs(self, policy, traj: Trajectory, forward: PolicyForward, record_routes: bool = False):
+        """π_ref log-probs [N, C] of the trajectory's completion tokens (None when β = 0), and with `record_routes`
+        its MoE routes [N, P+C, L, k] (else None)."""
         if not self.enabled:
-            return None
+            return None, None
         if self.use_adapter_off:
             with getattr(policy, "module", policy).disable_adapter():
-                return forward.no_grad(policy, traj)
+                return forward.no_grad(policy, traj, record_routes)
         with self._on_device() as model:
-            return forward.no_grad(model, traj)
+            return forward.no_grad(model, traj, record_routes)

@@ -30,6 +30,8 @@ class Trajectory:
     sampling_logprobs: torch.Tensor      # [N, C] the engine's, under the distribution it sampled from
     old_logprobs: torch.Tensor | None = None   # [N, C] π_θold; None: the update's own, detached (μ = 1, one minibatch)
     ref_logprobs: torch.Tensor | None = None   # [N, C] π_ref; None with β = 0
+    routes: torch.Tensor | None = None         # [N, P+C, L, k] MoE routes the forwards replay; None: route afresh
+    sampler_routes: torch.Tensor | None = None  # [N, P+C, L, k] the engine's routes while sampling, when recorded
 
     @property
     def completion_len(self) -> int:
@@ -62,7 +64,8 @@ def _to(value, device):
 
 def build_trajectory(rollouts: Rollouts, total: torch.Tensor, rewards: dict[str, torch.Tensor],
                      keep: torch.Tensor, *, scale: str = "group", drop_zero_std: bool = False,
-                     mask_truncated: bool = False, drop_rows: bool = True) -> tuple[Trajectory, torch.Tensor]:
+                     mask_truncated: bool = False, drop_rows: bool = True,
+                     replay_sampler_routes: bool = False) -> tuple[Trajectory, torch.Tensor]:
     """The step's trajectory and its zero-std groups [B] (bool), from the rollouts and the scores.
 
     advantages   group_advantages(total): NaN (unscored) rows out of their group's statistics, advantage 0
@@ -70,6 +73,8 @@ def build_trajectory(rollouts: Rollouts, total: torch.Tensor, rewards: dict[str,
                  scored rewards are all equal; `drop_rows` takes them out of the batch, else (several processes,
                  which must do equal work) they stay with advantage 0 and no token in the loss
     loss mask    the completion mask, minus truncated completions with `mask_truncated`
+    routes       the engine's (`Rollouts.routes`) kept as sampler_routes, and replayed with
+                 `replay_sampler_routes` (routing_replay=rollout)
     """
     G = rollouts.group_size
     advantages = group_advantages(total, G, scale)                                  # [N]
@@ -84,7 +89,10 @@ def build_trajectory(rollouts: Rollouts, total: torch.Tensor, rewards: dict[str,
         completion_mask=loss_mask,
         group=torch.arange(len(total)) // G,                                        # [N]
         rewards=rewards, total=total, advantages=advantages,
-        sampling_logprobs=rollouts.sampling_logprobs)
+        sampling_logprobs=rollouts.sampling_logprobs, sampler_routes=rollouts.routes,
+        routes=rollouts.routes if replay_sampler_routes else None)
+    if replay_sampler_routes and rollouts.routes is None:
+        raise ValueError("routing_replay=rollout: the engine recorded no routes")
     if kept.all():
         return traj, zero
     if drop_rows:
@@ -109,14 +117,17 @@ class PolicyForward:
         return cls(cfg.sampling.temperature or 1.0, max(cfg.micro_batch_size // G, 1) * G, G, cfg.logprob_chunk)
 
     def __call__(self, model, traj: Trajectory, **kw) -> ForwardOut:
-        """Log-probs [n, C] of `traj`'s completion tokens (one forward; kw: with_entropy, router_logits)."""
+        """Log-probs [n, C] of `traj`'s completion tokens, replaying `traj.routes` when set (one forward; kw:
+        with_entropy, router_logits, record_routes)."""
         return forward_logprobs(model, traj.input_ids, traj.completion_len, traj.attention_mask,
                                 chunk_tokens=self.chunk_tokens, temperature=self.temperature,
-                                group_size=self.group_size, **kw)
+                                group_size=self.group_size, routes=traj.routes, **kw)
 
     @torch.no_grad()
-    def no_grad(self, model, traj: Trajectory) -> torch.Tensor:
-        """Log-probs [N, C] of the whole trajectory, micro_batch rows at a time, without autograd."""
-        parts = [self(model, traj[torch.arange(s, min(s + self.micro_batch, len(traj)))]).logprobs
-                 for s in range(0, len(traj), self.micro_batch)]
-        return torch.cat(parts)                                                     # [N, C]
+    def no_grad(self, model, traj: Trajectory, record_routes: bool = False):
+        """Log-probs [N, C] of the whole trajectory, micro_batch rows at a time, without autograd; and the routes
+        used [N, P+C, L, k] with `record_routes` (else None)."""
+        outs = [self(model, traj[torch.arange(s, min(s + self.micro_batch, len(traj)))], record_routes=record_routes)
+                for s in range(0, len(traj), self.micro_batch)]
+        routes = torch.cat([o.routes for o in outs]) if record_routes else None
+        return torch.cat([o.logprobs for o in outs]), routes                       # [N, C], [N, T, L, k]

@@ -17,14 +17,17 @@ cache copies itself every step, O(T²) over a completion (a fifth of `generate`'
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .. import fastpaths
-from ..fastpaths import CACHE_KW
 from ..data import stop_token_ids
+from ..fastpaths import CACHE_KW
 from ..mla import absorbed_mla
+from ..routing import NO_ROUTE, recording
 from .protocol import Rollouts, SamplingConfig
 
 
@@ -139,13 +142,26 @@ def prefilled_cache(model, ids: torch.Tensor, mask: torch.Tensor, n: int, room: 
     return cache
 
 
+def _sampled_routes(prefill, calls, n: int, width: int) -> torch.Tensor:
+    """Routes [b, width, L, k] of one generate batch from the recorder's calls: the shared prefill (over each
+    prompt once, repeated for its n samples), then generate's own calls along time; NO_ROUTE where none."""
+    layers = []
+    for layer, steps in enumerate(calls):
+        parts = [c.repeat_interleave(n, 0) for c in (prefill[layer] if prefill else [])] + steps
+        layers.append(torch.cat(parts, 1)[:, :width])                                   # [b, <=width, k]
+    out = torch.stack(layers, 2)                                                        # [b, t, L, k]
+    return torch.nn.functional.pad(out, (0, 0, 0, 0, 0, width - out.shape[1]), value=NO_ROUTE).cpu()
+
+
 class HFEngine:
-    def __init__(self, model, tokenizer, synced: bool = False):
+    def __init__(self, model, tokenizer, synced: bool = False, record_routes: bool = False):
         """`synced`: several processes hold shards of the weights (FSDP2 / ZeRO-3): each keeps stepping until all
-        are done, so every decode step's all-gathers happen on every process."""
+        are done, so every decode step's all-gathers happen on every process. `record_routes`: return the MoE
+        routes each token took while sampling (`Rollouts.routes`)."""
         self.model = model
         self.tokenizer = tokenizer
         self.synced = synced
+        self.record_routes = record_routes
         self.last_sync_s = 0.0
 
     def sync_weights(self, model) -> None:
@@ -166,7 +182,7 @@ class HFEngine:
         stop_ids = stop_token_ids(tok)
         was_training = model.training
         model.eval()
-        outs, logps = [], []
+        outs, logps, routes = [], [], []
         for s in range(0, prompt_ids.shape[0], sampling.batch_size):
             ids = prompt_ids[s:s + sampling.batch_size].to(device)
             mask = prompt_mask[s:s + sampling.batch_size].to(device)
@@ -179,11 +195,13 @@ class HFEngine:
             # top_k are passed as None so generate adds no processors of its own (nor its default top-k of 50)
             room = sampling.max_new_tokens + 1
             # decode steps read MLA's latent cache directly (see mla.py); inference mode: no autograd bookkeeping
-            with absorbed_mla(model), torch.inference_mode():
+            record = recording(model) if self.record_routes else contextlib.nullcontext()
+            with absorbed_mla(model), torch.inference_mode(), record as recorder:
                 cache = None
                 if fastpaths.active("prefill_cache"):  # else generate's own cache, no shared prefill
                     cache = prefilled_cache(model, ids, mask, n, room) if s % n == 0 else None
                     cache = ReservedCache(room) if cache is None else cache
+                prefill = recorder.take() if recorder is not None else None
                 gen = model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
                     do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -192,6 +210,8 @@ class HFEngine:
                     logits_processor=LogitsProcessorList([*warpers, sampler]), synced_gpus=self.synced,
                     **({CACHE_KW: cache} if cache is not None else {}))
             new = gen[:, ids.shape[1]:]                                                  # [b, c]
+            if recorder is not None:
+                routes.append(_sampled_routes(prefill, recorder.take(), n, ids.shape[1] + new.shape[1]))
             logps.append(sampler.result(new).cpu())                                     # [b, c]
             outs.append(new.cpu())
         if was_training:
@@ -210,5 +230,8 @@ class HFEngine:
         sampling_logprobs = sampling_logprobs * completion_mask
         texts = [tok.decode(ids[m.bool()], skip_special_tokens=True)
                  for ids, m in zip(completion_ids, completion_mask)]
+        if routes:  # [N, P+C, L, k], the last token of each row never routed
+            routes = torch.cat([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, prompt_ids.shape[1] + width - r.shape[1]),
+                                                        value=NO_ROUTE) for r in routes])
         return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, truncated,
-                        texts, n)
+                        texts, n, routes if self.record_routes else None)

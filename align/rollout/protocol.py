@@ -10,6 +10,8 @@ Layout of a batch of B prompts x G samples, N = B*G rows, completions of prompt 
                               slightly from a training forward pass (kernels, precision): the loss uses the
                               trainer's own, and these only in the importance weights (grpo.core.tis_weights)
     truncated         [N]     True where max_new_tokens ran out before a stop token
+    routes            [N, P+C, L, k]  MoE routes chosen while sampling (engines asked to record them; −1 where
+                              none: the last sampled token is never fed back), else None
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class Rollouts:
     truncated: torch.Tensor           # [N] bool
     completions: list[str]            # N decoded completions (stop token removed)
     group_size: int                   # G
+    routes: torch.Tensor | None = None  # [N, P+C, L, k] int16, the sampler's MoE routes (align/routing.py)
 
     @property
     def num_prompts(self) -> int:
@@ -84,7 +87,8 @@ class Rollouts:
         idx = rows.tolist()
         return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
                         self.completion_mask[rows], self.sampling_logprobs[rows], self.truncated[rows],
-                        [self.completions[i] for i in idx], self.group_size)
+                        [self.completions[i] for i in idx], self.group_size,
+                        None if self.routes is None else self.routes[rows])
 
 
 class RolloutEngine(Protocol):

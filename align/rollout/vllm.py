@@ -91,6 +91,20 @@ def vllm_missing() -> str | None:
     return None
 
 
+def routed_experts_missing() -> str | None:
+    """None when the installed vLLM can return each token's MoE routes (`enable_return_routed_experts`), else why
+    not (routing_replay=rollout needs it)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    if "enable_return_routed_experts" in {f.name for f in dataclasses.fields(EngineArgs)}:
+        return None
+    import vllm
+
+    return f"vLLM {vllm.__version__} has no enable_return_routed_experts (it returns no MoE routes)"
+
+
 def _reload_weights(worker, weights, path: str | None = None) -> int:
     """Runs inside vLLM's worker: load `weights` (an iterable of (name, tensor); or the checkpoint at `path`), rerun
     post-load processing, refresh CPU expert prepacks."""
@@ -137,11 +151,11 @@ def _key_files(model_path: str) -> tuple[str, ...]:
 
 class VLLMEngine:
     def __init__(self, model_path: str, tokenizer, cfg: RolloutConfig, *, dtype: torch.dtype, device, seed: int,
-                 max_model_len: int):
-        missing = vllm_missing()
+                 max_model_len: int, record_routes: bool = False):
+        missing = vllm_missing() or (routed_experts_missing() if record_routes else None)
         if missing:
             raise RuntimeError(missing)
-        self.tokenizer, self.cfg = tokenizer, cfg
+        self.tokenizer, self.cfg, self.record_routes = tokenizer, cfg, record_routes
         self.on_cpu = torch.device(device).type == "cpu"
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights pass by reference
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -163,6 +177,8 @@ class VLLMEngine:
                       enforce_eager=cfg.enforce_eager or self.on_cpu)
         if self.attention_backend is not None:
             kwargs["attention_backend"] = self.attention_backend
+        if record_routes:
+            kwargs["enable_return_routed_experts"] = True
         kv_gb = cfg.kv_cache_gb or (CPU_KV_CACHE_GB if self.on_cpu else 0)
         if kv_gb:
             kwargs["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
@@ -239,5 +255,21 @@ class VLLMEngine:
             sampling_logprobs[i, :k] = torch.tensor([step[t].logprob for step, t in zip(c.logprobs, c.token_ids)])
         truncated = torch.tensor([c.finish_reason == "length" for _, c in rows])        # [N]
         texts = [tok.decode(list(c.token_ids), skip_special_tokens=True) for _, c in rows]
+        routes = self._routes(rows, P, C) if self.record_routes else None
         return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, truncated,
-                        texts, n)
+                        texts, n, routes)
+
+    @staticmethod
+    def _routes(rows, P: int, C: int) -> torch.Tensor:
+        """[N, P+C, L, k] from each completion's routed_experts [len(prompt) + len(completion) − 1, L, k] (the last
+        sampled token is never fed), placed at its left-padded positions; NO_ROUTE elsewhere."""
+        from ..routing import NO_ROUTE
+
+        first = next(c.routed_experts for _, c in rows if c.routed_experts is not None)
+        out = torch.full((len(rows), P + C, *first.shape[1:]), NO_ROUTE, dtype=torch.int16)
+        for i, (p, c) in enumerate(rows):
+            if c.routed_experts is None:
+                raise RuntimeError(f"vLLM returned no MoE routes for completion {i} (enable_return_routed_experts)")
+            r = torch.as_tensor(c.routed_experts).to(torch.int16)                       # [t, L, k]
+            out[i, P - len(p):P - len(p) + r.shape[0]] = r
+        return out
