@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-
 from typing import Literal
 
 from .config import ConfigError, config_to_dict, option

@@ -7,13 +7,12 @@ The directory is an ordinary HF checkpoint: `AutoModelForCausalLM.from_pretraine
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from transformers import DeepseekV2ForCausalLM
-
-import dataclasses
 
 from .checkpoint import atomic_dir
 from .config import option
