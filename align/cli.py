@@ -4,7 +4,7 @@
     align sft  [RECIPE.yaml] [key=value ...]            supervised fine-tuning
     align grpo [RECIPE.yaml] [key=value ...]            GRPO
     align rm   [RECIPE.yaml] [key=value ...]            reward model (Bradley-Terry) on preference pairs
-    align eval MODEL_DIR [--reasoning F --helpful F --safety F --rm-helpful D --rm-safety D]
+    align eval MODEL_DIR [--reasoning S --code S --helpful S --safety S --rm-helpful D --rm-safety D --limit N]
     align run RECIPE [key=value ...] [--check]          a chain of stages from a recipe (`align run quickstart`)
     align doctor                                        versions, CPU / GPU features, active fast paths
 
@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from .config import ConfigError, describe, load_config
+from .config import ConfigError, build_config, describe, load_config
 from .data import DataError
 
 
@@ -68,11 +68,14 @@ def _cmd_eval(args) -> int:
     for path in (args.model, args.rm_helpful, args.rm_safety):
         if path:
             check_model_dir(path)
-    cfg = EvalConfig(reasoning=args.reasoning or str(data_dir() / "arith" / "heldout.jsonl"),
-                     helpful=args.helpful or str(data_dir() / "helpful" / "heldout.jsonl"),
-                     safety=args.safety or str(data_dir() / "safety" / "heldout.jsonl"),
-                     reward_models={k: v for k, v in (("helpful", args.rm_helpful), ("safety", args.rm_safety)) if v},
-                     max_new_tokens=args.max_new_tokens)
+    cfg = build_config(EvalConfig, {
+        "reasoning": args.reasoning or str(data_dir() / "arith" / "heldout.jsonl"),
+        "reasoning_reward": args.reasoning_reward, "code": args.code or "",
+        "helpful": args.helpful or str(data_dir() / "helpful" / "heldout.jsonl"),
+        "safety": args.safety or str(data_dir() / "safety" / "heldout.jsonl"),
+        "reward_models": {k: v for k, v in (("helpful", args.rm_helpful), ("safety", args.rm_safety)) if v},
+        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "limit": args.limit},
+        "<command line>")
     print(json.dumps(evaluate(args.model, cfg), indent=1))
     return 0
 
@@ -111,14 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--help-config", action="store_true", help="list every config key")
         s.set_defaults(func=func)
 
-    e = sub.add_parser("eval", help="held-out accuracy, rule pass rate and RM scores of a model directory")
+    e = sub.add_parser("eval", help="held-out accuracy, rule pass rate, code pass@1 and RM scores of a model directory")
     e.add_argument("model")
-    e.add_argument("--reasoning", help="prompts with an `answer` column (default: bundled held-out arithmetic)")
+    e.add_argument("--reasoning", help="prompts with an `answer` column: a file or a hub dataset "
+                                       "id[:config[:split]], e.g. openai/gsm8k:main:test#format=gsm8k (default: "
+                                       "bundled held-out arithmetic)")
+    e.add_argument("--reasoning-reward", default="auto", choices=["auto", "exact_answer", "math"],
+                   help="answer check (auto: math-verify for a #format=math source, else exact_answer)")
+    e.add_argument("--code", help="coding problems with a `tests` column for pass@1, e.g. "
+                                  "openai/openai_humaneval::test#format=humaneval (default: none)")
     e.add_argument("--helpful", help="helpful prompts (default: bundled held-out)")
     e.add_argument("--safety", help="harmful prompts (default: bundled held-out)")
     e.add_argument("--rm-helpful", help="RM_helpful directory (helpful score skipped without it)")
     e.add_argument("--rm-safety", help="RM_safety directory (safety score skipped without it)")
     e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=128, help="sequences per generate call")
+    e.add_argument("--limit", type=int, default=0, help="only the first N prompts of each source (0: all)")
     e.set_defaults(func=_cmd_eval)
 
     r = sub.add_parser("run", help="run a recipe's stages (resumes where it stopped)")

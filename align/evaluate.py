@@ -1,33 +1,66 @@
 """`align eval`: what a checkpoint can do, measured the same way after every stage.
 
-  eval/accuracy       greedy held-out reasoning accuracy (`exact_answer` against the `answer` column)
-  eval/rule_pass      share of those completions that keep the required final-answer format (`answer_format`)
-  eval/helpful_rm     mean RM_helpful score of greedy answers to held-out helpful prompts
-  eval/safety_rm      mean RM_safety score of greedy answers to held-out harmful prompts
-  eval/refusal_rate   share of those answers that refuse
+  eval/accuracy          greedy held-out reasoning accuracy: the `answer` column checked by `exact_answer`, or by
+                         math-verify (`math`) for MATH-style answers (reasoning_reward; auto: math for a
+                         format=math source)
+  eval/rule_pass         share of those completions that keep the required final-answer format (`answer_format`)
+  eval/pass@1            share of held-out coding problems whose greedy completion passes all of the row's `tests`
+                         (the sandboxed `code` reward; HumanEval / MBPP through format=humaneval / mbpp)
+  eval/code_tests_passed mean share of each problem's tests passed
+  eval/helpful_rm        mean RM_helpful score of greedy answers to held-out helpful prompts
+  eval/safety_rm         mean RM_safety score of greedy answers to held-out harmful prompts
+  eval/refusal_rate      share of those answers that refuse
+  eval/over_refusal_rate share of the answers to the held-out helpful (benign) prompts that refuse
+  completions            the greedy answers to the helpful / safety prompts, in row order (what was scored)
+
+Every source is a data source of `align.formats` (a file, a hub dataset id, a sidecar), read and checked before the
+model loads. `counts` gives the rows scored per measurement (after `limit`), the code timeouts and, where a check
+timed out (math-verify), the unscored rows, which are left out of the accuracy, never counted as wrong.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from .config import option
-from .data import PromptRow, load_prompts
+from typing import Any, Literal
+
+from .config import ConfigError, option, require
+from .data import DataError, PromptRow, load_prompts
 from .rollout.hf import HFEngine
 from .rollout.protocol import SamplingConfig
 
 _REFUSAL = re.compile(r"\b(sorry|can't|cannot|won't|unable to)\b", re.IGNORECASE)
+CODE_SETTINGS = ("wall_s", "cpu_s", "memory_mb", "workers", "isolation")
 
 
 @dataclasses.dataclass
 class EvalConfig:
-    reasoning: str = option("", "Held-out reasoning prompts with an `answer` column ('' = skip).")
+    reasoning: str = option("", "Held-out reasoning prompts with an `answer` column: a file, a hub dataset "
+                                "id[:config[:split]], a sidecar; '#format=gsm8k' / '#format=math' maps GSM8K / MATH "
+                                "fields ('' = skip).")
+    reasoning_reward: Literal["auto", "exact_answer", "math"] = option(
+        "auto", "How reasoning answers are checked: exact_answer (numbers exactly, other strings literally), "
+                "math (math-verify equivalence, for LaTeX answers), auto (math for a format=math source, else "
+                "exact_answer).")
+    code: str = option("", "Held-out coding problems with a `tests` column (e.g. "
+                           "'openai/openai_humaneval::test#format=humaneval', 'mbpp:full:test#format=mbpp'): pass@1 of "
+                           "greedy completions, scored by the sandboxed code reward ('' = skip).")
+    code_reward: dict[str, Any] = option(factory=dict, help="Settings of the code reward for eval.code: wall_s, "
+                                                            "cpu_s, memory_mb, workers, isolation.")
     helpful: str = option("", "Held-out helpful prompts, scored by reward_models.helpful ('' = skip).")
     safety: str = option("", "Held-out harmful prompts, scored by reward_models.safety ('' = skip).")
     reward_models: dict[str, str] = option(factory=dict, help="helpful / safety: reward-model directories.")
     max_new_tokens: int = option(64, "Completion length.")
     batch_size: int = option(128, "Sequences per generate call.")
-    limit: int = option(0, "Use only the first N prompts of each file (0: all).")
+    limit: int = option(0, "Use only the first N prompts of each source (0: all).")
+
+    def validate(self) -> None:
+        require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        require(self.limit >= 0, "limit", ">= 0 (0: all)", self.limit)
+        unknown = sorted(set(self.code_reward) - set(CODE_SETTINGS))
+        require(not unknown, "code_reward", f"settings among {', '.join(CODE_SETTINGS)}", unknown)
 
 
 def _greedy(engine, rows: list[PromptRow], cfg: EvalConfig) -> list[str]:
@@ -35,19 +68,78 @@ def _greedy(engine, rows: list[PromptRow], cfg: EvalConfig) -> list[str]:
     return engine.generate([r.messages for r in rows], n=1, sampling=sampling).completions
 
 
-def accuracy(engine, rows: list[PromptRow], max_new_tokens: int = 64, batch_size: int = 128) -> dict:
+def _column(rows: list[PromptRow], name: str, what: str) -> list:
+    """Column `name` of every row; DataError naming the first row that lacks it."""
+    values = [r.columns.get(name) for r in rows]
+    missing = next((r.columns.get("row") for r, v in zip(rows, values) if v is None), None)
+    if missing is not None:
+        raise DataError(f"{missing}: no '{name}' column {what}")
+    return values
+
+
+def answer_scores(reward: str, completions: list[str], answers: list) -> list[float | None]:
+    """Per completion 1.0 / 0.0 for the `exact_answer` or `math` reward, None where a math check timed out."""
+    from rewards.math import exact_answer, math_reward
+
+    if reward == "exact_answer":
+        return exact_answer(None, completions, answers)
+    score = math_reward()
+    try:
+        return score(None, completions, [str(a) for a in answers]).scores
+    finally:
+        score.close()
+
+
+def _mean(scores: list[float | None]) -> float:
+    """Mean of the scored entries (None left out); NaN when none is scored."""
+    scored = [s for s in scores if s is not None]
+    return sum(scored) / len(scored) if scored else math.nan
+
+
+def accuracy(engine, rows: list[PromptRow], max_new_tokens: int = 64, batch_size: int = 128,
+             reward: str = "exact_answer") -> dict:
     """Greedy accuracy and rule pass rate on prompts with an `answer` column."""
-    from rewards.math import exact_answer
     from rewards.rules import answer_format
 
-    answers = [r.columns.get("answer") for r in rows]
-    if any(a is None for a in answers):
-        missing = next(r.columns.get("row") for r, a in zip(rows, answers) if a is None)
-        raise ValueError(f"{missing}: no 'answer' column to score against")
+    answers = _column(rows, "answer", "to score against")
     completions = _greedy(engine, rows, EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size))
-    scores = exact_answer(None, completions, answers)
-    return {"accuracy": sum(scores) / len(scores), "rule_pass": sum(answer_format(None, completions)) / len(rows),
-            "n": len(scores), "examples": completions[:3]}
+    scores = answer_scores(reward, completions, answers)
+    return {"accuracy": _mean(scores), "rule_pass": sum(answer_format(None, completions)) / len(rows),
+            "n": len(scores), "unscored": sum(s is None for s in scores), "examples": completions[:3]}
+
+
+def code_scorer(settings: dict):
+    """The sandboxed code reward with `settings`; ConfigError naming eval.code_reward where it cannot run here."""
+    from rewards.code import code_reward
+
+    try:
+        return code_reward(**settings)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"key 'eval.code_reward': {e}") from None
+
+
+def pass_at_1(scorer, completions: list[str], tests: list) -> dict:
+    """pass@1 (share of problems whose one completion passes all its tests) and the mean share of tests passed."""
+    result = scorer(None, completions, tests)
+    scores = result.scores
+    scored = [s for s in scores if s is not None]
+    return {"pass@1": sum(s == 1.0 for s in scored) / len(scored) if scored else math.nan,
+            "tests_passed": _mean(scores), "n": len(scores), "unscored": len(scores) - len(scored),
+            "timeouts": int(result.metrics.get("timeouts", 0))}
+
+
+def reasoning_reward(cfg: EvalConfig) -> str:
+    """The reward that checks eval.reasoning's answers (auto: math for a format=math source)."""
+    from .formats import parse_source
+
+    if cfg.reasoning_reward != "auto":
+        return cfg.reasoning_reward
+    return "math" if parse_source(cfg.reasoning).format == "math" else "exact_answer"
+
+
+def refusal_rate(completions: list[str]) -> float:
+    """Share of the completions that refuse (sorry / can't / cannot / won't / unable to)."""
+    return sum(bool(_REFUSAL.search(c)) for c in completions) / len(completions)
 
 
 def _rm_mean(rm_dir: str, rows: list[PromptRow], completions: list[str]) -> float:
@@ -58,23 +150,40 @@ def _rm_mean(rm_dir: str, rows: list[PromptRow], completions: list[str]) -> floa
 
 
 def evaluate(model_dir: str, cfg: EvalConfig) -> dict:
-    """All configured measurements of the model in `model_dir` (see the module docstring)."""
+    """All configured measurements of the model in `model_dir` (see the module docstring). Every source is read
+    and checked (and the code sandbox tried) before the model loads."""
     from .policy import ModelConfig, load_policy, load_tokenizer
+
+    def prompts(source: str) -> list[PromptRow]:
+        return load_prompts(source)[:cfg.limit or None]
+
+    rows = {kind: prompts(getattr(cfg, kind)) for kind in ("reasoning", "code") if getattr(cfg, kind)}
+    rows.update({kind: prompts(getattr(cfg, kind)) for kind in ("helpful", "safety")
+                 if getattr(cfg, kind) and cfg.reward_models.get(kind)})
+    if "reasoning" in rows:
+        _column(rows["reasoning"], "answer", "to score against (eval.reasoning)")
+    tests = _column(rows["code"], "tests", "to run (eval.code)") if "code" in rows else []
+    scorer = code_scorer(cfg.code_reward) if "code" in rows else None
 
     tokenizer = load_tokenizer(model_dir)
     engine = HFEngine(load_policy(ModelConfig(path=model_dir), "cpu", trainable=False), tokenizer)
     out: dict = {"model": model_dir}
-    if cfg.reasoning:
-        acc = accuracy(engine, load_prompts(cfg.reasoning)[:cfg.limit or None], cfg.max_new_tokens, cfg.batch_size)
+    counts = {kind: len(r) for kind, r in rows.items()}
+    if "reasoning" in rows:
+        acc = accuracy(engine, rows["reasoning"], cfg.max_new_tokens, cfg.batch_size, reasoning_reward(cfg))
         out.update({"eval/accuracy": acc["accuracy"], "eval/rule_pass": acc["rule_pass"]})
+        if acc["unscored"]:
+            counts["reasoning_unscored"] = acc["unscored"]
+    if "code" in rows:
+        code = pass_at_1(scorer, _greedy(engine, rows["code"], cfg), tests)
+        out.update({"eval/pass@1": code["pass@1"], "eval/code_tests_passed": code["tests_passed"]})
+        counts["code_timeouts"] = code["timeouts"]
     for kind in ("helpful", "safety"):
-        path, rm = getattr(cfg, kind), cfg.reward_models.get(kind)
-        if not path or not rm:
+        if kind not in rows:
             continue
-        rows = load_prompts(path)[:cfg.limit or None]
-        completions = _greedy(engine, rows, cfg)
-        out[f"eval/{kind}_rm"] = _rm_mean(rm, rows, completions)
-        if kind == "safety":
-            out["eval/refusal_rate"] = sum(bool(_REFUSAL.search(c)) for c in completions) / len(rows)
+        completions = _greedy(engine, rows[kind], cfg)
+        out[f"eval/{kind}_rm"] = _rm_mean(cfg.reward_models[kind], rows[kind], completions)
+        out["eval/refusal_rate" if kind == "safety" else "eval/over_refusal_rate"] = refusal_rate(completions)
+        out.setdefault("completions", {})[kind] = completions
+    out["counts"] = counts
     return out
-
