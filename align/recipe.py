@@ -14,8 +14,9 @@ with dots: `stages.sft.epochs=2`, `run_dir=/tmp/x`.
 Everything is validated before the first stage starts (unknown keys, types, values, data files that do not exist,
 unknown rewards, references to stages that do not come earlier), with the file, line and key named. Running the same
 command again skips finished stages and resumes an interrupted one from its last checkpoint. After each stage that
-makes a policy, `align eval` runs (EvalConfig) and its figures go to RUN_DIR/<stage>/eval.json; at the end
-RUN_DIR/report.md and its plots summarise the run.
+makes a policy, `align eval` runs (EvalConfig) and its figures go to RUN_DIR/<stage>/eval.json; at the end each
+component of the last GRPO stage's reward is scored on every policy's held-out helpful / harmful answers (stage 2 as
+the paper frames it: `reward_components` in eval.json), and RUN_DIR/report.md and its plots summarise the run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_text
 from .config import ConfigError, build_config, merge_dicts, parse_overrides, read_yaml
+from .formats import check_source
 from .hub import hub_ref
 from .resources import data_dir, recipes_dir
 from .rollout.protocol import RolloutConfig
@@ -97,10 +99,11 @@ def _check_paths(cfg, stage_key: str, source: str, lines: dict[str, int], made: 
         raise ConfigError(f"{source}:{lines.get(key, '?')}: key '{key}': model directory {model_path} does not exist")
     for field in ("train_data", "eval_data"):
         for i, path in enumerate(getattr(cfg, field, None) or []):
-            if not Path(path).exists():
+            problem = check_source(path)  # a local file, or a hub dataset id (only checked when loaded)
+            if problem:
                 line = lines.get(f"{stage_key}.{field}")
-                raise ConfigError(f"{source}{':' + str(line) if line else ''}: key '{stage_key}.{field}[{i}]': data "
-                                  f"file {path} does not exist")
+                raise ConfigError(f"{source}{':' + str(line) if line else ''}: key '{stage_key}.{field}[{i}]': "
+                                  f"{problem}")
 
 
 def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, list[Stage], object, dict]:
@@ -149,10 +152,10 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, 
     if values.get("eval"):
         ev = _substitute(values["eval"], data, outputs, source, "eval", lines)
         eval_cfg = build_config(EvalConfig, ev, source, lines, prefix="eval.")
-        for field in ("reasoning", "helpful", "safety"):
-            if getattr(eval_cfg, field) and not Path(getattr(eval_cfg, field)).exists():
-                raise ConfigError(f"{source}:{lines.get('eval.' + field, '?')}: key 'eval.{field}': data file "
-                                  f"{getattr(eval_cfg, field)} does not exist")
+        for field in ("reasoning", "helpful", "safety", "code"):
+            problem = getattr(eval_cfg, field) and check_source(getattr(eval_cfg, field))
+            if problem:
+                raise ConfigError(f"{source}:{lines.get('eval.' + field, '?')}: key 'eval.{field}': {problem}")
     return run_dir, stages, eval_cfg, values
 
 
@@ -171,6 +174,55 @@ def _evaluate_stage(stage: Stage, run_dir: Path, eval_cfg, evaluate) -> None:
     atomic_write_text(result_file, json.dumps(result, indent=1))
     shown = ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items() if k.startswith("eval/"))
     print(f"run: eval of '{stage.name}': {shown}", flush=True)
+
+
+def _heldout_preference_rows(eval_cfg) -> list:
+    """The held-out helpful and harmful prompts, in the order evaluate() answers them (eval.limit applied)."""
+    from .data import load_prompts
+
+    return [r for kind in ("helpful", "safety") if getattr(eval_cfg, kind) and eval_cfg.reward_models.get(kind)
+            for r in load_prompts(getattr(eval_cfg, kind))[:eval_cfg.limit or None]]
+
+
+def _nan_mean(values) -> float | None:
+    """Mean of the finite entries of a tensor; None when there are none."""
+    kept = values[~values.isnan()]
+    return kept.mean().item() if kept.numel() else None
+
+
+def _score_components(stages: list[Stage], run_dir: Path, eval_cfg) -> None:
+    """Stage 2 as the paper frames it: each component of the last GRPO stage's reward (RM_helpful, RM_safety,
+    RM_rule in the quickstart) scored on every evaluated policy's greedy answers to the held-out helpful and harmful
+    prompts (from its eval.json), stored there as `reward_components` (weights, mean per component, weighted sum,
+    n). Left out when that reward needs a column the held-out rows lack (a recipe that ends with a reasoning stage)."""
+    from rewards.combine import RewardError, check_columns, close_rewards, score
+
+    last = next((s for s in reversed(stages) if s.kind == "grpo"), None)
+    rows = _heldout_preference_rows(eval_cfg) if last else []
+    if not rows:
+        return
+    specs = [dataclasses.replace(s) for s in last.config.rewards]  # fresh: the stage closed its own rewards
+    try:
+        check_columns(specs, [r.columns for r in rows])
+    except RewardError as e:
+        print(f"run: no stage-2 reward components on held-out prompts ({e})", flush=True)
+        return
+    columns = {k: [r.columns.get(k) for r in rows] for k in {k for r in rows for k in r.columns}}
+    try:
+        for stage in (s for s in stages if s.kind in ("tiny", "sft", "grpo")):
+            result_file = run_dir / stage.name / "eval.json"
+            ev = json.loads(result_file.read_text()) if result_file.is_file() else {}
+            answers = [c for kind in ("helpful", "safety") for c in ev.get("completions", {}).get(kind, [])]
+            if len(answers) != len(rows) or ev.get("reward_components", {}).get("stage") == last.name:
+                continue
+            scores = score(specs, [r.messages for r in rows], answers, columns, columns["row"])
+            ev["reward_components"] = {"stage": last.name, "n": len(rows),
+                                       "weights": {s.key: s.weight for s in specs},
+                                       "means": {k: _nan_mean(v) for k, v in scores.components.items()},
+                                       "total": _nan_mean(scores.total)}
+            atomic_write_text(result_file, json.dumps(ev, indent=1))
+    finally:
+        close_rewards(specs)
 
 
 def run_recipe(recipe: str, overrides: list[str] | None = None) -> dict:
@@ -197,6 +249,8 @@ def run_recipe(recipe: str, overrides: list[str] | None = None) -> dict:
         if eval_cfg is not None:  # evaluate new policies, and earlier ones once a reward model they lack exists
             for policy in (s for s in done if s.kind in ("tiny", "sft", "grpo")):
                 _evaluate_stage(policy, run_dir, eval_cfg, evaluate)
+    if eval_cfg is not None:
+        _score_components(stages, run_dir, eval_cfg)
     for stage in stages:
         result_file = run_dir / stage.name / "eval.json"
         if result_file.is_file():

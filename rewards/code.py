@@ -33,7 +33,12 @@ import re
 import select
 
 from .registry import RewardResult, reward_factory
-from .sandbox import SandboxLimits, SandboxProcess, isolation_problem, unavailable_message
+from .sandbox import (
+    SandboxLimits,
+    SandboxProcess,
+    isolation_problem,
+    unavailable_message,
+)
 
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
 MAX_REPLY = 1 << 20  # bytes per answer from the sandbox
@@ -253,20 +258,27 @@ def run_tests(program: str, tests: list[str], limits: SandboxLimits, isolation: 
 
 @reward_factory("code")
 def code_reward(wall_s: float = 10.0, cpu_s: int = 5, memory_mb: int = 512, workers: int = 2,
-                isolation: str = "os"):
+                isolation: str = "os", skip_missing: bool = False):
     """Share of the row's `tests` that the completion's code passes, judged outside the sandboxed program.
     `isolation: none` runs programs without OS isolation (only for trusted code; refused otherwise where the
-    machine cannot isolate)."""
+    machine cannot isolate). `skip_missing`: rows without `tests` (e.g. the math rows of a mixed stage) score None
+    instead of being refused before the run."""
     problem = isolation_problem(isolation)
     if problem:
         raise ValueError(problem if problem.startswith("the code sandbox") else unavailable_message(problem))
     limits = SandboxLimits(wall_s=wall_s, cpu_s=cpu_s, memory_mb=memory_mb)
 
-    def score(prompts, completions, tests, **_) -> RewardResult:
-        test_lists = [json.loads(t) if isinstance(t, str) else list(t) for t in tests]
+    def score(prompts, completions, tests=None, **_) -> RewardResult:
+        tests = [None] * len(completions) if tests is None else tests
+        rows = [i for i, t in enumerate(tests) if t is not None]  # all of them unless skip_missing
+        test_lists = [json.loads(tests[i]) if isinstance(tests[i], str) else list(tests[i]) for i in rows]
         with cf.ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(lambda a: run_tests(extract_code(a[0]), a[1], limits, isolation),
-                                    zip(completions, test_lists)))
-        return RewardResult([r[0] for r in results], {"timeouts": float(sum(r[1] for r in results))})
+                                    zip([completions[i] for i in rows], test_lists)))
+        scores: list[float | None] = [None] * len(completions)
+        for i, r in zip(rows, results):
+            scores[i] = r[0]
+        return RewardResult(scores, {"timeouts": float(sum(r[1] for r in results))})
 
+    score.required_columns = [] if skip_missing else ["tests"]
     return score

@@ -106,15 +106,20 @@ class MathVerifier:
 
 
 @reward_factory("math")
-def math_reward(timeout_s: float = 5.0, workers: int = 2):
-    """1.0 when the final answer is mathematically equal to `answer` (math-verify), 0.0 if not, None on timeout."""
+def math_reward(timeout_s: float = 5.0, workers: int = 2, skip_missing: bool = False):
+    """1.0 when the final answer is mathematically equal to `answer` (math-verify), 0.0 if not, None on timeout.
+    `skip_missing`: rows without an `answer` (e.g. the code rows of a mixed stage) score None instead of being
+    refused before the run."""
     verifier = MathVerifier(timeout_s, workers)
 
-    def score(prompts, completions, answer, **_) -> RewardResult:
+    def score(prompts, completions, answer=None, **_) -> RewardResult:
+        answer = [None] * len(completions) if answer is None else answer
         scores: list[float | None] = [None] * len(completions)
         slow: list[int] = []
         for i, (c, gold) in enumerate(zip(completions, answer)):
             pred = extract_answer(c)
+            if gold is None:  # only with skip_missing: the column check refuses such rows otherwise
+                continue
             if pred is None:
                 scores[i] = 0.0
             elif same_answer(pred, gold):
@@ -133,5 +138,6 @@ def math_reward(timeout_s: float = 5.0, workers: int = 2):
         return RewardResult(scores, {"timeouts": float(timeouts)})
 
     score.verifier = verifier
+    score.required_columns = [] if skip_missing else ["answer"]
     score.close = verifier._kill  # ends its worker processes (close_rewards, at the end of a run)
     return score

@@ -232,3 +232,19 @@ def test_isolated_reward_that_hangs_is_skipped_and_the_others_still_score():
     assert s.keep.tolist() == [True, True, False, False]
     assert s.components["answer_format"].tolist() == [1.0, 0.0, 0.0, 1.0]
     assert time.time() - t < 30
+
+
+def test_math_and_code_skip_missing_rows_of_a_mixed_stage():
+    """A stage that mixes math rows (answer) and code rows (tests): each reward scores its own rows, None (does not
+    apply) on the others, and asks for no column up front; without skip_missing the column stays required."""
+    from rewards.calling import required_columns
+    from rewards.registry import get_reward
+
+    math = get_reward("math")(skip_missing=True)
+    code = get_reward("code")(skip_missing=True)
+    completions = ["The answer is 4.", "```python\ndef f(x):\n    return x + 1\n```"]
+    assert math(None, completions, answer=["4", None]).scores == [1.0, None]
+    assert code(None, completions, tests=[None, ["assert f(1) == 2"]]).scores == [None, 1.0]
+    assert required_columns(math) == [] and required_columns(code) == []
+    assert required_columns(get_reward("math")()) == ["answer"]
+    math.close()

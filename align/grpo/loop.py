@@ -8,7 +8,8 @@ One exploration stage, in data-flow order:
     advantage A_i = (r_i − mean_group r) / std_group r                                    [B*G]
     update    μ epochs x `minibatches` optimizer steps of the clipped surrogate + β·k3 KL to π_ref
     sync      hand the new weights to the rollout engine
-    metrics   reward per component, zero-std groups, KL, clip fraction, entropy, lengths, truncation, expert load
+    metrics   reward per component, zero-std groups, KL, clip fraction, entropy, lengths, truncation, expert load,
+              routing agreement (policy vs itself before the update, vs π_ref, vs the sampler)
 
 Set-up, resume, checkpoints and the finiteness check are the shared trainer's (`align.trainer`); each step below
 is one call into a tested function: `rewards.combine.score`, `trajectory.build_trajectory` (advantages, loss mask,
@@ -19,6 +20,12 @@ otherwise they are computed once by the policy before the first update. The engi
 only through truncated importance sampling (`core.tis_weights`: weight min(π_θold / π_sampler, C) on the
 surrogate; ~1 with the transformers engine, the correction for vLLM's kernels and precision), and their gap to
 π_θold is logged. Log-probs use logits / sampling temperature, the distribution the completions were drawn from.
+
+MoE routing (`align.routing`): with `routing_replay=old` (R2) the old forward's top-k experts per token are
+reused by every update forward of the step, so ρ compares one network and not two routings; with `rollout` (R3)
+the experts the engine chose while sampling are reused by the old, reference and update forwards. The weights of
+the replayed experts come from the current router, so the router still learns (unless `freeze_router`). Not in
+the paper, which trains the router freely and keeps its balance losses (`balance_alpha`, off by default in RL).
 
 Engines (`rollout.engine`): hf samples with the policy itself; vllm is a colocated vllm.LLM that gets the new
 weights in memory after every update (perf/sync_s) and, on GPU, sleeps while the policy trains; the policy can
