@@ -75,9 +75,12 @@ class Run:
         """Checkpoint step `done` when it is due (every `save_every`, and the last step); `state` is saved with it
         (with the config) and comes back as `Run.state` on resume."""
         if (self.cfg.save_every and done % self.cfg.save_every == 0) or done == total:
+            from .hub import resolve_model
+
+            start = getattr(self.cfg.model, "path", self.cfg.model)  # the model the stage started from
+            state = {**state, "config": config_to_dict(self.cfg), "model_revision": resolve_model(start).commit}
             ckpt.save_training_checkpoint(self.accelerator, self.model, tokenizer, self.cfg.output_dir, done,
-                                          self.optimizer, self.scheduler, {**state, "config": config_to_dict(self.cfg)},
-                                          self.cfg.keep_last)
+                                          self.optimizer, self.scheduler, state, self.cfg.keep_last)
 
     def finish(self, tokenizer) -> Path:
         final = ckpt.export_final(self.accelerator, self.model, tokenizer, Path(self.cfg.output_dir) / "final")

@@ -127,6 +127,9 @@ def test_sft_on_a_hub_id_records_the_resolved_revision(hub, tmp_path):
     assert ident["model.path"] == "acme/tiny-dsv2" and ident["model.revision"] == MAIN
     assert ident["model.config_sha256"] is not None
     assert (out / "final" / "model.safetensors").is_file()
+    from align.checkpoint import latest_checkpoint, read_state
+
+    assert read_state(latest_checkpoint(out))["model_revision"] == MAIN  # each checkpoint names the commit too
     # the same commit pinned by sha is the same run (resumes, nothing to do); another commit is refused by name
     assert main(["sft", f"model.path=acme/tiny-dsv2@{MAIN}", f"output_dir={out}",
                  f"train_data=[{DATA}/arith/train.jsonl]", "max_steps=2", "batch_size=2", "save_every=1",
