@@ -103,7 +103,7 @@ def test_grpo_with_rollout_replay_and_frozen_router(tiny_dir, tmp_path):
 
     before = {n: p.detach().clone() for n, p in load_policy(ModelConfig(path=str(tiny_dir))).named_parameters()}
     train_grpo(_cfg(tiny_dir, tmp_path / "r", "inner_epochs=2", "routing_replay=rollout", "freeze_router=true",
-                    "rewards=[{name: 'tests.test_grpo_loop:char_count'}]"))
+                    "routing_metrics_every=1", "rewards=[{name: 'tests.test_grpo_loop:char_count'}]"))
     m = read_metrics(tmp_path / "r")[-1]
     assert {"routing/update_agreement", "routing/ref_agreement", "routing/sampler_agreement"} <= set(m)
     after = load_file(str(tmp_path / "r" / "final" / "model.safetensors"))
