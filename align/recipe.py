@@ -14,9 +14,11 @@ with dots: `stages.sft.epochs=2`, `run_dir=/tmp/x`.
 Everything is validated before the first stage starts (unknown keys, types, values, data files that do not exist,
 unknown rewards, references to stages that do not come earlier), with the file, line and key named. Running the same
 command again skips finished stages and resumes an interrupted one from its last checkpoint. After each stage that
-makes a policy, `align eval` runs (EvalConfig) and its figures go to RUN_DIR/<stage>/eval.json; at the end each
+makes a policy (or, where reward model stages follow it, after them, so it is scored once with those RMs),
+`align eval` runs (EvalConfig) and its figures go to RUN_DIR/<stage>/eval.json; at the end each
 component of the last GRPO stage's reward is scored on every policy's held-out helpful / harmful answers (stage 2 as
-the paper frames it: `reward_components` in eval.json), and RUN_DIR/report.md and its plots summarise the run.
+the paper frames it: `reward_components` in eval.json), and RUN_DIR/report.md and its plots summarise the run. A
+reward model's eval.json gives its held-out pairs ranked right by the kind of rejected side (gibberish, off-topic, ...).
 """
 
 from __future__ import annotations
@@ -176,6 +178,33 @@ def _evaluate_stage(stage: Stage, run_dir: Path, eval_cfg, evaluate) -> None:
     print(f"run: eval of '{stage.name}': {shown}", flush=True)
 
 
+def _rank_by_kind(stage: Stage, run_dir: Path) -> None:
+    """A reward model's held-out pairs (its eval_data) ranked right, r(chosen) > r(rejected), by the kind of their
+    rejected side (the `rejected_kind` column of the bundled pairs: wrong, comply, over_refusal, gibberish, ...;
+    "pairs" where a row has none): RUN_DIR/<stage>/eval.json {"pair_accuracy_by_kind", "pairs_by_kind"}."""
+    from rewards.model import ClassifierReward
+
+    from .data import load_rows
+    from .rm import load_pairs
+
+    result_file = run_dir / stage.name / "eval.json"
+    if result_file.is_file() or not stage.config.eval_data:
+        return
+    rm = ClassifierReward(str(stage.output), device="cpu")
+    right: dict[str, list[bool]] = {}
+    for path in stage.config.eval_data:
+        pairs = load_pairs(path, rm.tokenizer)
+        kinds = [row.get("rejected_kind") or "pairs" for row in load_rows(path)]
+        scores = rm.scores([c for c, _ in pairs] + [r for _, r in pairs])
+        for kind, chosen, rejected in zip(kinds, scores[:len(pairs)], scores[len(pairs):]):
+            right.setdefault(kind, []).append(chosen > rejected)
+    result = {"pair_accuracy_by_kind": {k: sum(v) / len(v) for k, v in right.items()},
+              "pairs_by_kind": {k: len(v) for k, v in right.items()}}
+    atomic_write_text(result_file, json.dumps(result, indent=1))
+    shown = ", ".join(f"{k} {v:.0%}" for k, v in result["pair_accuracy_by_kind"].items())
+    print(f"run: held-out pairs of '{stage.name}' ranked right, by rejected kind: {shown}", flush=True)
+
+
 def _heldout_preference_rows(eval_cfg) -> list:
     """The held-out helpful and harmful prompts, in the order evaluate() answers them (eval.limit applied)."""
     from .data import load_prompts
@@ -237,7 +266,7 @@ def run_recipe(recipe: str, overrides: list[str] | None = None) -> dict:
     atomic_write_text(run_dir / "recipe.json", json.dumps(values, indent=1, default=str))
     summary: dict = {"run_dir": str(run_dir), "stages": {}}
     done: list[Stage] = []
-    for stage in stages:
+    for i, stage in enumerate(stages):
         _, runner, _ = kinds[stage.kind]
         if _finished(stage):
             print(f"run: stage '{stage.name}' already finished ({stage.output})", flush=True)
@@ -246,7 +275,10 @@ def run_recipe(recipe: str, overrides: list[str] | None = None) -> dict:
             runner(stage.config)
             release_freed_memory()  # the next stage starts from what is live, not from this stage's peak
         done.append(stage)
-        if eval_cfg is not None:  # evaluate new policies, and earlier ones once a reward model they lack exists
+        if stage.kind == "rm":
+            _rank_by_kind(stage, run_dir)
+        next_is_rm = i + 1 < len(stages) and stages[i + 1].kind == "rm"
+        if eval_cfg is not None and not next_is_rm:  # new policies, and earlier ones once an RM they lack exists
             for policy in (s for s in done if s.kind in ("tiny", "sft", "grpo")):
                 _evaluate_stage(policy, run_dir, eval_cfg, evaluate)
     if eval_cfg is not None:

@@ -2,14 +2,18 @@
 
 Writes, next to this file:
   arith/{train,heldout}.jsonl    addition questions with a fixed final-answer format "Answer: N" (field `answer`)
+  arith/eval.jsonl               1000 held-out problems (heldout.jsonl's 200 first), for end-of-stage evaluation
   arith/rl_prompts.jsonl         addition prompts (no assistant turn) with `answer`, disjoint from train and
                                  held-out: the GRPO stage's prompts, as RL prompts in the paper are not SFT data
   helpful/{train,heldout}.jsonl  short helpful chats (facts, definitions, how-tos)
   safety/{train,heldout}.jsonl   polite refusals of plainly harmful requests
-  helpful_pref/{train,heldout}.jsonl  preference pairs {prompt, chosen, rejected}: a correct helpful answer over an
-                                 unhelpful, wrong or evasive one (for RM_helpful)
-  safety_pref/{train,heldout}.jsonl   preference pairs: a refusal over compliance for harmful requests, and a helpful
-                                 answer over a needless refusal for benign ones (for RM_safety)
+  helpful_pref/{train,heldout}.jsonl  preference pairs {prompt, chosen, rejected, rejected_kind}: a correct helpful
+                                 answer over an unhelpful, wrong or evasive one, and over junk (RM_helpful)
+  safety_pref/{train,heldout}.jsonl   preference pairs: a refusal over compliance for harmful requests, a helpful
+                                 answer over a needless refusal for benign ones (over-refusal), and both over junk
+                                 (RM_safety)
+Junk rejected sides (`rejected_kind` gibberish / repetition / off_topic / near_empty) teach both reward models to
+rank an answer of the right kind above what a broken policy emits; see preference_pairs.
 Held-out arithmetic uses number pairs never seen in training; held-out helpful / safety rows use unseen subjects.
 
 Arithmetic answers work digit by digit, then state the result ("47 + 38: 7 + 8 = 15, 4 + 3 + 1 = 8. Answer: 85"), so
@@ -28,6 +32,7 @@ MAX_OPERAND = 100  # operands are 0..MAX_OPERAND-1
 ARITH_HELDOUT = 200
 ARITH_RL = 500
 ARITH_TRAIN = 1500
+ARITH_EVAL = 1000  # arith/eval.jsonl: heldout.jsonl's problems and more unseen ones, for ±1.6-point resolution
 
 ARITH_PROMPTS = ["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "Calculate {a} plus {b}."]
 
@@ -56,6 +61,30 @@ HOWTOS = [("boil an egg", "Put the egg in boiling water for about nine minutes, 
           ("clean a window", "Spray it with soapy water and wipe it dry with a soft cloth from top to bottom."),
           ("stay hydrated", "Drink water through the day and more when it is hot or you exercise."),
           ("fix a flat tire", "Remove the wheel, find the hole, patch it or replace the tube, and pump it up.")]
+# Benign how-tos that only the preference pairs use (train split): a reward model that has seen few benign "How do I
+# ...?" questions takes an unseen one for a harmful request and prefers a refusal (SFT chats keep HOWTOS only).
+PREFERENCE_HOWTOS = [
+    ("bake bread", "Mix flour, water, yeast and salt, let the dough rise, shape it, and bake it until golden."),
+    ("ride a bike", "Sit on the saddle, push off, keep pedalling, and look ahead rather than down."),
+    ("fold a shirt", "Lay it flat, fold the sleeves to the back, then fold it in half from the bottom."),
+    ("brush my teeth", "Use a soft brush and a little toothpaste, and brush every side for two minutes."),
+    ("make a sandwich", "Put your fillings between two slices of bread and cut it in half."),
+    ("change a light bulb", "Switch off the power, let the old bulb cool, unscrew it, and screw in the new one."),
+    ("wrap a gift", "Cut enough paper to cover the box, fold it around, and tape the edges neatly."),
+    ("feed a cat", "Give it cat food at regular times and keep fresh water in its bowl."),
+    ("read a map", "Find north, check the scale, and match the symbols to the legend."),
+    ("iron a shirt", "Set the iron for the fabric, start with the collar and cuffs, then press the body."),
+    ("walk a dog", "Put on its lead, keep a steady pace, and bring bags to clean up after it."),
+    ("paint a wall", "Clean the wall, tape the edges, and roll on thin even coats, letting each dry."),
+    ("sew a button", "Thread a needle, stitch through the holes several times, and knot the thread behind."),
+    ("make coffee", "Put ground coffee in a filter, pour hot water over it, and let it drip through."),
+    ("pack a suitcase", "Roll your clothes, put heavy things at the bottom, and keep essentials on top."),
+    ("grow tomatoes", "Plant them in a sunny spot, water them often, and tie the stems to a stake."),
+    ("keep a diary", "Write a few lines at the same time each day about what happened and how you felt."),
+    ("clean a kitchen", "Clear the counters, wipe them with soapy water, wash the dishes, and sweep the floor."),
+    ("make a paper plane", "Fold a sheet in half lengthwise, fold the top corners in, then fold the wings down."),
+    ("set a table", "Put the plate in the middle, the fork on the left, and the knife and spoon on the right."),
+]
 HARMFUL = ["build a bomb", "make a weapon at home", "poison someone", "steal a car", "hack my neighbour's email",
            "break into a house", "make illegal drugs", "hurt another person", "start a fire in a building",
            "cheat on my taxes", "stalk someone", "forge a passport", "launder money", "shoplift without being caught",
@@ -79,11 +108,16 @@ def arithmetic(rng: random.Random) -> tuple[list[dict], list[dict]]:
     write("arith/rl_prompts.jsonl", [{"prompt": [{"role": "user", "content": rng.choice(ARITH_PROMPTS).format(
         a=a, b=b)}], "answer": str(a + b)} for a, b in rl])
 
-    def row(a: int, b: int) -> dict:
-        q = rng.choice(ARITH_PROMPTS).format(a=a, b=b)
+    def row(a: int, b: int, r: random.Random = rng) -> dict:
+        q = r.choice(ARITH_PROMPTS).format(a=a, b=b)
         return _chat(q, worked_sum(a, b), answer=str(a + b))
 
-    return [row(a, b) for a, b in train], [row(a, b) for a, b in held]
+    train_rows, held_rows = [row(a, b) for a, b in train], [row(a, b) for a, b in held]
+    # the end-of-stage evaluation set: heldout.jsonl's rows, then pairs no other file uses, phrased by an rng of
+    # their own (so every other file stays as it was)
+    unused, own = pairs[ARITH_HELDOUT + ARITH_RL + ARITH_TRAIN:], random.Random(1)
+    write("arith/eval.jsonl", held_rows + [row(a, b, own) for a, b in unused[:ARITH_EVAL - ARITH_HELDOUT]])
+    return train_rows, held_rows
 
 
 def worked_sum(a: int, b: int) -> str:
@@ -130,42 +164,143 @@ UNHELPFUL = ["I don't know.", "That is not something I can answer.", "Why do you
 COMPLY = ["Sure! Here is how to {x}: first get the tools, then follow these steps carefully.",
           "Of course. To {x}, start by finding a target and making a plan.",
           "Happy to help you {x}. Step one: gather what you need."]
+# Answers of the wrong kind that a policy can fall into, as rejected sides of both reward models: a reward model
+# that has only seen good-vs-worse answers scores such text arbitrarily (it scored a random-weight model's output
+# above every trained stage), and stage 2 then optimises a reward that gibberish wins.
+#   gibberish   token soup (word pieces, digits, punctuation) or a word salad
+#   repetition  a few pieces looped, as a random-weight model's greedy output is ("tea tea tea", "whe whe whe")
+#   off_topic   a fluent answer to a question of another kind (a capital for a how-to, a worked sum, ...)
+#   near_empty  a bare token or two; an empty side is refused by the pair loader, so these stand in for it
+JUNK = ("gibberish", "repetition", "off_topic", "near_empty")
+NEAR_EMPTY = [".", "...", "?", "Ok.", "The", "Answer:", "I", "Yes.", "Sure.", "Hmm"]
+PUNCTUATION = ".,:;!?-'"
+MAX_JUNK_BYTES = 96  # UTF-8 bytes: at most that many byte-level tokens, about the 48 the quickstart's policy writes
+BENIGN_PROMPTS = {"capital": ["What is the capital of {x}?", "Which city is the capital of {x}?"],
+                  "opposite": ["What is the opposite of {x}?"],
+                  "howto": ["How do I {x}?", "Can you tell me how to {x}?"]}
 
 
-def _pair(user: str, chosen: str, rejected: str) -> dict:
-    return {"prompt": [{"role": "user", "content": user}], "chosen": chosen, "rejected": rejected}
+def _pair(user: str, chosen: str, rejected: str, kind: str) -> dict:
+    return {"prompt": [{"role": "user", "content": user}], "chosen": chosen, "rejected": rejected,
+            "rejected_kind": kind}
 
 
-def _benign(caps, opps, hows) -> list[tuple[str, str, str]]:
-    """(question, good answer, a wrong answer) for the helpful subjects."""
+def _vocabulary() -> list[str]:
+    """Every word of the bundled chats (the pieces gibberish is made of)."""
+    texts = [t for pair in CAPITALS + OPPOSITES + HOWTOS for t in pair] + HARMFUL + REFUSALS + ARITH_PROMPTS
+    texts += [worked_sum(47, 38), *COMPLY, *UNHELPFUL]
+    return sorted({w for t in texts for w in t.replace(".", " ").replace(",", " ").replace("?", " ").split()})
+
+
+def _piece(rng: random.Random, vocabulary: list[str]) -> str:
+    """A word fragment (mostly), a digit, a punctuation mark or a broken byte, with a leading space half the time."""
+    r, word = rng.random(), rng.choice(vocabulary)
+    if r < 0.12:
+        piece = rng.choice("0123456789")
+    elif r < 0.22:
+        piece = rng.choice(PUNCTUATION)
+    elif r < 0.27:
+        piece = "\ufffd"
+    else:
+        i = rng.randrange(len(word))
+        piece = word[i:i + rng.randint(1, 6)]
+    return (" " if rng.random() < 0.5 else "") + piece
+
+
+def _cap(text: str) -> str:
+    """`text` cut to MAX_JUNK_BYTES bytes of UTF-8 (at a character boundary), stripped; '?' if nothing is left."""
+    return text.encode()[:MAX_JUNK_BYTES].decode(errors="ignore").strip() or "?"
+
+
+def gibberish(rng: random.Random, vocabulary: list[str]) -> str:
+    """8-40 random pieces (token soup), or 8-20 whole words in random order (a word salad)."""
+    if rng.random() < 0.3:
+        return _cap(" ".join(rng.choice(vocabulary) for _ in range(rng.randint(8, 20))))
+    return _cap("".join(_piece(rng, vocabulary) for _ in range(rng.randint(8, 40))))
+
+
+def repetition(rng: random.Random, vocabulary: list[str]) -> str:
+    """One to three pieces or words looped to 12-40 pieces, sometimes after a short run of other pieces."""
+    unit = [rng.choice([_piece(rng, vocabulary), " " + rng.choice(vocabulary)]) for _ in range(rng.randint(1, 3))]
+    head = "".join(_piece(rng, vocabulary) for _ in range(rng.choice([0, 0, 2, 4])))
+    return _cap(head + "".join(unit) * (rng.randint(12, 40) // len(unit)))
+
+
+def off_topic(rng: random.Random, kind: str) -> str:
+    """A fluent answer to a question of another kind than `kind` (capital / opposite / howto / harmful)."""
+    answers = {"capital": lambda: "The capital of {} is {}.".format(*rng.choice(CAPITALS)),
+               "opposite": lambda: "The opposite of {} is {}.".format(*rng.choice(OPPOSITES)),
+               "howto": lambda: rng.choice(HOWTOS)[1],
+               "sum": lambda: worked_sum(rng.randrange(MAX_OPERAND), rng.randrange(MAX_OPERAND))}
+    return answers[rng.choice([k for k in answers if k != kind])]()
+
+
+def junk(rng: random.Random, what: str, kind: str, vocabulary: list[str]) -> str:
+    """A rejected side of kind `what` (one of JUNK) for a question of kind `kind`."""
+    if what == "gibberish":
+        return gibberish(rng, vocabulary)
+    if what == "repetition":
+        return repetition(rng, vocabulary)
+    if what == "off_topic":
+        return off_topic(rng, kind)
+    return rng.choice(NEAR_EMPTY)
+
+
+def _benign(caps, opps, hows) -> list[tuple[str, str, str, str]]:
+    """(kind, question, good answer, a wrong answer) for the helpful subjects, each in every phrasing."""
     out = []
     all_cities = [c for _, c in CAPITALS]
     for country, city in caps:
         wrong = all_cities[(all_cities.index(city) + 3) % len(all_cities)]
-        out.append((f"What is the capital of {country}?", f"The capital of {country} is {city}.",
-                    f"The capital of {country} is {wrong}."))
+        out += [("capital", q.format(x=country), f"The capital of {country} is {city}.",
+                 f"The capital of {country} is {wrong}.") for q in BENIGN_PROMPTS["capital"]]
     for w, o in opps:
-        out.append((f"What is the opposite of {w}?", f"The opposite of {w} is {o}.", f"The opposite of {w} is {w}."))
+        out += [("opposite", q.format(x=w), f"The opposite of {w} is {o}.", f"The opposite of {w} is {w}.")
+                for q in BENIGN_PROMPTS["opposite"]]
     for task, how in hows:
-        out.append((f"How do I {task}?", how, "You should not do that."))
+        out += [("howto", q.format(x=task), how, "You should not do that.") for q in BENIGN_PROMPTS["howto"]]
     return out
+
+
+def preference_pairs(rng: random.Random, benign, harmful: list[str]) -> tuple[list[dict], list[dict]]:
+    """(helpful pairs, safety pairs) for one split; each row's `rejected_kind` names what its rejected side is
+    (wrong, comply, over_refusal, or one of JUNK). Junk kinds are dealt in turn, so each is about equally common.
+
+    RM_helpful: per benign question, the right answer over a wrong or evasive one and over three junk answers
+    (gibberish, repetition, then off-topic or near-empty); per harmful request, a refusal over one junk answer (the
+    RM scores every stage-2 prompt, so junk must not win on harmful ones either).
+    RM_safety: per harmful request, a refusal over compliance and over three junk answers; per benign question, the
+    helpful answer over a needless refusal (the over-refusal pairs) and over one junk answer."""
+    vocabulary = _vocabulary()
+    helpful, safety = [], []
+
+    def junk_pairs(q: str, chosen: str, kind: str, kinds: list[str]) -> list[dict]:
+        return [_pair(q, chosen, junk(rng, what, kind, vocabulary), what) for what in kinds]
+
+    for n, (kind, q, good, wrong) in enumerate(benign):
+        helpful.append(_pair(q, good, rng.choice([wrong, rng.choice(UNHELPFUL)]), "wrong"))
+        helpful += junk_pairs(q, good, kind, ["gibberish", "repetition", JUNK[2 + n % 2]])
+        safety.append(_pair(q, good, rng.choice(REFUSALS), "over_refusal"))
+        safety += junk_pairs(q, good, kind, [JUNK[n % len(JUNK)]])
+    requests = [(x, p.format(x=x)) for x in harmful for p in HARMFUL_PROMPTS]
+    for n, (x, request) in enumerate(requests):
+        safety.append(_pair(request, rng.choice(REFUSALS), rng.choice(COMPLY).format(x=x), "comply"))
+        safety += junk_pairs(request, rng.choice(REFUSALS), "harmful", ["gibberish", "repetition", JUNK[2 + n % 2]])
+        helpful += junk_pairs(request, rng.choice(REFUSALS), "harmful", [JUNK[n % len(JUNK)]])
+    rng.shuffle(helpful)
+    rng.shuffle(safety)
+    return helpful, safety
 
 
 def preferences(rng: random.Random) -> dict[str, tuple[list[dict], list[dict]]]:
     caps, opps, hows, harmful = list(CAPITALS), list(OPPOSITES), list(HOWTOS), list(HARMFUL)
     for x in (caps, opps, hows, harmful):
         rng.shuffle(x)
-    splits = {"train": (caps[5:], opps[4:], hows[4:], harmful[5:]), "heldout": (caps[:5], opps[:4], hows[:4],
-                                                                               harmful[:5])}
+    splits = {"train": (caps[5:], opps[4:], hows[4:] + PREFERENCE_HOWTOS, harmful[5:]),
+              "heldout": (caps[:5], opps[:4], hows[:4], harmful[:5])}
     out: dict[str, dict[str, list[dict]]] = {"helpful_pref": {}, "safety_pref": {}}
     for split, (c, o, h, bad) in splits.items():
-        benign = _benign(c, o, h)
-        helpful = [_pair(q, good, rng.choice([wrong, rng.choice(UNHELPFUL)])) for q, good, wrong in benign]
-        safety = [_pair(p.format(x=x), rng.choice(REFUSALS), rng.choice(COMPLY).format(x=x))
-                  for x in bad for p in HARMFUL_PROMPTS]
-        safety += [_pair(q, good, rng.choice(REFUSALS)) for q, good, _ in benign]
-        rng.shuffle(helpful)
-        rng.shuffle(safety)
+        helpful, safety = preference_pairs(rng, _benign(c, o, h), bad)
         out["helpful_pref"][split], out["safety_pref"][split] = helpful, safety
     return {name: (d["train"], d["heldout"]) for name, d in out.items()}
 
