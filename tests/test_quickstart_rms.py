@@ -6,7 +6,6 @@ the reward models the run uses. On held-out pairs they put the right answer abov
 the held-out eval prompts they score the random-weight model's own greedy answers below the SFT model's.
 """
 
-import dataclasses
 import json
 
 import pytest

@@ -157,3 +157,16 @@ def test_vllm_engine_where_vllm_is_missing_is_refused_before_any_work(tmp_path, 
     with pytest.raises(ConfigError, match=r"key 'rollout.engine' must be an engine installed here; vLLM is not"):
         run_recipe("quickstart", [f"run_dir={tmp_path}/run", "rollout.engine=vllm"])
     assert not (tmp_path / "run").exists()
+
+
+def test_rollout_replay_on_a_vllm_without_routes_is_refused_before_any_work(tmp_path, monkeypatch):
+    import align.rollout.vllm as engine
+
+    monkeypatch.setattr(engine, "vllm_missing", lambda: None)
+    monkeypatch.setattr(engine, "routed_experts_missing",
+                        lambda: "vLLM 0.1 has no enable_return_routed_experts (it returns no MoE routes)")
+    with pytest.raises(ConfigError, match=r"\(stages.reasoning\): key 'routing_replay' must be none or old "
+                                          r"with rollout.engine=vllm here; vLLM 0.1 has no enable_return_routed"):
+        run_recipe("quickstart", [f"run_dir={tmp_path}/run", "rollout.engine=vllm",
+                                  "stages.reasoning.routing_replay=rollout"])
+    assert not (tmp_path / "run").exists()

@@ -94,10 +94,14 @@ class GRPOConfig:
         self.sampling.validate()
         self.rollout.validate()
         if self.rollout.engine == "vllm":
-            from ..rollout.vllm import vllm_missing
+            from ..rollout.vllm import routed_experts_missing, vllm_missing
 
             missing = vllm_missing()
             require(missing is None, "rollout.engine", f"an engine installed here; {missing}", "vllm")
+            if self.routing_replay == "rollout":  # R3 replays the engine's routes: this vLLM must return them
+                missing = routed_experts_missing()
+                require(missing is None, "routing_replay", f"none or old with rollout.engine=vllm here; {missing}",
+                        "rollout")
             self._check_attention_backend()
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)
         require(bool(self.rewards), "rewards", "at least one reward", self.rewards)
