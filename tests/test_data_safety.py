@@ -144,7 +144,9 @@ def test_leftover_temporary_directories_are_removed_at_start(tiny_dir, tmp_path)
 
 
 def test_isolated_math_reward_checks_columns_and_lets_the_process_exit(tmp_path):
-    """A factory reward under isolate: its columns are checked before any work, and a script that used it exits."""
+    """A factory reward under isolate: its columns are checked before any work, and a script that used it exits.
+    The per-answer limit is 60 s, not 5: on a loaded 2-core machine the verifier's first call (worker start, sympy
+    import) took over 5 s and the answer came back unscored (None)."""
     import subprocess
     import sys
 
@@ -154,7 +156,7 @@ def test_isolated_math_reward_checks_columns_and_lets_the_process_exit(tmp_path)
         check_columns([RewardSpec(name="math", isolate=True, timeout_s=60)], [{"row": "x.jsonl:row 1"}])
     script = tmp_path / "s.py"
     script.write_text("from rewards.combine import RewardSpec, close_rewards\nif __name__ == '__main__':\n"
-                      "    s = RewardSpec(name='math', isolate=True, timeout_s=60)\n"
+                      "    s = RewardSpec(name='math', isolate=True, timeout_s=60, args={'timeout_s': 60})\n"
                       "    print(s.load()(['q'], ['so \\\\boxed{2x}'], answer=['x+x']).scores)\n"
                       "    close_rewards([s])\n")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
