@@ -46,7 +46,8 @@ def test_stage_one_gets_mu_2_and_the_run_settings(tmp_path):
     assert cfg.model.path == str(tmp_path / "sft") and cfg.output_dir == str(tmp_path / "reasoning")
     # the rest is the recipe's stage 1
     assert (cfg.group_size, cfg.prompts_per_step, cfg.lr, cfg.beta) == (8, 16, 5e-5, 0.04)
-    assert (cfg.sampling.temperature, cfg.sampling.max_new_tokens, cfg.micro_batch_size) == (1.0, 48, 128)
+    assert (cfg.sampling.temperature, cfg.sampling.max_new_tokens, cfg.micro_batch_size) == (0.5, 48, 128)
+    assert cfg.drop_zero_std_groups
     assert [r.name for r in cfg.rewards] == ["math"] and cfg.eval_data[0].endswith("arith/heldout.jsonl")
 
 
