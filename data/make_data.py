@@ -5,6 +5,8 @@ Writes, next to this file:
   arith/eval.jsonl               1000 held-out problems (heldout.jsonl's 200 first), for end-of-stage evaluation
   arith/rl_prompts.jsonl         addition prompts (no assistant turn) with `answer`, disjoint from train and
                                  held-out: the GRPO stage's prompts, as RL prompts in the paper are not SFT data
+  arith/rl_prompts_more.jsonl    2500 more such prompts, from pairs no other file uses (the quickstart's stage 1
+                                 takes both files)
   helpful/{train,heldout}.jsonl  short helpful chats (facts, definitions, how-tos)
   safety/{train,heldout}.jsonl   polite refusals of plainly harmful requests
   helpful_pref/{train,heldout}.jsonl  preference pairs {prompt, chosen, rejected, rejected_kind}: a correct helpful
@@ -33,6 +35,7 @@ ARITH_HELDOUT = 200
 ARITH_RL = 500
 ARITH_TRAIN = 1500
 ARITH_EVAL = 1000  # arith/eval.jsonl: heldout.jsonl's problems and more unseen ones, for ±1.6-point resolution
+ARITH_RL_MORE = 2500  # arith/rl_prompts_more.jsonl: with rl_prompts.jsonl, ~one pass of the quickstart's stage 1
 
 ARITH_PROMPTS = ["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "Calculate {a} plus {b}."]
 
@@ -117,6 +120,11 @@ def arithmetic(rng: random.Random) -> tuple[list[dict], list[dict]]:
     # their own (so every other file stays as it was)
     unused, own = pairs[ARITH_HELDOUT + ARITH_RL + ARITH_TRAIN:], random.Random(1)
     write("arith/eval.jsonl", held_rows + [row(a, b, own) for a, b in unused[:ARITH_EVAL - ARITH_HELDOUT]])
+    # more RL prompts, from pairs after eval.jsonl's, phrased by an rng of their own: 500 prompts seen 6 times in
+    # 200 steps were learnt by heart (greedy 91% on them, 84% on eval.jsonl, from 65% / 68% after SFT)
+    more, more_rng = unused[ARITH_EVAL - ARITH_HELDOUT:ARITH_EVAL - ARITH_HELDOUT + ARITH_RL_MORE], random.Random(2)
+    write("arith/rl_prompts_more.jsonl", [{"prompt": [{"role": "user", "content": more_rng.choice(
+        ARITH_PROMPTS).format(a=a, b=b)}], "answer": str(a + b)} for a, b in more])
     return train_rows, held_rows
 
 
