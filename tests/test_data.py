@@ -142,3 +142,23 @@ def test_packing_gives_the_same_logprobs_as_separate_rows(tiny_dir, tokenizer):
         n = len(ex["input_ids"])
         assert torch.allclose(lp_packed[offset:offset + n - 1], lp, atol=1e-5)
         offset += n
+
+
+def test_bundled_arithmetic_splits_share_no_problem():
+    """eval.jsonl (heldout.jsonl's 200 rows first) shares no (a, b) with the SFT or RL files, nor do SFT and RL."""
+    import re
+    from pathlib import Path
+
+    arith = Path(__file__).resolve().parents[1] / "data" / "arith"
+
+    def pairs(name: str) -> list[tuple[int, int]]:
+        rows = [json.loads(x) for x in (arith / name).read_text().splitlines()]
+        texts = [(r.get("prompt") or r["messages"])[0]["content"] for r in rows]
+        return [tuple(map(int, re.findall(r"\d+", t)[:2])) for t in texts]
+
+    ev, held = pairs("eval.jsonl"), pairs("heldout.jsonl")
+    train, rl, more = set(pairs("train.jsonl")), set(pairs("rl_prompts.jsonl")), set(pairs("rl_prompts_more.jsonl"))
+    assert len(ev) == len(set(ev)) == 1000 and ev[:200] == held
+    assert len(more) == 2500
+    assert not set(ev) & (train | rl | more)
+    assert not train & (rl | more) and not rl & more
