@@ -108,8 +108,11 @@ def arithmetic(rng: random.Random) -> tuple[list[dict], list[dict]]:
     rng.shuffle(pairs)
     held, rl = pairs[:ARITH_HELDOUT], pairs[ARITH_HELDOUT:ARITH_HELDOUT + ARITH_RL]
     train = pairs[ARITH_HELDOUT + ARITH_RL:ARITH_HELDOUT + ARITH_RL + ARITH_TRAIN]
-    write("arith/rl_prompts.jsonl", [{"prompt": [{"role": "user", "content": rng.choice(ARITH_PROMPTS).format(
-        a=a, b=b)}], "answer": str(a + b)} for a, b in rl])
+
+    def prompt(a: int, b: int, r: random.Random = rng) -> dict:
+        return {"prompt": [{"role": "user", "content": r.choice(ARITH_PROMPTS).format(a=a, b=b)}], "answer": str(a + b)}
+
+    write("arith/rl_prompts.jsonl", [prompt(a, b) for a, b in rl])
 
     def row(a: int, b: int, r: random.Random = rng) -> dict:
         q = r.choice(ARITH_PROMPTS).format(a=a, b=b)
@@ -123,8 +126,7 @@ def arithmetic(rng: random.Random) -> tuple[list[dict], list[dict]]:
     # more RL prompts, from pairs after eval.jsonl's, phrased by an rng of their own: 500 prompts seen 6 times in
     # 200 steps were learnt by heart (greedy 91% on them, 84% on eval.jsonl, from 65% / 68% after SFT)
     more, more_rng = unused[ARITH_EVAL - ARITH_HELDOUT:ARITH_EVAL - ARITH_HELDOUT + ARITH_RL_MORE], random.Random(2)
-    write("arith/rl_prompts_more.jsonl", [{"prompt": [{"role": "user", "content": more_rng.choice(
-        ARITH_PROMPTS).format(a=a, b=b)}], "answer": str(a + b)} for a, b in more])
+    write("arith/rl_prompts_more.jsonl", [prompt(a, b, more_rng) for a, b in more])
     return train_rows, held_rows
 
 
