@@ -15,19 +15,23 @@ import multiprocessing as mp
 import re
 from fractions import Fraction
 
+from align.formats import last_boxed
+
 from .registry import RewardResult, reward, reward_factory
 
-_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 _ANSWER = re.compile(r"Answer\s*:\s*([^\n]*)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer: the last \\boxed{...}, else the last "Answer: ...", else the last number."""
-    for pattern in (_BOXED, _ANSWER):
-        found = pattern.findall(text)
-        if found:
-            return found[-1].strip().rstrip(".").strip()
+    """The final answer: the last \\boxed{...} (braces nested to any depth), else the last "Answer: ...", else the
+    last number."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.rstrip(".").strip()
+    found = _ANSWER.findall(text)
+    if found:
+        return found[-1].strip().rstrip(".").strip()
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 

@@ -11,6 +11,9 @@ from rewards.math import exact_answer, extract_answer
 @pytest.mark.parametrize("text,answer", [
     ("3 + 4 = 7. Answer: 7", "7"), ("so \\boxed{12}", "12"), ("the result is 42", "42"),
     ("Answer: 1,024", "1,024"), ("Answer: 3.", "3"), ("no number", None), ("Answer: 5\nAnswer: 6", "6"),
+    # nested braces to any depth (a one-level regex cut \frac{\sqrt{3}}{2} short and scored it wrong)
+    ("so \\boxed{\\frac{\\sqrt{3}}{2}}.", "\\frac{\\sqrt{3}}{2}"), ("\\boxed{1} then \\boxed{2}", "2"),
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"), ("an unclosed \\boxed{3 . Answer: 4", "4"),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
