@@ -30,7 +30,8 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any =
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def _where(source: str, lines: dict[str, int], key: str) -> str:
+def where(source: str, lines: dict[str, int], key: str) -> str:
+    """'file:line' of a key, or just the source when the key has no line (it came from a key=value override)."""
     line = lines.get(key)
     return f"{source}:{line}" if line else source
 
@@ -80,7 +81,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, at: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -90,38 +91,38 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key, where)
+                return _coerce(value, arg, key, at)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: key '{key}' expects {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{at}: key '{key}' expects {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: key '{key}' must be one of {list(typing.get_args(tp))}, got {value!r}")
+            raise ConfigError(f"{at}: key '{key}' must be one of {list(typing.get_args(tp))}, got {value!r}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             value = [value]  # a single item where a list is expected: accept it as a one-item list
         (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{key}[{i}]", at) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: key '{key}' expects a mapping, got {value!r}")
+            raise ConfigError(f"{at}: key '{key}' expects a mapping, got {value!r}")
         _, val_tp = typing.get_args(tp) or (Any, Any)
-        return {str(k): _coerce(v, val_tp, f"{key}.{k}", where) for k, v in value.items()}
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}", at) for k, v in value.items()}
     if tp is Any:
         return value
     if tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: key '{key}' expects a mapping, got {value!r}")
+            raise ConfigError(f"{at}: key '{key}' expects a mapping, got {value!r}")
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: key '{key}' expects true or false, got {value!r}")
+        raise ConfigError(f"{at}: key '{key}' expects true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: key '{key}' expects an integer, got {value!r}")
+        raise ConfigError(f"{at}: key '{key}' expects an integer, got {value!r}")
     if tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -132,21 +133,21 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             except ValueError:
                 pass
         if number is None:
-            raise ConfigError(f"{where}: key '{key}' expects a number, got {value!r}")
+            raise ConfigError(f"{at}: key '{key}' expects a number, got {value!r}")
         if not math.isfinite(number):
-            raise ConfigError(f"{where}: key '{key}' must be a finite number, got {value!r}")
+            raise ConfigError(f"{at}: key '{key}' must be a finite number, got {value!r}")
         return number
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{where}: key '{key}' expects a string, got {value!r}")
+        raise ConfigError(f"{at}: key '{key}' expects a string, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: key '{key}' expects a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key + ".", where, {})
-    raise ConfigError(f"{where}: key '{key}' has an unsupported type {tp}")
+            raise ConfigError(f"{at}: key '{key}' expects a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".", at, {})
+    raise ConfigError(f"{at}: key '{key}' has an unsupported type {tp}")
 
 
 def _build(cls: type, values: dict, prefix: str, source: str, lines: dict[str, int]) -> Any:
@@ -155,12 +156,12 @@ def _build(cls: type, values: dict, prefix: str, source: str, lines: dict[str, i
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}{name}"
-        where = _where(source, lines, key)
+        at = where(source, lines, key)
         if name not in fields:
             close = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}: unknown key '{key}'{hint}; {cls.__name__} has: {', '.join(fields)}")
-        kwargs[name] = _coerce(value, hints[name], key, where)
+            raise ConfigError(f"{at}: unknown key '{key}'{hint}; {cls.__name__} has: {', '.join(fields)}")
+        kwargs[name] = _coerce(value, hints[name], key, at)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import atomic_write_text
-from .config import ConfigError, build_config, merge_dicts, parse_overrides, read_yaml
+from .config import ConfigError, build_config, merge_dicts, parse_overrides, read_yaml, where
 from .formats import check_source
 from .hub import hub_ref
 from .resources import data_dir, recipes_dir
@@ -73,19 +73,18 @@ def resolve_recipe_path(recipe: str) -> Path:
     raise ConfigError(f"recipe {recipe!r} is neither a file nor a bundled recipe ({', '.join(known)})")
 
 
-def _substitute(value, data: str, outputs: dict[str, Path], where: str, key: str, lines: dict[str, int]):
+def _substitute(value, data: str, outputs: dict[str, Path], source: str, key: str, lines: dict[str, int]):
     """Replace {data} and @stage references in every string of a stage's values."""
     if isinstance(value, dict):
-        return {k: _substitute(v, data, outputs, where, f"{key}.{k}", lines) for k, v in value.items()}
+        return {k: _substitute(v, data, outputs, source, f"{key}.{k}", lines) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, data, outputs, where, f"{key}[{i}]", lines) for i, v in enumerate(value)]
+        return [_substitute(v, data, outputs, source, f"{key}[{i}]", lines) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
     m = _REF.match(value)
     if m:
         if m.group(1) not in outputs:
-            line = lines.get(key.split("[")[0])
-            raise ConfigError(f"{where}{':' + str(line) if line else ''}: key '{key}' refers to '{value}', which no "
+            raise ConfigError(f"{where(source, lines, key.split('[')[0])}: key '{key}' refers to '{value}', which no "
                               f"earlier stage makes (earlier stages: {', '.join(outputs) or 'none'})")
         return str(outputs[m.group(1)])
     return value.replace("{data}", data)
@@ -98,13 +97,12 @@ def _check_paths(cfg, stage_key: str, source: str, lines: dict[str, int], made: 
     if (isinstance(model_path, str) and model_path not in made and not Path(model_path).is_dir()
             and hub_ref(model_path) is None):
         key = f"{stage_key}.model.path" if hasattr(model, "path") else f"{stage_key}.model"
-        raise ConfigError(f"{source}:{lines.get(key, '?')}: key '{key}': model directory {model_path} does not exist")
+        raise ConfigError(f"{where(source, lines, key)}: key '{key}': model directory {model_path} does not exist")
     for field in ("train_data", "eval_data"):
         for i, path in enumerate(getattr(cfg, field, None) or []):
             problem = check_source(path)  # a local file, or a hub dataset id (only checked when loaded)
             if problem:
-                line = lines.get(f"{stage_key}.{field}")
-                raise ConfigError(f"{source}{':' + str(line) if line else ''}: key '{stage_key}.{field}[{i}]': "
+                raise ConfigError(f"{where(source, lines, stage_key + '.' + field)}: key '{stage_key}.{field}[{i}]': "
                                   f"{problem}")
 
 
@@ -118,11 +116,11 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, 
     source = f"{path} + overrides" if overrides else str(path)
     unknown = sorted(set(values) - {"run_dir", "stages", "eval", "description", "rollout"})
     if unknown:
-        raise ConfigError(f"{source}:{lines.get(unknown[0], '?')}: unknown key '{unknown[0]}'; a recipe has "
+        raise ConfigError(f"{where(source, lines, unknown[0])}: unknown key '{unknown[0]}'; a recipe has "
                           f"run_dir, description, eval, rollout, stages")
     rollout = values.get("rollout") or {}  # defaults for every grpo stage's `rollout` (e.g. rollout.engine=vllm)
     if not isinstance(rollout, dict):
-        raise ConfigError(f"{source}:{lines.get('rollout', '?')}: key 'rollout' must be a mapping, got {rollout!r}")
+        raise ConfigError(f"{where(source, lines, 'rollout')}: key 'rollout' must be a mapping, got {rollout!r}")
     build_config(RolloutConfig, dict(rollout), source, lines, prefix="rollout.")
     stages_raw = values.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
@@ -135,14 +133,14 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, 
         key = f"stages.{name}"
         if not isinstance(raw, dict) or raw.get("kind") not in kinds:
             got = raw.get("kind") if isinstance(raw, dict) else raw
-            raise ConfigError(f"{source}:{lines.get(key, '?')}: key '{key}.kind' must be one of {sorted(kinds)}, "
+            raise ConfigError(f"{where(source, lines, key)}: key '{key}.kind' must be one of {sorted(kinds)}, "
                               f"got {got!r}")
         cls, _, output_of = kinds[raw["kind"]]
         settings = {k: v for k, v in raw.items() if k != "kind"}
         if raw["kind"] == "grpo" and rollout:
             settings["rollout"] = merge_dicts(rollout, settings.get("rollout") or {})
         if "output_dir" in settings:
-            raise ConfigError(f"{source}:{lines.get(key + '.output_dir', '?')}: key '{key}.output_dir' is set by "
+            raise ConfigError(f"{where(source, lines, key + '.output_dir')}: key '{key}.output_dir' is set by "
                               f"the recipe (run_dir/{name}); remove it")
         settings = _substitute(settings, data, outputs, source, key, lines)
         settings["output_dir"] = str(run_dir / name)
@@ -157,7 +155,7 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, 
         for field in ("reasoning", "helpful", "safety", "code"):
             problem = getattr(eval_cfg, field) and check_source(getattr(eval_cfg, field))
             if problem:
-                raise ConfigError(f"{source}:{lines.get('eval.' + field, '?')}: key 'eval.{field}': {problem}")
+                raise ConfigError(f"{where(source, lines, 'eval.' + field)}: key 'eval.{field}': {problem}")
     return run_dir, stages, eval_cfg, values
 
 

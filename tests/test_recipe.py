@@ -53,6 +53,8 @@ def test_accelerate_configs_parse():
                                           r"'@preference', which no earlier stage makes"),
     ("stages.rm_safety.kind=dpo", r"key 'stages.rm_safety.kind' must be one of"),
     ("runn_dir=x", r"unknown key 'runn_dir'"),
+    # a stage that only an override makes has no line: the message names the overrides, never "?"
+    ("stages.extra.model=@sft", r"quickstart.yaml \+ overrides: key 'stages.extra.kind' must be one of"),
     ("stages.reasoning.group_size=1", r"key 'group_size' must be >= 2"),
     ("rollout.engin=vllm", r"unknown key 'rollout.engin' \(did you mean 'rollout.engine'"),
     ("rollout.engine=sglang", r"rollout.engine"),
