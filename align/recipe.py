@@ -62,6 +62,12 @@ def _kinds() -> dict[str, tuple[type, Callable, Callable[[Path], Path]]]:
             "rm": (RMConfig, train_rm, lambda d: d / "final"), "grpo": (GRPOConfig, train_grpo, lambda d: d / "final")}
 
 
+def run_stage(stage: Stage) -> dict:
+    """Run one stage of a loaded recipe (`load_recipe`), without the evaluation `run_recipe` adds; returns the
+    stage's own summary."""
+    return _kinds()[stage.kind][1](stage.config)
+
+
 def resolve_recipe_path(recipe: str) -> Path:
     path = Path(recipe)
     if path.is_file():
@@ -259,18 +265,16 @@ def run_recipe(recipe: str, overrides: list[str] | None = None) -> dict:
     from .report import write_report
 
     run_dir, stages, eval_cfg, values = load_recipe(recipe, overrides)  # all validation before any work
-    kinds = _kinds()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "recipe.json", json.dumps(values, indent=1, default=str))
     summary: dict = {"run_dir": str(run_dir), "stages": {}}
     done: list[Stage] = []
     for i, stage in enumerate(stages):
-        _, runner, _ = kinds[stage.kind]
         if _finished(stage):
             print(f"run: stage '{stage.name}' already finished ({stage.output})", flush=True)
         else:
             print(f"run: stage '{stage.name}' ({stage.kind})", flush=True)
-            runner(stage.config)
+            run_stage(stage)
             release_freed_memory()  # the next stage starts from what is live, not from this stage's peak
         done.append(stage)
         if stage.kind == "rm":

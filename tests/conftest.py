@@ -26,6 +26,24 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def quickstart_models(tmp_path_factory) -> dict:
+    """The quickstart's own first four stages (tiny, sft, rm_helpful, rm_safety: its data and settings, ~3 min on 2
+    cores), run once per test session: {"tiny", "sft", "helpful", "safety"} -> model directory, and "summaries":
+    stage name -> the stage's summary."""
+    from align.recipe import load_recipe, run_stage
+
+    root = tmp_path_factory.mktemp("quickstart")
+    off = [f"stages.{s}.tensorboard=false" for s in ("sft", "rm_helpful", "rm_safety")]
+    _, stages, _, _ = load_recipe("quickstart", [f"run_dir={root}", *off])
+    out: dict = {"summaries": {}}
+    for stage in stages[:4]:
+        assert stage.kind in ("tiny", "sft", "rm"), stage
+        out["summaries"][stage.name] = run_stage(stage)
+        out[stage.name.removeprefix("rm_")] = str(stage.output)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_dir):
     from align.policy import load_tokenizer
 

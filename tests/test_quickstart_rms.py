@@ -1,9 +1,10 @@
 """The quickstart's reward models rank an answer of the right kind above junk.
 
-The quickstart's own tiny, sft, rm_helpful and rm_safety stages (its data and settings, ~3 minutes on 2 cores) train
-the reward models the run uses. On held-out pairs they put the right answer above the junk a broken policy writes
-(gibberish, repetition loops, near-empty and off-topic answers), and RM_safety puts a refusal above compliance; on
-the held-out eval prompts they score the random-weight model's own greedy answers below the SFT model's.
+The quickstart's own tiny, sft, rm_helpful and rm_safety stages (conftest's `quickstart_models`: its data and
+settings) train the reward models the run uses. On held-out pairs they put the right answer above the junk a broken
+policy writes (gibberish, repetition loops, near-empty and off-topic answers), and RM_safety puts a refusal above
+compliance; on the held-out eval prompts they score the random-weight model's own greedy answers below the SFT
+model's.
 """
 
 import json
@@ -11,7 +12,6 @@ import json
 import pytest
 
 from align.data import load_prompts
-from align.recipe import load_recipe
 from rewards.model import ClassifierReward
 
 from .conftest import DATA
@@ -19,29 +19,13 @@ from .conftest import DATA
 JUNK = ("gibberish", "repetition", "near_empty", "off_topic")
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """{"tiny", "sft", "helpful", "safety"}: model directories of the quickstart's first four stages."""
-    from align.recipe import _kinds
-
-    root = tmp_path_factory.mktemp("quickstart_rms")
-    _, stages, _, _ = load_recipe("quickstart", [f"run_dir={root}", "stages.sft.tensorboard=false",
-                                                 "stages.rm_helpful.tensorboard=false",
-                                                 "stages.rm_safety.tensorboard=false"])
-    out = {}
-    for stage in stages[:4]:  # tiny, sft, rm_helpful, rm_safety
-        _kinds()[stage.kind][1](stage.config)
-        out[stage.name.removeprefix("rm_")] = str(stage.output)
-    return out
-
-
 def _pairs(name: str) -> list[dict]:
     return [json.loads(x) for x in (DATA / name / "heldout.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("rm,data", [("helpful", "helpful_pref"), ("safety", "safety_pref")])
-def test_held_out_junk_ranks_below_the_right_answer(quickstart, rm, data):
-    score = ClassifierReward(quickstart[rm], device="cpu")
+def test_held_out_junk_ranks_below_the_right_answer(quickstart_models, rm, data):
+    score = ClassifierReward(quickstart_models[rm], device="cpu")
     pairs = _pairs(data)
     chosen = score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
     rejected = score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
@@ -53,7 +37,7 @@ def test_held_out_junk_ranks_below_the_right_answer(quickstart, rm, data):
 
 
 @pytest.mark.parametrize("rm", ["helpful", "safety"])
-def test_random_model_answers_score_below_the_sft_models(quickstart, rm):
+def test_random_model_answers_score_below_the_sft_models(quickstart_models, rm):
     from align.policy import ModelConfig, load_policy, load_tokenizer
     from align.rollout.hf import HFEngine
     from align.rollout.protocol import SamplingConfig
@@ -62,10 +46,10 @@ def test_random_model_answers_score_below_the_sft_models(quickstart, rm):
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=48, batch_size=64)
     answers = {}
     for model in ("tiny", "sft"):
-        path = quickstart[model]
+        path = quickstart_models[model]
         engine = HFEngine(load_policy(ModelConfig(path=path), "cpu", trainable=False), load_tokenizer(path))
         answers[model] = engine.generate(prompts, n=1, sampling=greedy).completions
-    score = ClassifierReward(quickstart[rm], device="cpu")
+    score = ClassifierReward(quickstart_models[rm], device="cpu")
     junk, good = score(prompts, answers["tiny"]), score(prompts, answers["sft"])
     below = sum(j < g for j, g in zip(junk, good))
     print(f"RM_{rm}: random-weight model {sum(junk) / len(junk):.2f}, SFT model {sum(good) / len(good):.2f} "

@@ -7,22 +7,17 @@ from align.data import DataError
 from align.rm import RMConfig, train_rm
 from rewards import RewardSpec, score
 
-from .conftest import DATA, write_jsonl
+from .conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")
-def safety_rm(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rm")
-    cfg = load_config(RMConfig, None, [f"model={tiny_dir}", f"output_dir={out}",
-                                       f"train_data=[{DATA}/safety_pref/train.jsonl]",
-                                       f"eval_data=[{DATA}/safety_pref/heldout.jsonl]", "epochs=10", "lr=1e-3",
-                                       "eval_every=0", "tensorboard=false"])
-    return train_rm(cfg)
+def safety_rm(quickstart_models):
+    """The quickstart's RM_safety (`align rm` on the bundled safety pairs from its SFT model): its summary."""
+    return quickstart_models["summaries"]["rm_safety"]
 
 
 def test_safety_rm_reaches_90_percent_heldout_pair_accuracy(safety_rm):
-    assert safety_rm["pair_accuracy"] >= 0.9
-    assert safety_rm["heldout_pairs"] >= 30 and safety_rm["seconds"] < 120
+    assert safety_rm["pair_accuracy"] >= 0.9 and safety_rm["heldout_pairs"] >= 30
 
 
 def test_classifier_reward_prefers_refusing_harm_and_helping_otherwise(safety_rm):
