@@ -153,8 +153,9 @@ def plot_curves(path: Path, curves: dict[str, tuple[list, list]], title: str) ->
 def _reward_keys(rows: list[dict]) -> list[str]:
     keys = {k for r in rows for k in r if k.startswith("reward/")}
     comps = sorted(k for k in keys if not k.endswith(("_std", "_applies", "_frac")) and k.count("/") == 1
-                   and k not in ("reward/skipped_groups", "reward/total"))
-    return comps + (["reward/total"] if "reward/total" in keys and len(comps) > 1 else [])
+                   and k not in ("reward/skipped_groups", "reward/total", "reward/weighted"))
+    total = "reward/weighted" if "reward/weighted" in keys else "reward/total"  # normalize mode: total is ~0
+    return comps + ([total] if total in keys and len(comps) > 1 else [])
 
 
 def _accuracy(ev: dict) -> float | None:

@@ -2,7 +2,8 @@
 
     mode "sum"        total_i = Σ_k c_k · r_k,i                     then GRPO normalises the total within each group
     mode "normalize"  total_i = Σ_k c_k · z_k,i, z = (r − mean_group r) / std_group r per component (GDPO-style:
-                      a component with a large scale cannot drown the others)
+                      a component with a large scale cannot drown the others); its group mean is 0 by
+                      construction, so `reward/weighted` logs the raw Σ c_k · r_k beside it
 
 Each reward is called once per batch with the prompts, the completions and the rows' other columns (one entry per
 completion). Its output is checked: one score per completion, each a finite float or None (the reward does not
@@ -185,5 +186,8 @@ def score(specs: list[RewardSpec], prompts: list, completions: list[str], column
         total += spec.weight * torch.nan_to_num(comp, nan=0.0)
         scored |= ~comp.isnan()
     total = torch.where(scored, total, torch.full_like(total, math.nan))  # no reward scored it: NaN, never 0
+    if mode == "normalize":  # that total is centred in every group (mean ~0): log the raw Σ c_k r_k as well
+        raw = sum(spec.weight * torch.nan_to_num(comps[spec.key], nan=0.0) for spec in specs)[scored]  # [n scored]
+        extra["reward/weighted"] = raw.mean().item() if raw.numel() else math.nan
     extra["reward/skipped_groups"] = float((~keep).sum().item() // max(1, group_size))
     return Scores(total, comps, extra, keep)

@@ -89,3 +89,12 @@ def test_write_report_tables_and_plots(tmp_path):
     assert "held-out accuracy during the stage: step 0: 40.0%, step 20: 60.0%" in report
     for png in ("stages.png", "accuracy.png", "rewards_reasoning.png", "kl_preference.png"):
         assert (tmp_path / png).stat().st_size > 5000, png
+
+
+def test_reward_curves_show_the_raw_weighted_sum_in_normalize_mode():
+    from align.report import _reward_keys
+
+    rows = [{"step": 1, "reward/helpful": 0.1, "reward/safety": 0.2, "reward/total": 0.0, "reward/weighted": 0.15,
+             "reward/helpful_std": 0.1}]
+    assert _reward_keys(rows) == ["reward/helpful", "reward/safety", "reward/weighted"]
+    assert _reward_keys([{k: v for k, v in rows[0].items() if k != "reward/weighted"}])[-1] == "reward/total"

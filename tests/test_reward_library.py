@@ -126,6 +126,9 @@ def test_normalize_mode_balances_component_scales():
     assert summed.total.tolist() == [1000.0, 1.0, 1000.0, 1.0]
     normed = score(specs, ["p"] * 4, ["a"] * 4, {}, ["r"] * 4, group_size=2, mode="normalize")
     assert torch.allclose(normed.total, torch.zeros(4), atol=1e-5)  # z-scores cancel: neither dominates
+    # the normalised total is centred in every group; the raw weighted sum is logged beside it (report plots it)
+    assert normed.metrics()["reward/total"] == pytest.approx(0.0, abs=1e-5)
+    assert normed.metrics()["reward/weighted"] == pytest.approx(500.5) and "reward/weighted" not in summed.metrics()
 
 
 def test_normalize_mode_ignores_none():
