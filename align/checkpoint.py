@@ -226,26 +226,96 @@ def load_training_state(ckpt: Path, optimizer, scheduler) -> dict:
     return read_state(ckpt)
 
 
-def export_final(accelerator, model, tokenizer, out: str | Path) -> Path:
+MLP_LEAVES = ("gate_proj", "up_proj", "down_proj")
+
+
+def _base_model_ref(name: str | None) -> tuple[str | None, str | None]:
+    """(base_model_name_or_path, revision) for an adapter's config: a hub snapshot directory
+    (`.../models--owner--name/snapshots/<sha>`, how `hub.resolve_model` hands hub models to transformers) as its hub
+    id and commit, any other existing directory as an absolute path, anything else (a hub id) as it is."""
+    if not name:
+        return name, None
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return name, None
+    path = path.resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/"), path.name
+    return str(path), None
+
+
+def save_portable_adapter(peft_model, out: Path, state_dict=None) -> None:
+    """Save the LoRA adapter of `peft_model` so that plain `PeftModel.from_pretrained(base, out)` rebuilds exactly
+    the adapted model align trained.
+
+    peft (0.21.x, with transformers v5) rewrites, for a DeepSeek-V2 base, every `target_modules` entry equal to or
+    ending in `gate_proj` / `up_proj` / `down_proj` — a regex is first resolved to those leaf names — onto the fused
+    routed-expert parameters (`peft/utils/transformers_weight_conversion.py`, `_convert_peft_config_moe`, called from
+    `BaseTuner.inject_adapter` on every load); the dense MLP and the shared experts then get no LoRA and their
+    saved weights are dropped without an error. That conversion only reads `target_modules`, so the config written
+    here names the adapted modules one by one: attention projections in `target_modules`, the dense-MLP / shared-
+    expert projections as `target_parameters` (`<module>.weight`: peft wraps the Linear's weight with the same
+    lora_A [r, in] / lora_B [out, r] and the same scaling, and the saved keys stay the standard
+    `base_model.model.<module>.lora_A.weight`), fused routed-expert targets (`lora.experts`) as they were.
+    `lora_dropout` is written as 0 when parameters are targeted (peft refuses dropout there; it is training-only).
+    `base_model_name_or_path`: absolute, or the hub id with `revision` the commit (`_base_model_ref`).
+    """
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    peft_model.save_pretrained(out, state_dict=state_dict)
+    cfg_file = out / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    modules, params = [], list(cfg.get("target_parameters") or [])
+    for name, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper):
+            if name.rsplit(".", 1)[-1] in MLP_LEAVES:
+                params.append(f"{name}.weight")
+            else:
+                modules.append(name)
+    cfg["target_modules"] = modules or None
+    cfg["target_parameters"] = params or None
+    if params:
+        cfg["lora_dropout"] = 0.0
+    old_base = cfg.get("base_model_name_or_path")
+    base, revision = _base_model_ref(old_base)
+    cfg["base_model_name_or_path"] = base
+    if revision:
+        cfg["revision"] = revision
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    card = out / "README.md"
+    if base != old_base and old_base and card.is_file():  # peft's model card names the base model too
+        card.write_text(card.read_text().replace(f"base_model: {old_base}\n", f"base_model: {base}\n")
+                        .replace(f"base_model:adapter:{old_base}\n", f"base_model:adapter:{base}\n"))
+
+
+def export_final(accelerator, model, tokenizer, out: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write the stage's final model as an ordinary HF directory (atomically).
 
     With LoRA the directory holds the merged full model, so the next stage and any loader (vLLM too) take it as is,
-    and the adapter alone in `adapter/`.
+    and the adapter alone in `adapter/`, in the form plain peft loads exactly (`save_portable_adapter`). `dtype`:
+    the full model's floating-point tensors saved in that dtype (the compute dtype of a mixed-precision run, whose
+    fp32 master weights are twice the size).
     """
     out = Path(out)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
+    if dtype is not None and state_dict is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model)
         with atomic_dir(out) as tmp:
             if hasattr(inner, "merge_and_unload"):
-                inner.save_pretrained(tmp / "adapter", state_dict=state_dict)
+                save_portable_adapter(inner, tmp / "adapter", state_dict)
                 import copy
 
                 merged = copy.deepcopy(inner).merge_and_unload()
                 merged.save_pretrained(tmp, safe_serialization=True)
             else:
                 inner.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                if dtype is not None:  # config.json names the dtype the tensors are saved in, not the masters'
+                    config = json.loads((tmp / "config.json").read_text())
+                    config["dtype"] = str(dtype).removeprefix("torch.")
+                    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
     return out

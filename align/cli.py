@@ -21,6 +21,7 @@ import sys
 
 from .config import ConfigError, build_config, describe, load_config
 from .data import DataError
+from .metrics import strict_json
 
 
 def _stage(cls, train, args) -> int:
@@ -31,7 +32,7 @@ def _stage(cls, train, args) -> int:
     if overrides and "=" not in overrides[0]:
         recipe = overrides.pop(0)
     cfg = load_config(cls, recipe, overrides)
-    print(json.dumps(train(cfg), indent=1, default=str))
+    print(strict_json(train(cfg), indent=1, default=str))
     return 0
 
 
@@ -76,7 +77,7 @@ def _cmd_eval(args) -> int:
         "reward_models": {k: v for k, v in (("helpful", args.rm_helpful), ("safety", args.rm_safety)) if v},
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "limit": args.limit},
         "<command line>")
-    print(json.dumps(evaluate(args.model, cfg), indent=1))
+    print(strict_json(evaluate(args.model, cfg), indent=1))
     return 0
 
 
@@ -87,7 +88,7 @@ def _cmd_run(args) -> int:
         run_dir, stages, _, _ = load_recipe(args.recipe, list(args.overrides))
         print(f"{args.recipe}: valid; stages {', '.join(s.name for s in stages)} -> {run_dir}")
         return 0
-    print(json.dumps(run_recipe(args.recipe, list(args.overrides)), indent=1, default=str))
+    print(strict_json(run_recipe(args.recipe, list(args.overrides)), indent=1, default=str))
     return 0
 
 

@@ -1,7 +1,8 @@
 """Metrics: one JSON object per line in OUTPUT/metrics.jsonl (appended, so a resumed run continues the file), a short
 console line, TensorBoard event files when `tensorboard` is installed, and Weights & Biases when `wandb` is installed
 and WANDB_PROJECT is set (the run is named after the output directory). Names are namespaced: `loss/sft`,
-`reward/helpful`, `moe/load_max`."""
+`reward/helpful`, `moe/load_max`. The file is strict JSON: a non-finite value (a NaN mean of nothing scored) is
+written as null, and `read_metrics` gives it back as NaN."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class MetricsLogger:
         row = {"step": step, "time": round(time.time() - self.start, 3), **metrics}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(strict_json(row) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -82,6 +83,22 @@ def progress(iterable, total: int, initial: int, desc: str, enabled: bool = True
                 dynamic_ncols=True, leave=False)
 
 
+def finite_or_none(value):
+    """`value` with every non-finite float (at any depth of dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value, **kwargs) -> str:
+    """JSON that strict readers accept: non-finite floats as null, never a bare NaN / Infinity."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
+
+
 def _parse(path: Path, lines: list[str]) -> list[dict]:
     """The rows of metrics.jsonl; a half-written last line (a run killed mid-write) is dropped with a warning, a
     malformed line elsewhere is an error naming it."""
@@ -91,6 +108,7 @@ def _parse(path: Path, lines: list[str]) -> list[dict]:
             row = json.loads(line)
             if not isinstance(row, dict) or not isinstance(row.get("step"), int):
                 raise ValueError("no integer 'step'")
+            row = {k: math.nan if v is None else v for k, v in row.items()}  # null: a non-finite value
         except ValueError as e:
             if i == len(lines) - 1:
                 print(f"warning: {path}:{i + 1}: dropped a half-written last line ({e})", flush=True)

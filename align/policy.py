@@ -58,7 +58,9 @@ class ModelConfig:
     path: str = option(help="A DeepSeek-V2 checkpoint directory (config.json + weights + tokenizer), or a hub id "
                             "owner/name[@branch, tag or commit sha] fetched into the hub cache (align/hub.py).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "Weights dtype: auto = bfloat16 on GPU, float32 on CPU.")
+        "auto", "Compute dtype: auto = bfloat16 on GPU, float32 on CPU. Full fine-tuning in bfloat16 / float16 "
+        "keeps fp32 master weights and optimizer state (align/precision.py); LoRA keeps the frozen base in this "
+        "dtype and its adapters in fp32.")
     experts_impl: Literal["auto", "eager", "grouped_mm", "batched_mm"] = option(
         "auto", "Routed-experts kernel: auto = measured once per device and shape on an accelerator (cached in "
         "~/.cache/align), grouped_mm on CPU (benchmarks/experts_impl.py).")
@@ -198,17 +200,18 @@ def check_lora_targets(model, expected: set[str], experts: bool) -> None:
 
 
 def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu", trainable: bool = True,
-                adapter: str | Path | None = None):
+                adapter: str | Path | None = None, dtype: torch.dtype | None = None):
     """Load the causal LM at `cfg.path` (a directory or hub id) on `device` with the configured dtype, experts
     kernel and LoRA.
 
-    `adapter`: a saved LoRA adapter directory to resume from (loaded trainable).
+    `adapter`: a saved LoRA adapter directory to resume from (loaded trainable). `dtype`: the weights' dtype
+    instead of `cfg.dtype`'s (fp32 master weights for mixed-precision training, `align.precision`).
     """
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
     check_model_dir(cfg.path)
-    local, dtype = model_dir(cfg.path), resolve_dtype(cfg.dtype, device)
+    local, dtype = model_dir(cfg.path), dtype or resolve_dtype(cfg.dtype, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(local), dtype=dtype)
     except (OSError, ValueError) as e:
@@ -229,11 +232,15 @@ def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu", trainable:
 
             with _exact_targets():
                 model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
-            regex = model.peft_config["default"].target_modules
-            if isinstance(regex, str):  # align's adapters: one regex
-                expected = {n for n, _ in causal_lm(model).named_modules()
-                            if re.fullmatch(regex, n) and not n.endswith(".base_layer")}
-                check_lora_targets(model, expected, experts=bool(model.peft_config["default"].target_parameters))
+            peft_cfg = model.peft_config["default"]
+            targets, params = peft_cfg.target_modules, list(peft_cfg.target_parameters or ())
+            names = {n for n, _ in causal_lm(model).named_modules() if not n.endswith(".base_layer")}
+            if isinstance(targets, str):  # align's checkpoints: one regex
+                expected = {n for n in names if re.fullmatch(targets, n)}
+            else:  # align's final/adapter (checkpoint.save_portable_adapter): full names, MLP as `<module>.weight`
+                expected = set(targets or ()) | {p.removesuffix(".weight") for p in params if p.endswith(".weight")}
+            if expected <= names:  # other adapters' short target names: not checked
+                check_lora_targets(model, expected, experts=any(not p.endswith(".weight") for p in params))
         else:
             model = apply_lora(model, cfg.lora)
     if not trainable:
@@ -250,13 +257,14 @@ def causal_lm(model):
     return inner
 
 
-def load_for_training(cfg: ModelConfig, device, resume_from=None):
-    """The trainable policy: from `cfg.path`, or from a training checkpoint (full weights, or base + adapter)."""
+def load_for_training(cfg: ModelConfig, device, resume_from=None, dtype: torch.dtype | None = None):
+    """The trainable policy: from `cfg.path`, or from a training checkpoint (full weights, or base + adapter), its
+    weights in `dtype` (default: cfg.dtype's)."""
     if resume_from is None:
-        return load_policy(cfg, device)
+        return load_policy(cfg, device, dtype=dtype)
     if cfg.lora.enabled:
-        return load_policy(cfg, device, adapter=resume_from)
-    return load_policy(dataclasses.replace(cfg, path=str(resume_from)), device)
+        return load_policy(cfg, device, adapter=resume_from, dtype=dtype)
+    return load_policy(dataclasses.replace(cfg, path=str(resume_from)), device, dtype=dtype)
 
 
 def lora_delta(module) -> torch.Tensor | None:

@@ -33,6 +33,7 @@ from .checkpoint import atomic_write_text
 from .config import ConfigError, build_config, merge_dicts, parse_overrides, read_yaml, where
 from .formats import check_source
 from .hub import hub_ref
+from .metrics import strict_json
 from .resources import data_dir, recipes_dir
 from .rollout.protocol import RolloutConfig
 
@@ -177,7 +178,7 @@ def _evaluate_stage(stage: Stage, run_dir: Path, eval_cfg, evaluate) -> None:
     if old is not None and all(f"eval/{k}_rm" in old for k in ready if getattr(eval_cfg, k, "")):
         return
     result = evaluate(str(stage.output), dataclasses.replace(eval_cfg, reward_models=ready))
-    atomic_write_text(result_file, json.dumps(result, indent=1))
+    atomic_write_text(result_file, strict_json(result, indent=1))
     shown = ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items() if k.startswith("eval/"))
     print(f"run: eval of '{stage.name}': {shown}", flush=True)
 
@@ -204,7 +205,7 @@ def _rank_by_kind(stage: Stage, run_dir: Path) -> None:
             right.setdefault(kind, []).append(chosen > rejected)
     result = {"pair_accuracy_by_kind": {k: sum(v) / len(v) for k, v in right.items()},
               "pairs_by_kind": {k: len(v) for k, v in right.items()}}
-    atomic_write_text(result_file, json.dumps(result, indent=1))
+    atomic_write_text(result_file, strict_json(result, indent=1))
     shown = ", ".join(f"{k} {v:.0%}" for k, v in result["pair_accuracy_by_kind"].items())
     print(f"run: held-out pairs of '{stage.name}' ranked right, by rejected kind: {shown}", flush=True)
 
@@ -253,7 +254,7 @@ def _score_components(stages: list[Stage], run_dir: Path, eval_cfg) -> None:
                                        "weights": {s.key: s.weight for s in specs},
                                        "means": {k: _nan_mean(v) for k, v in scores.components.items()},
                                        "total": _nan_mean(scores.total)}
-            atomic_write_text(result_file, json.dumps(ev, indent=1))
+            atomic_write_text(result_file, strict_json(ev, indent=1))
     finally:
         close_rewards(specs)
 

@@ -24,7 +24,8 @@ from .data import DataError, as_messages, batch_indices, load_rows
 from .finite import NonFinitePolicy, nonfinite_option
 from .hub import model_dir
 from .metrics import progress
-from .policy import check_model_dir, load_tokenizer
+from .policy import check_model_dir, load_tokenizer, resolve_dtype
+from .precision import training_device, training_precision
 from .rundir import ResumeMode, resume_option
 from .trainer import start_run
 
@@ -96,10 +97,11 @@ def pair_accuracy(model, tokenizer, pairs, max_length: int, device, batch: int =
 def _load_rm(cfg: RMConfig, tokenizer):
     """`load` for start_run: a one-output sequence classifier from cfg.model (a new head on a causal LM), or the
     resumed checkpoint."""
-    def load(resume, device):
+    def load(resume, device, dtype):
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(resume or model_dir(cfg.model)), num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(str(resume or model_dir(cfg.model)), num_labels=1,
+                                                                   dtype=dtype)
         model.config.pad_token_id = tokenizer.pad_token_id
         return model.to(device)
     return load
@@ -115,7 +117,8 @@ def train_rm(cfg: RMConfig) -> dict:
     steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
 
     run = start_run(cfg, "rm", total_updates=steps, warmup_steps=int(cfg.warmup_ratio * steps),
-                    load=_load_rm(cfg, tokenizer), model_path=cfg.model)
+                    load=_load_rm(cfg, tokenizer), model_path=cfg.model,
+                    precision=training_precision(resolve_dtype("auto", training_device()), lora=False))
     model, device = run.model, run.device
     start = time.time()
     acc_start = run.state.get("pair_accuracy_start")

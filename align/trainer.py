@@ -31,6 +31,7 @@ from .finite import check_step
 from .metrics import MetricsLogger
 from .moe import Router, router_of
 from .optim import build_optimizer, warmup_cosine
+from .precision import Precision, training_device, training_precision
 from .rundir import claim_all
 
 
@@ -49,6 +50,7 @@ class Run:
     start: int                 # steps already done (0 for a new run)
     state: dict                # what the resumed checkpoint saved besides weights ({} for a new run)
     resumed: bool
+    precision: Precision = Precision(torch.float32, torch.float32)  # weights' and compute dtype (align.precision)
 
     @property
     def device(self) -> torch.device:
@@ -83,7 +85,8 @@ class Run:
                                           self.optimizer, self.scheduler, state, self.cfg.keep_last)
 
     def finish(self, tokenizer) -> Path:
-        final = ckpt.export_final(self.accelerator, self.model, tokenizer, Path(self.cfg.output_dir) / "final")
+        final = ckpt.export_final(self.accelerator, self.model, tokenizer, Path(self.cfg.output_dir) / "final",
+                                  dtype=self.precision.compute if self.precision.mixed else None)
         self.log.close()
         return final
 
@@ -106,24 +109,35 @@ def world_size() -> int:
 
 
 def start_run(cfg, stage: str, *, total_updates: int, warmup_steps: int, seed_per_process: bool = False,
-              load: Callable[[Path | None, torch.device], Any] | None = None, model_path: str | None = None) -> Run:
-    """Set up a stage's run (see the module docstring). `load(resume, device)` builds the model (default: the
-    policy of `cfg.model`, from the resumed checkpoint when there is one); `seed_per_process`: each process seeds
-    `cfg.seed + rank` (GRPO: each samples its own completions)."""
+              load: Callable[[Path | None, torch.device, torch.dtype], Any] | None = None,
+              model_path: str | None = None, precision: Precision | None = None) -> Run:
+    """Set up a stage's run (see the module docstring). `load(resume, device, weights_dtype)` builds the model
+    (default: the policy of `cfg.model`, from the resumed checkpoint when there is one); `precision`: the weights'
+    and the compute dtype (default: from `cfg.model`, `align.precision.training_precision`); `seed_per_process`:
+    each process seeds `cfg.seed + rank` (GRPO: each samples its own completions)."""
     keep_freed_memory()  # the process reuses freed activations instead of faulting them in again
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from .policy import load_for_training
+    from .policy import load_for_training, resolve_dtype
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if precision is None:
+        precision = training_precision(resolve_dtype(cfg.model.dtype, training_device()), cfg.model.lora.enabled)
+    # each stage sets its own precision: `align run` trains several stages in one process, and accelerate keeps
+    # the previous stage's mixed_precision in a process-wide state (the process group in PartialState stays)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **precision.accelerator_kwargs())
     set_seed(cfg.seed + (accelerator.process_index if seed_per_process else 0))
     claim_all(accelerator, cfg.output_dir, stage, cfg)  # before any write: the directory is this run's
     resume = ckpt.latest_checkpoint(cfg.output_dir)
     if load is None:
-        model = load_for_training(cfg.model, accelerator.device, resume)
+        model = load_for_training(cfg.model, accelerator.device, resume, dtype=precision.weights)
     else:
-        model = load(resume, accelerator.device)
+        model = load(resume, accelerator.device, precision.weights)
+    if accelerator.is_main_process and precision.mixed and resume is None:
+        print(f"{stage}: {precision.describe()} (full fine-tuning keeps fp32 master weights and optimizer state; "
+              "align/precision.py)", flush=True)
     router = router_of(model, getattr(cfg, "balance_alpha", 0.0), model_path or str(cfg.model.path))
     if getattr(cfg, "freeze_router", False):  # before the optimizer, which takes the trainable parameters
         _freeze_router(model, router, model_path or str(cfg.model.path))
@@ -136,4 +150,5 @@ def start_run(cfg, stage: str, *, total_updates: int, warmup_steps: int, seed_pe
                         prefix=f"{stage} ")
     start = state.get("step", 0)
     log.truncate_after(start)
-    return Run(stage, cfg, accelerator, model, optimizer, scheduler, log, router, start, state, resume is not None)
+    return Run(stage, cfg, accelerator, model, optimizer, scheduler, log, router, start, state, resume is not None,
+               precision)

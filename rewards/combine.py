@@ -7,10 +7,15 @@
 
 Each reward is called once per batch with the prompts, the completions and the rows' other columns (one entry per
 completion). Its output is checked: one score per completion, each a finite float or None (the reward does not
-apply: left out of that component's statistics and normalisation, adding nothing to the total, never counted as 0).
+apply: left out of that component's statistics and normalisation, never counted as 0). A None for a whole group
+(the reward does not apply to that prompt) adds nothing to any of its totals. In "sum" mode a completion that a
+component left unscored while it scored others of the same group (an unparsed judge reply, a check that timed out)
+gets no total: its sum would lack a term its siblings have, so it is left out of its group's statistics (advantage
+0), counted in `reward/partially_scored`. In "normalize" mode it gets z = 0 for that component (its group's mean).
 A reward that raises, returns the wrong number of scores or a non-finite value, or needs a column a row lacks, is a
 `RewardError` naming the reward and the row. With `on_error="skip"` the batch is re-scored one prompt group at a time
-and the groups that fail are dropped (counted in `reward/skipped_groups`) instead of stopping the run.
+and the groups that fail are dropped (counted in `reward/skipped_groups`, the last error per reward in
+`Scores.errors`) instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class Scores:
     components: dict[str, torch.Tensor]      # name -> [N], NaN where the reward returned None
     extra: dict[str, float] = dataclasses.field(default_factory=dict)
     keep: torch.Tensor | None = None         # [N] bool: rows kept (False where a group was skipped)
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)  # reward -> its last error (on_error=skip)
 
     def metrics(self) -> dict[str, float]:
         scored = self.total[~self.total.isnan()]
@@ -158,21 +164,24 @@ def score(specs: list[RewardSpec], prompts: list, completions: list[str], column
     keep = torch.ones(n, dtype=torch.bool)
     components: dict[str, list] = {}
     extra: dict[str, float] = {}
+    errors: dict[str, str] = {}
     for spec in specs:
         try:
             values, metrics = _run_one(spec, prompts, completions, columns, rows)
-        except RewardError:
+        except RewardError as e:
             if on_error != "skip":
                 raise
             values, metrics = [None] * n, {}
+            errors[spec.key] = str(e)
             for s in range(0, n, group_size):  # find the groups that fail, keep the others
                 sl = slice(s, s + group_size)
                 try:
                     part, _ = _run_one(spec, prompts[sl], completions[sl], {k: v[sl] for k, v in columns.items()},
                                        rows[sl])
                     values[sl] = part
-                except RewardError:
+                except RewardError as e:
                     keep[sl] = False
+                    errors[spec.key] = str(e)
         components[spec.key] = values
         extra.update({f"reward/{spec.key}/{k}": v for k, v in metrics.items()})
     comps = {k: torch.tensor([math.nan if v is None else v for v in vals], dtype=torch.float)
@@ -186,8 +195,15 @@ def score(specs: list[RewardSpec], prompts: list, completions: list[str], column
         total += spec.weight * torch.nan_to_num(comp, nan=0.0)
         scored |= ~comp.isnan()
     total = torch.where(scored, total, torch.full_like(total, math.nan))  # no reward scored it: NaN, never 0
+    if mode == "sum":  # a term its group's other totals have is missing: out of the group's statistics
+        partial = torch.zeros(n, dtype=torch.bool)
+        for spec in specs:
+            missing = comps[spec.key].isnan().reshape(-1, group_size)              # [B, G]
+            partial |= (missing & ~missing.all(1, keepdim=True)).reshape(-1)       # [N]
+        total[partial & keep] = math.nan
+        extra["reward/partially_scored"] = float((partial & keep).sum().item())
     if mode == "normalize":  # that total is centred in every group (mean ~0): log the raw Σ c_k r_k as well
         raw = sum(spec.weight * torch.nan_to_num(comps[spec.key], nan=0.0) for spec in specs)[scored]  # [n scored]
         extra["reward/weighted"] = raw.mean().item() if raw.numel() else math.nan
     extra["reward/skipped_groups"] = float((~keep).sum().item() // max(1, group_size))
-    return Scores(total, comps, extra, keep)
+    return Scores(total, comps, extra, keep, errors)

@@ -3,21 +3,22 @@
 `exact_answer` compares numbers exactly (fractions, decimals, thousands separators) and other strings literally.
 `math` checks equivalence with math-verify (LaTeX, fractions, sets, expressions). math-verify's own timeouts use
 SIGALRM, which fails off the main thread (a known failure in other toolkits); here they are switched off and every
-check runs in a worker process with a wall-clock limit instead, so the reward works from threads and processes. A
-check that times out scores None (left out, never counted as 0) and is counted in the metric
-`reward/<name>/timeouts`.
+check runs in a warm worker process (`rewards.workers`) with a wall-clock limit instead, so the reward works from
+threads and processes. The limit counts only the check: the workers start once per reward (math-verify imported and
+warmed, no torch), and a check past its limit ends only its own worker, which is replaced. Such a check (or one whose
+worker crashed) scores None (left out, never counted as 0) and is counted in the metric `reward/<name>/timeouts`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import multiprocessing as mp
 import re
+import threading
 from fractions import Fraction
 
 from align.formats import last_boxed
 
 from .registry import RewardResult, reward, reward_factory
+from .workers import STARTUP_S, WorkerPool, verify_answer, warm_up
 
 _ANSWER = re.compile(r"Answer\s*:\s*([^\n]*)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
@@ -59,54 +60,45 @@ def exact_answer(prompts, completions, answer, **_) -> list[float]:
     return [1.0 if same_answer(extract_answer(c), a) else 0.0 for c, a in zip(completions, answer)]
 
 
-def verify_answer(predicted: str, gold: str) -> bool:
-    """math-verify equivalence without its signal-based timeouts (safe off the main thread)."""
-    from math_verify import parse, verify
-
-    def wrap(s: str) -> str:
-        return s if "$" in s or "\\boxed" in s else f"${s}$"
-
-    gold_parsed = parse(wrap(gold), parsing_timeout=None)
-    pred_parsed = parse(wrap(predicted), parsing_timeout=None)
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
-
-
 class MathVerifier:
-    """Checks (predicted, gold) pairs in worker processes, each with a wall-clock limit."""
+    """Checks (predicted, gold) pairs in a warm pool of `workers` processes, each check with a `timeout_s` wall-clock
+    limit that starts when a ready worker takes it. `check_fn` and `init_fn` must be module-level functions (they
+    are sent to the workers); `init_fn` runs once per worker before it takes work (default: warm math-verify when
+    `check_fn` is `verify_answer`). Workers start on first use and are reused until `close()`."""
 
-    def __init__(self, timeout_s: float = 5.0, workers: int = 2, check_fn=verify_answer):
+    def __init__(self, timeout_s: float = 5.0, workers: int = 2, check_fn=verify_answer, init_fn=None,
+                 startup_s: float = STARTUP_S):
         self.timeout_s = timeout_s
         self.workers = workers
-        self.check_fn = check_fn  # a module-level function (it is sent to worker processes)
-        self._pool: cf.ProcessPoolExecutor | None = None
+        self.check_fn = check_fn
+        self.init_fn = init_fn
+        self.startup_s = startup_s
+        self._pool: WorkerPool | None = None
+        self._lock = threading.Lock()
 
-    def _executor(self) -> cf.ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
-        return self._pool
-
-    def _kill(self) -> None:  # a stuck check cannot be cancelled: end the workers, start fresh next time
-        from .isolation import kill_pool
-
-        kill_pool(self._pool)
-        self._pool = None
+    def pool(self) -> WorkerPool:
+        """The worker pool, started (in the background) on first use."""
+        with self._lock:
+            if self._pool is None:
+                init = self.init_fn if self.init_fn is not None else warm_up if self.check_fn is verify_answer else None
+                self._pool = WorkerPool(self.check_fn, self.workers, self.timeout_s, init, self.startup_s,
+                                        name="reward 'math'")
+                self._pool.start()
+            return self._pool
 
     def check(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
-        """True / False per pair, None where the check timed out or crashed."""
-        futures = [self._executor().submit(self.check_fn, p, g) for p, g in pairs]
-        out: list[bool | None] = []
-        stuck = False
-        for fut in futures:
-            try:
-                out.append(fut.result(timeout=None if stuck else self.timeout_s))
-            except (cf.TimeoutError, cf.process.BrokenProcessPool):
-                out.append(None)
-                stuck = True
-            except Exception:  # unparseable input: not equal
-                out.append(False)
-        if stuck:
-            self._kill()
-        return out
+        """True / False per pair (False where the check raised: unparseable), None where it timed out or crashed."""
+        results = self.pool().run([(p, g) for p, g in pairs]) if pairs else []
+        return [bool(v) if kind == "ok" else False if kind == "raised" else None for kind, v in results]
+
+    def close(self) -> None:
+        """End the worker processes (a later check starts fresh ones)."""
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+
+    _kill = close  # the former name
 
 
 @reward_factory("math")
@@ -143,5 +135,5 @@ def math_reward(timeout_s: float = 5.0, workers: int = 2, skip_missing: bool = F
 
     score.verifier = verifier
     score.required_columns = [] if skip_missing else ["answer"]
-    score.close = verifier._kill  # ends its worker processes (close_rewards, at the end of a run)
+    score.close = verifier.close  # ends its worker processes (close_rewards, at the end of a run)
     return score

@@ -162,6 +162,21 @@ def test_skip_policy_keeps_training_and_counts_skipped_groups(tiny_dir, tmp_path
     assert m["reward/skipped_groups"] >= 1
 
 
+def dead_judge(prompts, completions, **_):
+    raise ConnectionError("judge at http://127.0.0.1:9/v1 refused the connection")
+
+
+def test_skip_policy_stops_a_run_whose_every_group_is_skipped(tiny_dir, tmp_path, capsys):
+    cfg = _cfg(tiny_dir, tmp_path / "out", "rewards=[{name: 'tests.test_grpo_loop:dead_judge', label: judge}]",
+               "on_reward_error=skip", "steps=5", "max_skipped_steps=2")
+    with pytest.raises(RewardError, match=r"every prompt group of the last 2 steps was skipped .* reward 'judge': "
+                                          r".*refused the connection"):
+        train_grpo(cfg)
+    assert "grpo: step 1: reward 'judge' failed, 2 of 2 prompt groups skipped" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "final").exists()
+    assert [r["step"] for r in read_metrics(tmp_path / "out")] == [1]  # step 2 stopped before its row
+
+
 @pytest.mark.parametrize("policy_loss", ["gspo", "cispo"])
 def test_other_policy_losses_train(tiny_dir, tmp_path, policy_loss):
     train_grpo(_cfg(tiny_dir, tmp_path / "r", "steps=1", f"policy_loss={policy_loss}", "beta=0"))

@@ -67,6 +67,104 @@ def test_math_timeout_is_none_and_counted_never_zero():
     assert out.scores == [None, 1.0] and out.metrics["timeouts"] == 1.0 and time.time() - t < 15
 
 
+def test_math_cold_start_does_not_count_against_the_timeout():
+    """Workers that take over 3 s to start (imports on a busy machine) with a 2 s limit per answer: every answer is
+    scored, and the next call reuses the same, warm workers."""
+    from . import math_worker_helpers as h
+
+    fn = math_reward(timeout_s=2, workers=2)
+    fn.verifier.init_fn = h.slow_start
+    cases = [c for c in MATH_CASES if c[0].startswith("\\boxed") or "/" in c[0]]
+    comps, golds, expected = ([c[i] for c in cases] for i in range(3))
+    try:
+        t = time.time()
+        out = fn(["q"] * len(comps), comps, answer=golds)
+        assert time.time() - t >= 3 and out.scores == expected and out.metrics["timeouts"] == 0.0
+        pids = fn.verifier.pool().pids
+        assert fn(["q"] * len(comps), comps, answer=golds).scores == expected and fn.verifier.pool().pids == pids
+    finally:
+        fn.close()
+    assert fn.verifier._pool is None
+
+
+def test_math_hung_check_is_none_counted_and_only_its_worker_is_replaced():
+    import os
+
+    from rewards.math import MathVerifier
+
+    from . import math_worker_helpers as h
+
+    v = MathVerifier(timeout_s=1, workers=2, check_fn=h.odd_check)
+    try:
+        assert v.check([("a", "a")]) == [True]
+        before = v.pool().pids
+        assert v.check([("a", "a"), ("hang", "x"), ("b", "c"), ("d", "d")]) == [True, None, False, True]
+        assert v.check([("e", "e"), ("f", "g"), ("h", "h")]) == [True, False, True]
+        after = v.pool().pids
+        assert len(after) == 2 and len(set(before) & set(after)) == 1  # the other worker kept going
+        assert (v.pool().timeouts, v.pool().crashes, v.pool().restarts) == (1, 0, 1)
+        (gone,) = set(before) - set(after)
+        with pytest.raises(ProcessLookupError):  # killed and reaped: no zombie
+            os.kill(gone, 0)
+    finally:
+        v.close()
+    for pid in after:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_math_two_hung_checks_end_within_twice_the_timeout():
+    from rewards.math import MathVerifier
+
+    from . import math_worker_helpers as h
+
+    v = MathVerifier(timeout_s=1.5, workers=2, check_fn=h.odd_check)
+    try:
+        v.check([("a", "a")])  # the workers are up
+        t = time.time()
+        assert v.check([("z", "z"), ("hang", "1"), ("ok", "ok"), ("hang", "2")]) == [True, None, True, None]
+        assert time.time() - t < 2 * 1.5 and v.pool().timeouts == 2
+    finally:
+        v.close()
+
+
+def test_math_crashed_or_raising_check_and_failed_start_up():
+    """A check that ends its worker is None (counted, worker replaced); one that raises is False (unparseable); a
+    worker that cannot start is an error naming the reward, never a silent None."""
+    from rewards.math import MathVerifier
+
+    from . import math_worker_helpers as h
+
+    v = MathVerifier(timeout_s=5, workers=1, check_fn=h.odd_check)
+    try:
+        assert v.check([("crash", "x"), ("raise", "y"), ("a", "a")]) == [None, False, True]
+        assert (v.pool().crashes, v.pool().timeouts) == (1, 0)
+    finally:
+        v.close()
+    bad = MathVerifier(timeout_s=5, workers=1, check_fn=h.odd_check, init_fn=h.fails_to_start)
+    with pytest.raises(RuntimeError, match="(?s)reward 'math': a worker process failed to start:.*no module named"):
+        bad.check([("a", "a")])
+    bad.close()
+    slow = MathVerifier(timeout_s=5, workers=1, check_fn=h.odd_check, init_fn=h.slow_start, startup_s=0.5)
+    with pytest.raises(RuntimeError, match="reward 'math': a worker process did not start within 0.5 s"):
+        slow.check([("a", "a")])
+    slow.close()
+
+
+def test_math_workers_do_not_import_torch():
+    """The math workers import math-verify, not torch (rewards/__init__ and align do): ~0.7 s of start-up, not ~3."""
+    from rewards.math import MathVerifier
+    from rewards.workers import warm_up
+
+    from . import math_worker_helpers as h
+
+    v = MathVerifier(timeout_s=5, workers=1, check_fn=h.torch_imported, init_fn=warm_up)
+    try:
+        assert v.check([("a", "a")]) == [False]
+    finally:
+        v.close()
+
+
 def test_extract_and_compare():
     assert extract_answer("a \\boxed{\\frac{a}{b}} b") == "\\frac{a}{b}"
     assert same_answer("3.0", "3") and not same_answer(None, "3")

@@ -83,3 +83,40 @@ def test_none_is_excluded_not_zero():
     sys.modules[__name__].partial = partial
     s = score([RewardSpec(f"{__name__}:partial")], ["p"] * 3, ["a"] * 3, {}, ["r"] * 3)
     assert s.metrics()[f"reward/{__name__}:partial"] == 2.0
+
+
+def half_judged(prompts, completions, **_):
+    """An unparsed judge reply for the first completion of each group of 4, and a whole group it does not apply to."""
+    return [None if i % 4 == 0 or i >= 4 else 1.0 for i in range(len(completions))]
+
+
+def all_ones(prompts, completions, **_):
+    return [1.0] * len(completions)
+
+
+def test_sum_mode_leaves_a_partly_scored_completion_out_of_its_group():
+    import sys
+
+    sys.modules[__name__].half_judged, sys.modules[__name__].all_ones = half_judged, all_ones
+    specs = [RewardSpec(f"{__name__}:all_ones", label="rule"), RewardSpec(f"{__name__}:half_judged", label="judge")]
+    s = score(specs, ["p"] * 8, ["a"] * 8, {}, ["r"] * 8, group_size=4)
+    # group 0: the judge scored 3 of 4; the 4th would total 1 where its siblings have 2: no total, not a low one
+    assert math.isnan(s.total[0]) and s.total[1:4].tolist() == [2.0, 2.0, 2.0]
+    # group 1: the judge does not apply to any of it: every total is the rule's alone
+    assert s.total[4:].tolist() == [1.0] * 4
+    assert s.metrics()["reward/partially_scored"] == 1.0
+    # normalize mode: the missing z is the group's mean (0), so it is not pushed down either
+    z = score(specs, ["p"] * 8, ["a"] * 8, {}, ["r"] * 8, group_size=4, mode="normalize")
+    assert z.total[0] == 0.0 and "reward/partially_scored" not in z.metrics()
+
+
+def test_skip_records_the_last_error_per_reward():
+    def broken(prompts, completions, **_):
+        raise ConnectionError("judge at http://127.0.0.1:9 refused the connection")
+
+    import sys
+    sys.modules[__name__].broken = broken
+    s = score([RewardSpec(f"{__name__}:broken", label="judge")], ["p"] * 4, ["a"] * 4, {}, ["r"] * 4,
+              group_size=2, on_error="skip")
+    assert not s.keep.any() and s.extra["reward/skipped_groups"] == 2.0
+    assert "refused the connection" in s.errors["judge"]

@@ -1,5 +1,7 @@
 """SFT end to end on the tiny model: loss falls, resume equals an uninterrupted run, bad input writes nothing."""
 
+import math
+
 import pytest
 
 from align.checkpoint import list_checkpoints
@@ -126,3 +128,18 @@ def test_chunked_sft_loss_equals_full_logits_cross_entropy(tiny_dir, chunk):
     full.backward()
     assert (nll / count).item() == pytest.approx(full.item(), rel=1e-5)
     assert torch.allclose(chunked_grad, model.lm_head.weight.grad, atol=1e-6)
+
+
+def test_metrics_file_is_strict_json(tmp_path):
+    import json
+
+    from align.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    log.log(1, {"reward/judge": float("nan"), "loss/kl": float("inf"), "reward/total": 0.5}, echo=False)
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    row = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+    assert row["reward/judge"] is None and row["reward/total"] == 0.5
+    back = read_metrics(tmp_path)[0]
+    assert math.isnan(back["reward/judge"]) and math.isnan(back["loss/kl"])

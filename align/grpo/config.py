@@ -26,6 +26,9 @@ class GRPOConfig:
         "sum", "sum: Σ c_k r_k, then group-normalise; normalize: group-normalise each component, then Σ c_k z_k.")
     on_reward_error: Literal["fail", "skip"] = option(
         "fail", "A reward that raises / returns NaN / the wrong count: fail stops the run; skip drops that group.")
+    max_skipped_steps: int = option(
+        3, "With on_reward_error=skip: stop (naming the reward and its last error) after this many consecutive "
+           "steps whose every prompt group was skipped (0: never stop).")
     eval_data: list[str] = option(factory=list, help="Held-out prompts with an `answer` column (greedy accuracy).")
     rollout: RolloutConfig = option(factory=RolloutConfig, help="Rollout engine (hf | vllm) and memory schedule.")
     sampling: SamplingConfig = option(factory=SamplingConfig, help="Rollout sampling settings.")
@@ -113,6 +116,7 @@ class GRPOConfig:
         require(self.prompts_per_step >= self.minibatches, "minibatches",
                 "at most prompts_per_step (a minibatch holds whole groups of G completions)", self.minibatches)
         require(self.lr > 0, "lr", "positive", self.lr)
+        require(self.max_skipped_steps >= 0, "max_skipped_steps", ">= 0 (0: never stop)", self.max_skipped_steps)
         require(self.beta >= 0, "beta", ">= 0", self.beta)
         require(self.policy_loss in POLICY_LOSSES, "policy_loss", f"one of {sorted(POLICY_LOSSES)}", self.policy_loss)
         if self.policy_loss == "cispo":

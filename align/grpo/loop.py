@@ -186,6 +186,26 @@ def _mean_over_processes(metrics: dict[str, float], world: int) -> dict[str, flo
     return {k: sum(m[k] for m in every if k in m) / sum(k in m for m in every) for k in keys}
 
 
+def _check_skipped(run: Run, scores, cfg: GRPOConfig, step: int, streak: int) -> int:
+    """With on_reward_error=skip: say which reward failed on how many groups this step, and stop (RewardError
+    naming the reward and its last error) after `max_skipped_steps` consecutive steps that skipped every group
+    of every process. Returns the new streak of such steps."""
+    if cfg.on_reward_error != "skip":
+        return 0
+    kept = run.accelerator.reduce(scores.keep.any().float().to(run.device), reduction="sum").item()
+    streak = streak + 1 if kept == 0 else 0
+    if scores.errors and run.is_main:
+        skipped = int(scores.extra.get("reward/skipped_groups", 0))
+        for name, error in scores.errors.items():
+            print(f"grpo: step {step}: reward '{name}' failed, {skipped} of {len(scores.keep) // cfg.group_size} "
+                  f"prompt groups skipped on this process: {error}", flush=True)
+    if cfg.max_skipped_steps and streak >= cfg.max_skipped_steps:
+        last = "; ".join(f"reward '{k}': {v}" for k, v in scores.errors.items()) or "no error recorded"
+        raise RewardError(f"every prompt group of the last {streak} steps was skipped (on_reward_error=skip, "
+                          f"max_skipped_steps={cfg.max_skipped_steps}): nothing trained; last error: {last}")
+    return streak
+
+
 def _checked_inputs(cfg: GRPOConfig, world: int):
     """Tokenizer, train and eval prompts, the model's context: everything bad input can break, checked before
     anything is written."""
@@ -230,7 +250,7 @@ def _engine(cfg: GRPOConfig, run: Run, tokenizer, context: int | None) -> Rollou
     if cfg.rollout.engine == "vllm":
         from ..rollout.vllm import VLLMEngine
 
-        engine = VLLMEngine(str(model_dir(cfg.model.path)), tokenizer, cfg.rollout, dtype=next(run.model.parameters()).dtype,
+        engine = VLLMEngine(str(model_dir(cfg.model.path)), tokenizer, cfg.rollout, dtype=run.precision.compute,
                             device=run.device, seed=cfg.seed + run.accelerator.process_index,
                             max_model_len=context or 4096, record_routes=cfg.routing_replay == "rollout")
         engine.sync_weights(run.model)  # resumed or adapted weights, not the ones on disk
@@ -256,6 +276,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     forward = PolicyForward.of(cfg)
     needs_old = cfg.inner_epochs > 1 or cfg.minibatches > 1  # else π_θold is the update's own forward, detached
     history = dict(run.state.get("history", {}))
+    skipped_streak = 0  # consecutive steps whose every prompt group a failing reward skipped
     if run.is_main:
         print(f"grpo: {len(train_rows)} prompts, {cfg.steps} steps of {cfg.prompts_per_step} x G={G}"
               f"{f' over {world} processes' if world > 1 else ''}, "
@@ -276,6 +297,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         prompts, columns = _per_completion(picked, G)
         scores = score(cfg.rewards, prompts, rollouts.completions, columns, columns["row"], G, cfg.reward_mode,
                        cfg.on_reward_error)
+        skipped_streak = _check_skipped(run, scores, cfg, step + 1, skipped_streak)
         fault_point("scoring", step + 1)
         t_reward = time.time()
         kept = scores.total[scores.keep]
