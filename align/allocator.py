@@ -56,3 +56,15 @@ def release_freed_memory() -> bool:
     gc.collect()
     libc = _glibc()
     return libc is not None and bool(libc.malloc_trim(0))
+
+
+def free_device_memory() -> None:
+    """Collect what is no longer referenced (a finished stage's model, optimizer state, prepared wrappers) and give
+    the accelerator's cached blocks back, so the next model on the device starts from what is live."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

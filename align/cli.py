@@ -75,20 +75,25 @@ def _cmd_eval(args) -> int:
         "helpful": args.helpful or str(data_dir() / "helpful" / "heldout.jsonl"),
         "safety": args.safety or str(data_dir() / "safety" / "heldout.jsonl"),
         "reward_models": {k: v for k, v in (("helpful", args.rm_helpful), ("safety", args.rm_safety)) if v},
-        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "limit": args.limit},
+        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "limit": args.limit,
+        "device": args.device, "dtype": args.dtype},
         "<command line>")
     print(strict_json(evaluate(args.model, cfg), indent=1))
     return 0
 
 
 def _cmd_run(args) -> int:
-    from .recipe import load_recipe, run_recipe
+    from .recipe import load_recipe, plan_reruns, run_recipe
 
     if args.check:
         run_dir, stages, _, _ = load_recipe(args.recipe, list(args.overrides))
-        print(f"{args.recipe}: valid; stages {', '.join(s.name for s in stages)} -> {run_dir}")
+        plan = plan_reruns(run_dir, stages, args.rerun_from)  # refuses finished stages whose settings changed
+        todo = [s.name for s in stages if s.name in plan.rerun or not plan.finished(s)]
+        print(f"{args.recipe}: valid; stages {', '.join(s.name for s in stages)} -> {run_dir}; to run: "
+              f"{', '.join(todo) or 'none'}")
         return 0
-    print(strict_json(run_recipe(args.recipe, list(args.overrides)), indent=1, default=str))
+    print(strict_json(run_recipe(args.recipe, list(args.overrides), rerun_from=args.rerun_from), indent=1,
+                      default=str))
     return 0
 
 
@@ -131,12 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--batch-size", type=int, default=128, help="sequences per generate call")
     e.add_argument("--limit", type=int, default=0, help="only the first N prompts of each source (0: all)")
+    e.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the policy's and reward models' dtype (auto: bfloat16 on GPU, float32 on CPU)")
     e.set_defaults(func=_cmd_eval)
 
     r = sub.add_parser("run", help="run a recipe's stages (resumes where it stopped)")
     r.add_argument("recipe", help="a recipe file or a bundled recipe name (quickstart, deepseek-v2-lite, ...)")
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.sft.epochs=2")
-    r.add_argument("--check", action="store_true", help="validate the recipe and stop")
+    r.add_argument("--check", action="store_true", help="validate the recipe, say which stages would run, and stop")
+    r.add_argument("--from", dest="rerun_from", metavar="STAGE",
+                   help="rerun STAGE and every stage after it (their earlier outputs are moved to "
+                        "RUN_DIR/.replaced/), e.g. after changing STAGE's settings")
     r.set_defaults(func=_cmd_run)
 
     d = sub.add_parser("doctor", help="versions, CPU / GPU features and active fast paths (paste into bug reports)")

@@ -25,6 +25,9 @@ import math
 import re
 from typing import Any, Literal
 
+import torch
+
+from .allocator import free_device_memory
 from .config import ConfigError, option, require
 from .data import DataError, PromptRow, load_prompts
 from .rollout.hf import HFEngine
@@ -54,6 +57,11 @@ class EvalConfig:
     max_new_tokens: int = option(64, "Completion length.")
     batch_size: int = option(128, "Sequences per generate call.")
     limit: int = option(0, "Use only the first N prompts of each source (0: all).")
+    device: str = option("auto", "Where the policy and reward models run: auto = the GPU when there is one, else "
+                                 "cpu; or a torch device (cuda:1).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "The policy's and reward models' dtype: auto = bfloat16 on GPU, float32 on CPU (a recipe evaluates "
+                "each stage in the dtype it trained with).")
 
     def validate(self) -> None:
         require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
@@ -61,6 +69,12 @@ class EvalConfig:
         require(self.limit >= 0, "limit", ">= 0 (0: all)", self.limit)
         unknown = sorted(set(self.code_reward) - set(CODE_SETTINGS))
         require(not unknown, "code_reward", f"settings among {', '.join(CODE_SETTINGS)}", unknown)
+        try:
+            device = eval_device(self.device)
+        except RuntimeError as e:
+            raise ConfigError(f"key 'device': {e}") from None
+        require(device.type != "cuda" or torch.cuda.is_available(), "device", "a device this machine has (no GPU "
+                "here)", self.device)
 
 
 def _greedy(engine, rows: list[PromptRow], cfg: EvalConfig) -> list[str]:
@@ -142,10 +156,19 @@ def refusal_rate(completions: list[str]) -> float:
     return sum(bool(_REFUSAL.search(c)) for c in completions) / len(completions)
 
 
-def _rm_mean(rm_dir: str, rows: list[PromptRow], completions: list[str]) -> float:
+def eval_device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; else the named torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _rm_mean(rm_dir: str, rows: list[PromptRow], completions: list[str], cfg: EvalConfig) -> float:
     from rewards.model import ClassifierReward
 
-    scores = ClassifierReward(rm_dir, device="cpu")([r.messages for r in rows], completions)
+    rm = ClassifierReward(rm_dir, device=str(eval_device(cfg.device)), dtype=cfg.dtype)
+    scores = rm([r.messages for r in rows], completions)
+    del rm
     return sum(scores) / len(scores)
 
 
@@ -166,8 +189,10 @@ def evaluate(model_dir: str, cfg: EvalConfig) -> dict:
     scorer = code_scorer(cfg.code_reward) if "code" in rows else None
 
     tokenizer = load_tokenizer(model_dir)
-    engine = HFEngine(load_policy(ModelConfig(path=model_dir), "cpu", trainable=False), tokenizer)
-    out: dict = {"model": model_dir}
+    device = eval_device(cfg.device)
+    policy = load_policy(ModelConfig(path=model_dir, dtype=cfg.dtype), device, trainable=False)
+    engine = HFEngine(policy, tokenizer)
+    out: dict = {"model": model_dir, "device": str(device), "dtype": str(next(policy.parameters()).dtype)[6:]}
     counts = {kind: len(r) for kind, r in rows.items()}
     if "reasoning" in rows:
         acc = accuracy(engine, rows["reasoning"], cfg.max_new_tokens, cfg.batch_size, reasoning_reward(cfg))
@@ -178,11 +203,11 @@ def evaluate(model_dir: str, cfg: EvalConfig) -> dict:
         code = pass_at_1(scorer, _greedy(engine, rows["code"], cfg), tests)
         out.update({"eval/pass@1": code["pass@1"], "eval/code_tests_passed": code["tests_passed"]})
         counts["code_timeouts"] = code["timeouts"]
-    for kind in ("helpful", "safety"):
-        if kind not in rows:
-            continue
-        completions = _greedy(engine, rows[kind], cfg)
-        out[f"eval/{kind}_rm"] = _rm_mean(cfg.reward_models[kind], rows[kind], completions)
+    answers = {kind: _greedy(engine, rows[kind], cfg) for kind in ("helpful", "safety") if kind in rows}
+    del engine, policy  # the reward models get the device to themselves
+    free_device_memory()
+    for kind, completions in answers.items():
+        out[f"eval/{kind}_rm"] = _rm_mean(cfg.reward_models[kind], rows[kind], completions, cfg)
         out["eval/refusal_rate" if kind == "safety" else "eval/over_refusal_rate"] = refusal_rate(completions)
         out.setdefault("completions", {})[kind] = completions
     out["counts"] = counts

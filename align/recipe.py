@@ -34,6 +34,7 @@ from .config import ConfigError, build_config, merge_dicts, parse_overrides, rea
 from .formats import check_source
 from .hub import hub_ref
 from .metrics import strict_json
+from .rerun import plan_reruns, portable_settings, write_record
 from .resources import data_dir, recipes_dir
 from .rollout.protocol import RolloutConfig
 
@@ -166,24 +167,29 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, 
     return run_dir, stages, eval_cfg, values
 
 
-def _finished(stage: Stage) -> bool:
-    return (stage.output / "config.json").is_file()
+def _eval_dtype(stage: Stage, eval_cfg) -> str:
+    """eval.dtype, or where it is auto the dtype the stage trained with (its model.dtype; a tiny stage: auto)."""
+    model = getattr(stage.config, "model", None)
+    return eval_cfg.dtype if eval_cfg.dtype != "auto" else getattr(model, "dtype", "auto")
 
 
 def _evaluate_stage(stage: Stage, run_dir: Path, eval_cfg, evaluate) -> None:
-    """(Re-)evaluate a finished policy stage when its eval.json is missing or lacks an RM now available."""
+    """(Re-)evaluate a finished policy stage when its eval.json is missing or was measured with other eval
+    settings (e.g. before an RM it can now be scored with existed)."""
     ready = {k: v for k, v in eval_cfg.reward_models.items() if (Path(v) / "config.json").is_file()}
+    cfg = dataclasses.replace(eval_cfg, reward_models=ready, dtype=_eval_dtype(stage, eval_cfg))
+    settings = portable_settings(cfg, run_dir)
     result_file = run_dir / stage.name / "eval.json"
     old = json.loads(result_file.read_text()) if result_file.is_file() else None
-    if old is not None and all(f"eval/{k}_rm" in old for k in ready if getattr(eval_cfg, k, "")):
+    if old is not None and old.get("eval_settings") == settings:
         return
-    result = evaluate(str(stage.output), dataclasses.replace(eval_cfg, reward_models=ready))
+    result = {**evaluate(str(stage.output), cfg), "eval_settings": settings}
     atomic_write_text(result_file, strict_json(result, indent=1))
     shown = ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items() if k.startswith("eval/"))
-    print(f"run: eval of '{stage.name}': {shown}", flush=True)
+    print(f"run: eval of '{stage.name}' ({result['device']}, {result['dtype']}): {shown}", flush=True)
 
 
-def _rank_by_kind(stage: Stage, run_dir: Path) -> None:
+def _rank_by_kind(stage: Stage, run_dir: Path, eval_cfg) -> None:
     """A reward model's held-out pairs (its eval_data) ranked right, r(chosen) > r(rejected), by the kind of their
     rejected side (the `rejected_kind` column of the bundled pairs: wrong, comply, over_refusal, gibberish, ...;
     "pairs" where a row has none): RUN_DIR/<stage>/eval.json {"pair_accuracy_by_kind", "pairs_by_kind"}."""
@@ -195,7 +201,8 @@ def _rank_by_kind(stage: Stage, run_dir: Path) -> None:
     result_file = run_dir / stage.name / "eval.json"
     if result_file.is_file() or not stage.config.eval_data:
         return
-    rm = ClassifierReward(str(stage.output), device="cpu")
+    rm = ClassifierReward(str(stage.output), device=eval_cfg.device if eval_cfg else "auto",
+                          dtype=eval_cfg.dtype if eval_cfg else "auto")
     right: dict[str, list[bool]] = {}
     for path in stage.config.eval_data:
         pairs = load_pairs(path, rm.tokenizer)
@@ -259,27 +266,32 @@ def _score_components(stages: list[Stage], run_dir: Path, eval_cfg) -> None:
         close_rewards(specs)
 
 
-def run_recipe(recipe: str, overrides: list[str] | None = None) -> dict:
-    """Run every stage not finished yet, evaluate after each policy stage, write the report."""
-    from .allocator import release_freed_memory
+def run_recipe(recipe: str, overrides: list[str] | None = None, rerun_from: str | None = None) -> dict:
+    """Run every stage not finished yet (and, with `rerun_from`, that stage and every later one again: see
+    align/rerun.py), evaluate after each policy stage, write the report."""
+    from .allocator import free_device_memory, release_freed_memory
     from .evaluate import evaluate
     from .report import write_report
 
     run_dir, stages, eval_cfg, values = load_recipe(recipe, overrides)  # all validation before any work
+    plan = plan_reruns(run_dir, stages, rerun_from)  # a finished stage with other settings: refused here
     run_dir.mkdir(parents=True, exist_ok=True)
+    plan.move_aside(stages)
     atomic_write_text(run_dir / "recipe.json", json.dumps(values, indent=1, default=str))
     summary: dict = {"run_dir": str(run_dir), "stages": {}}
     done: list[Stage] = []
     for i, stage in enumerate(stages):
-        if _finished(stage):
-            print(f"run: stage '{stage.name}' already finished ({stage.output})", flush=True)
+        if plan.finished(stage):
+            print(f"run: stage '{stage.name}' already finished with these settings ({stage.output})", flush=True)
         else:
             print(f"run: stage '{stage.name}' ({stage.kind})", flush=True)
             run_stage(stage)
-            release_freed_memory()  # the next stage starts from what is live, not from this stage's peak
+            write_record(stage, run_dir, stages[:i])
+            free_device_memory()  # its eval and the next stage start from what is live, not from its peak
+            release_freed_memory()
         done.append(stage)
         if stage.kind == "rm":
-            _rank_by_kind(stage, run_dir)
+            _rank_by_kind(stage, run_dir, eval_cfg)
         next_is_rm = i + 1 < len(stages) and stages[i + 1].kind == "rm"
         if eval_cfg is not None and not next_is_rm:  # new policies, and earlier ones once an RM they lack exists
             for policy in (s for s in done if s.kind in ("tiny", "sft", "grpo")):

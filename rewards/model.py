@@ -35,7 +35,7 @@ def render_pairs(tokenizer, prompts, completions) -> list[str]:
 
 class ClassifierReward:
     def __init__(self, path: str, batch_size: int = 32, device: str = "auto", offload: bool = False,
-                 max_length: int = 1024):
+                 max_length: int = 1024, dtype: str = "auto"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from align.hub import model_dir
@@ -48,7 +48,12 @@ class ClassifierReward:
         self.offload = offload and self.device.type != "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(str(local))
         self.tokenizer.padding_side = "right"
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(local)).eval().requires_grad_(False)
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+        self.dtype = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" else \
+            getattr(torch, dtype)  # auto: bf16 on a GPU, fp32 on CPU (as the policy)
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(local), dtype=self.dtype)
+        self.model.eval().requires_grad_(False)
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model {path} has {self.model.config.num_labels} outputs; expected 1")
         self.model.to("cpu" if self.offload else self.device)
@@ -75,9 +80,10 @@ class ClassifierReward:
 
 @reward_factory("classifier")
 def classifier(path: str, batch_size: int = 32, device: str = "auto", offload: bool = False,
-               max_length: int = 1024):
-    """Score with a sequence-classification reward model: a directory (e.g. one `align rm` wrote) or a hub id."""
-    return ClassifierReward(path, batch_size, device, offload, max_length)
+               max_length: int = 1024, dtype: str = "auto"):
+    """Score with a sequence-classification reward model: a directory (e.g. one `align rm` wrote) or a hub id;
+    on `device` (auto: the GPU when there is one) in `dtype` (auto: bf16 on a GPU, fp32 on CPU)."""
+    return ClassifierReward(path, batch_size, device, offload, max_length, dtype)
 
 
 class HTTPRewardError(RuntimeError):

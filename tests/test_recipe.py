@@ -172,3 +172,79 @@ def test_rollout_replay_on_a_vllm_without_routes_is_refused_before_any_work(tmp_
         run_recipe("quickstart", [f"run_dir={tmp_path}/run", "rollout.engine=vllm",
                                   "stages.reasoning.routing_replay=rollout"])
     assert not (tmp_path / "run").exists()
+
+
+RERUN_RECIPE = """
+run_dir: {run}
+eval: {{reasoning: "{{data}}/arith/heldout.jsonl", limit: 4, max_new_tokens: 4}}
+stages:
+  tiny: {{kind: tiny}}
+  sft:
+    kind: sft
+    model: {{path: "@tiny", dtype: bfloat16}}
+    train_data: ["{{data}}/arith/train.jsonl"]
+    max_steps: 2
+    lr: 2.0e-3
+    tensorboard: false
+"""
+
+
+def test_recipe_reruns_like_make_and_evaluates_in_the_stage_dtype(tmp_path, capsys):
+    from align.recipe import run_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RERUN_RECIPE.format(run=tmp_path / "run"))
+    run = tmp_path / "run"
+    run_recipe(str(recipe))
+    ev = json.loads((run / "sft" / "eval.json").read_text())
+    assert (ev["device"], ev["dtype"]) == ("cpu", "bfloat16")  # the dtype sft trained in, on this machine's device
+    assert "run: eval of 'sft' (cpu, bfloat16)" in capsys.readouterr().out
+    first = json.loads((run / "sft" / "align-stage.json").read_text())
+    # a changed setting of a finished stage: refused, naming the key and both values; nothing rewritten
+    with pytest.raises(ConfigError, match=r"stage 'sft' finished with other settings \(lr: 0.002 then, 0.01 now\)"
+                                          r".*--from sft"):
+        run_recipe(str(recipe), ["stages.sft.lr=1e-2"])
+    assert json.loads((run / "recipe.json").read_text())["stages"]["sft"]["lr"] == 2.0e-3
+    # settings that change nothing the stage makes: reused as it is
+    run_recipe(str(recipe), ["stages.sft.log_every=1"])
+    assert "stage 'sft' already finished with these settings" in capsys.readouterr().out
+    # --from sft: the earlier sft moves aside, sft reruns with the new lr, recipe.json names what ran
+    run_recipe(str(recipe), ["stages.sft.lr=1e-2"], rerun_from="sft")
+    assert float(json.loads((run / "recipe.json").read_text())["stages"]["sft"]["lr"]) == 1e-2
+    second = json.loads((run / "sft" / "align-stage.json").read_text())
+    assert second["settings"]["lr"] == 1e-2 and second["stamp"] != first["stamp"]
+    assert second["inputs"] == {"tiny": json.loads((run / "tiny" / "align-stage.json").read_text())["stamp"]}
+    moved = list((run / ".replaced").glob("*/sft/align-stage.json"))
+    assert [json.loads(p.read_text())["stamp"] for p in moved] == [first["stamp"]]  # kept, never deleted
+    # an upstream stage rerun behind the recipe's back (its stamp changed): sft was made from its earlier output
+    record = run / "tiny" / "align-stage.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "stamp": "other"}))
+    with pytest.raises(ConfigError, match="it was made from an earlier output of stage 'tiny'"):
+        run_recipe(str(recipe), ["stages.sft.lr=1e-2"])
+    with pytest.raises(ConfigError, match="--from 'nope': the recipe has no such stage"):
+        run_recipe(str(recipe), rerun_from="nope")
+
+
+def test_eval_device_and_dtype_reach_the_models(tiny_dir, monkeypatch):
+    import torch
+
+    from align import evaluate as ev
+    from align import policy
+
+    seen = {}
+    real = policy.load_policy
+
+    def spy(cfg, device, trainable=True, **kw):
+        seen.update(device=torch.device(device), dtype=cfg.dtype)
+        return real(cfg, device, trainable=trainable, **kw)
+
+    monkeypatch.setattr(policy, "load_policy", spy)
+    cfg = ev.EvalConfig(reasoning=str(ROOT / "data" / "arith" / "heldout.jsonl"), limit=2, max_new_tokens=2,
+                        dtype="bfloat16")
+    out = ev.evaluate(str(tiny_dir), cfg)
+    assert seen == {"device": torch.device("cpu"), "dtype": "bfloat16"} and out["dtype"] == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ev.eval_device("auto") == torch.device("cuda")  # on a GPU machine the default is the GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="key 'device'"):
+        ev.EvalConfig(device="cuda").validate()
