@@ -168,6 +168,7 @@ class VLLMEngine:
         # Expected on every reload, not faults: MLA's W_UK_T / W_UV are derived by post-load processing, not loaded,
         # and the rotary embedding has no weights.
         logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
+        self.dtype = dtype  # vLLM's; a mixed-precision policy's fp32 master weights are sent in it
         self.attention_backend = choose_attention_backend(cfg.attention_backend, torch.device(device).type, dtype)
         print(f"rollout: vLLM attention backend {self.attention_backend or 'chosen by vLLM'} "
               f"({str(dtype).removeprefix('torch.')}, {torch.device(device).type}"
@@ -219,6 +220,7 @@ class VLLMEngine:
         t = time.perf_counter()
         self.wake()
         weights = iter_checkpoint_weights(model, iter_merged_weights(model))       # lazy: one tensor at a time
+        weights = ((name, t.to(self.dtype) if t.is_floating_point() else t) for name, t in weights)  # fp32 masters
         self.llm.collective_rpc(_reload_weights, args=(weights, None))
         self.llm.reset_prefix_cache()
         self.last_sync_s = time.perf_counter() - t
