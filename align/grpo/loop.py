@@ -206,9 +206,15 @@ def _check_skipped(run: Run, scores, cfg: GRPOConfig, step: int, streak: int) ->
     return streak
 
 
+def _prompt_tokens(tokenizer, row: PromptRow) -> int:
+    text = tokenizer.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _checked_inputs(cfg: GRPOConfig, world: int):
-    """Tokenizer, train and eval prompts, the model's context: everything bad input can break, checked before
-    anything is written."""
+    """Tokenizer, train and eval prompts, and the longest sequence the run generates (its longest prompt plus
+    the most new tokens, at most the model's context: what vLLM sizes its KV cache for): everything bad input can
+    break, checked before anything is written."""
     model_json = check_model_dir(cfg.model.path)
     context = model_json.get("max_position_embeddings")
     for key, used in (("routing_replay", cfg.routing_replay != "none"), ("freeze_router", cfg.freeze_router)):
@@ -217,17 +223,18 @@ def _checked_inputs(cfg: GRPOConfig, world: int):
                               "MoE model (it has no router)")
     tokenizer = load_tokenizer(cfg.model.path)
     train_rows = [r for path in cfg.train_data for r in load_prompts(path)]
-    if context:
-        for r in train_rows:
-            text = tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
-            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if n + cfg.sampling.max_new_tokens > context:
-                raise ConfigError(f"{r.columns['row']}: prompt of {n} tokens + sampling.max_new_tokens="
-                                  f"{cfg.sampling.max_new_tokens} exceeds the model's context of {context} tokens")
+    longest = 0
+    for r in train_rows:
+        n = _prompt_tokens(tokenizer, r)
+        longest = max(longest, n + cfg.sampling.max_new_tokens)
+        if context and n + cfg.sampling.max_new_tokens > context:
+            raise ConfigError(f"{r.columns['row']}: prompt of {n} tokens + sampling.max_new_tokens="
+                              f"{cfg.sampling.max_new_tokens} exceeds the model's context of {context} tokens")
     eval_rows = [r for path in cfg.eval_data for r in load_prompts(path)]
     for r in eval_rows:
         if r.columns.get("answer") is None:
             raise ConfigError(f"{r.columns['row']}: eval_data rows need an 'answer' column for held-out accuracy")
+        longest = max(longest, _prompt_tokens(tokenizer, r) + cfg.eval_max_new_tokens)
     try:
         check_columns(cfg.rewards, [r.columns for r in train_rows])
     except RewardError as e:
@@ -239,10 +246,10 @@ def _checked_inputs(cfg: GRPOConfig, world: int):
         raise ConfigError(f"key 'minibatches' must be at most the {cfg.prompts_per_step // world} prompt groups "
                           f"each of the {world} processes holds (a minibatch holds whole groups), got "
                           f"{cfg.minibatches}")
-    return tokenizer, train_rows, eval_rows, context
+    return tokenizer, train_rows, eval_rows, min(longest, context) if context else longest
 
 
-def _engine(cfg: GRPOConfig, run: Run, tokenizer, context: int | None) -> RolloutEngine:
+def _engine(cfg: GRPOConfig, run: Run, tokenizer, max_len: int) -> RolloutEngine:
     """The rollout engine; it records the MoE routes it samples with for routing_replay=rollout, and (transformers
     engine) for the routing metrics."""
     record_routes = run.router is not None and (cfg.routing_replay == "rollout" or (
@@ -252,7 +259,7 @@ def _engine(cfg: GRPOConfig, run: Run, tokenizer, context: int | None) -> Rollou
 
         engine = VLLMEngine(str(model_dir(cfg.model.path)), tokenizer, cfg.rollout, dtype=run.precision.compute,
                             device=run.device, seed=cfg.seed + run.accelerator.process_index,
-                            max_model_len=context or 4096, record_routes=cfg.routing_replay == "rollout")
+                            max_model_len=max_len, record_routes=cfg.routing_replay == "rollout")
         engine.sync_weights(run.model)  # resumed or adapted weights, not the ones on disk
         return engine
     # sharded weights (FSDP2 / ZeRO-3): every process takes part in each decode step
@@ -263,7 +270,7 @@ def _engine(cfg: GRPOConfig, run: Run, tokenizer, context: int | None) -> Rollou
 def train_grpo(cfg: GRPOConfig) -> dict:
     """Run GRPO to `cfg.steps` (resuming from the newest checkpoint in output_dir); returns a summary."""
     world = world_size()
-    tokenizer, train_rows, eval_rows, context = _checked_inputs(cfg, world)
+    tokenizer, train_rows, eval_rows, max_len = _checked_inputs(cfg, world)
     uses_routes = cfg.routing_replay != "none" or cfg.routing_metrics_every > 0
     if uses_routes and check_model_dir(cfg.model.path).get("model_type") == "deepseek_v2" and not fastpaths.active(
             "moe_routes"):  # the installed transformers' MoE gate is not what align.routing hooks (one warning)
@@ -272,7 +279,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                     warmup_steps=cfg.warmup_steps, seed_per_process=True)
     rank, device, G = run.accelerator.process_index, run.device, cfg.group_size
     reference = Reference(cfg.model, cfg.beta, device, cfg.ref_offload)
-    engine = _engine(cfg, run, tokenizer, context)
+    engine = _engine(cfg, run, tokenizer, max_len)
     forward = PolicyForward.of(cfg)
     needs_old = cfg.inner_epochs > 1 or cfg.minibatches > 1  # else π_θold is the update's own forward, detached
     history = dict(run.state.get("history", {}))

