@@ -306,10 +306,12 @@ def export_final(accelerator, model, tokenizer, out: str | Path, dtype: torch.dt
         with atomic_dir(out) as tmp:
             if hasattr(inner, "merge_and_unload"):
                 save_portable_adapter(inner, tmp / "adapter", state_dict)
-                import copy
+                from .rollout.weights import merged_state_dict
 
-                merged = copy.deepcopy(inner).merge_and_unload()
-                merged.save_pretrained(tmp, safe_serialization=True)
+                # W + ΔW for the adapted tensors only, the rest shared with the model: not a second copy of it
+                merged = merged_state_dict(inner)
+                inner.get_base_model().save_pretrained(tmp, state_dict=merged, safe_serialization=True)
+                del merged
             else:
                 inner.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
                 if dtype is not None:  # config.json names the dtype the tensors are saved in, not the masters'
