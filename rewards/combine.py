@@ -1,17 +1,17 @@
 """Score completions with several named rewards and combine them.
 
-    mode "sum"        total_i = Σ_k c_k · r_k,i                     then GRPO normalises the total within each group
-    mode "normalize"  total_i = Σ_k c_k · z_k,i, z = (r − mean_group r) / std_group r per component (GDPO-style:
-                      a component with a large scale cannot drown the others); its group mean is 0 by
-                      construction, so `reward/weighted` logs the raw Σ c_k · r_k beside it
+    total_i = Σ_k c_k · r_k,i          (reward_mode "sum"; GRPO then normalises the total within each group)
+
+The per-completion components are returned as well: GRPO's `normalize` mode (Σ_k c_k z_k with each component
+z-scored within its group) combines them on the GRPO side, beside the advantages (align/grpo/core.py), since groups
+are GRPO's; this library knows nothing of align.
 
 Each reward is called once per batch with the prompts, the completions and the rows' other columns (one entry per
 completion). Its output is checked: one score per completion, each a finite float or None (the reward does not
-apply: left out of that component's statistics and normalisation, never counted as 0). A None for a whole group
-(the reward does not apply to that prompt) adds nothing to any of its totals. In "sum" mode a completion that a
-component left unscored while it scored others of the same group (an unparsed judge reply, a check that timed out)
-gets no total: its sum would lack a term its siblings have, so it is left out of its group's statistics (advantage
-0), counted in `reward/partially_scored`. In "normalize" mode it gets z = 0 for that component (its group's mean).
+apply: left out of that component's statistics, never counted as 0). A None for a whole group (the reward does not
+apply to that prompt) adds nothing to any of its totals. A completion that a component left unscored while it scored
+others of the same group (an unparsed judge reply, a check that timed out) gets no total: its sum would lack a term
+its siblings have, so it is left out of its group's statistics (advantage 0), counted in `reward/partially_scored`.
 A reward that raises, returns the wrong number of scores or a non-finite value, or needs a column a row lacks, is a
 `RewardError` naming the reward and the row. With `on_error="skip"` the batch is re-scored one prompt group at a time
 and the groups that fail are dropped (counted in `reward/skipped_groups`, the last error per reward in
@@ -25,8 +25,6 @@ import inspect
 import math
 
 import torch
-
-from align.grpo.core import group_zscore
 
 from .calling import RewardError, build_reward, call_reward, required_columns
 from .isolation import IsolatedReward
@@ -156,10 +154,8 @@ def _run_one(spec: RewardSpec, prompts, completions, columns, rows) -> tuple[lis
 
 
 def score(specs: list[RewardSpec], prompts: list, completions: list[str], columns: dict[str, list],
-          rows: list[str], group_size: int = 1, mode: str = "sum", on_error: str = "fail") -> Scores:
+          rows: list[str], group_size: int = 1, on_error: str = "fail") -> Scores:
     """Run every reward on the batch. columns: name -> one value per completion; rows: a label per completion."""
-    if mode not in ("sum", "normalize"):
-        raise ValueError(f"unknown reward combination {mode!r}; expected 'sum' or 'normalize'")
     n = len(completions)
     keep = torch.ones(n, dtype=torch.bool)
     components: dict[str, list] = {}
@@ -186,24 +182,17 @@ def score(specs: list[RewardSpec], prompts: list, completions: list[str], column
         extra.update({f"reward/{spec.key}/{k}": v for k, v in metrics.items()})
     comps = {k: torch.tensor([math.nan if v is None else v for v in vals], dtype=torch.float)
              for k, vals in components.items()}
-    total = torch.zeros(n)
-    scored = torch.zeros(n, dtype=torch.bool)
+    total = torch.zeros(n)                                                         # [N]
+    scored = torch.zeros(n, dtype=torch.bool)                                      # [N] some reward scored it
+    partial = torch.zeros(n, dtype=torch.bool)                                     # [N] a term its siblings have is missing
     for spec in specs:
         comp = comps[spec.key]
-        if mode == "normalize":
-            comp = group_zscore(comp, group_size)
         total += spec.weight * torch.nan_to_num(comp, nan=0.0)
         scored |= ~comp.isnan()
-    total = torch.where(scored, total, torch.full_like(total, math.nan))  # no reward scored it: NaN, never 0
-    if mode == "sum":  # a term its group's other totals have is missing: out of the group's statistics
-        partial = torch.zeros(n, dtype=torch.bool)
-        for spec in specs:
-            missing = comps[spec.key].isnan().reshape(-1, group_size)              # [B, G]
-            partial |= (missing & ~missing.all(1, keepdim=True)).reshape(-1)       # [N]
-        total[partial & keep] = math.nan
-        extra["reward/partially_scored"] = float((partial & keep).sum().item())
-    if mode == "normalize":  # that total is centred in every group (mean ~0): log the raw Σ c_k r_k as well
-        raw = sum(spec.weight * torch.nan_to_num(comps[spec.key], nan=0.0) for spec in specs)[scored]  # [n scored]
-        extra["reward/weighted"] = raw.mean().item() if raw.numel() else math.nan
+        missing = comp.isnan().reshape(-1, group_size)                            # [B, G]
+        partial |= (missing & ~missing.all(1, keepdim=True)).reshape(-1)
+    partial &= keep
+    total = torch.where(scored & ~partial, total, torch.full_like(total, math.nan))  # NaN, never a silent 0
+    extra["reward/partially_scored"] = float(partial.sum().item())
     extra["reward/skipped_groups"] = float((~keep).sum().item() // max(1, group_size))
     return Scores(total, comps, extra, keep, errors)

@@ -2,7 +2,8 @@
 process (segfault, os._exit, out of memory) is reported, and neither takes the trainer down with it.
 
 The worker rebuilds the reward from its spec (name, args), so factories and closures need not be picklable; it
-keeps the built reward between calls. On a timeout or a crash the worker is killed and a fresh one starts next time.
+keeps the built reward between calls. The worker is started and the reward built before a call's timeout starts.
+On a timeout or a crash the worker is killed and a fresh one starts next time.
 """
 
 from __future__ import annotations
@@ -93,7 +94,22 @@ class IsolatedReward:
                 pass
             self._kill()
 
+    def _warm(self) -> None:
+        """Start the worker and build the reward in it, outside the reward's own timeout (a cold start imports
+        torch and the reward's module: seconds on a busy machine, which would otherwise count against the call)."""
+        if self._pool is not None:
+            return
+        try:
+            self._submit(_columns_in_worker, self.spec).result(timeout=max(BUILD_TIMEOUT_S, self.timeout_s))
+        except cf.TimeoutError:
+            self._kill()
+            raise RewardError(f"reward '{self.label}' timed out while being built in its worker") from None
+        except BrokenProcessPool:
+            self._kill()
+            raise RewardError(f"reward '{self.label}' crashed its worker while being built") from None
+
     def __call__(self, prompts, completions, **columns):
+        self._warm()
         future = self._submit(_score_in_worker, self.spec, prompts, completions, columns)
         try:
             return future.result(timeout=self.timeout_s or None)

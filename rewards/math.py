@@ -15,27 +15,9 @@ import re
 import threading
 from fractions import Fraction
 
-from align.formats import last_boxed
-
+from .answers import extract_answer
 from .registry import RewardResult, reward, reward_factory
 from .workers import STARTUP_S, WorkerPool, verify_answer, warm_up
-
-_ANSWER = re.compile(r"Answer\s*:\s*([^\n]*)", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer: the last \\boxed{...} (braces nested to any depth), else the last "Answer: ...", else the
-    last number."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed.rstrip(".").strip()
-    found = _ANSWER.findall(text)
-    if found:
-        return found[-1].strip().rstrip(".").strip()
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
-
 
 def _as_number(text: str) -> Fraction | None:
     text = text.replace(",", "").replace("$", "").strip()

@@ -1,7 +1,8 @@
 """Learned rewards: a local sequence-classification reward model, and a remote HTTP scorer.
 
 `classifier` (RM_helpful / RM_safety as in the paper): an HF `*ForSequenceClassification` directory with one output
-(as `align rm` writes), or a hub id `owner/name[@revision]` of one (resolved like every model path, align/hub.py).
+(as `align rm` writes), or a hub id `owner/name[@revision]` of one (from the hub cache through huggingface_hub;
+offline under HF_HUB_OFFLINE=1).
 Each (prompt, completion) is rendered with the reward model's chat template and scored in batches on `device`; with
 `offload=true` the model waits on CPU between uses.
 
@@ -15,6 +16,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import torch
 
@@ -33,14 +35,31 @@ def render_pairs(tokenizer, prompts, completions) -> list[str]:
             for p, c in zip(prompts, completions)]
 
 
+def local_model_dir(path: str) -> Path:
+    """`path` itself when it is a directory, else the hub snapshot of `owner/name[@revision]` (downloaded unless
+    huggingface_hub is offline); FileNotFoundError naming `path` when neither."""
+    local = Path(path).expanduser()
+    if local.is_dir() or str(path).startswith(("/", ".", "~")) or str(path).count("/") != 1 or \
+            Path(str(path).split("/")[0]).exists():  # a local path that does not exist: named by the caller
+        return local
+    import huggingface_hub
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = str(path).partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None,
+                                      local_files_only=huggingface_hub.is_offline_mode()))
+    except Exception as e:  # noqa: BLE001 - every way a hub lookup fails ends the same: name the model
+        raise FileNotFoundError(f"reward model {path!r} is not a local directory, and the hub cache / hub gave no "
+                                f"snapshot of it ({type(e).__name__}: {e})") from None
+
+
 class ClassifierReward:
     def __init__(self, path: str, batch_size: int = 32, device: str = "auto", offload: bool = False,
                  max_length: int = 1024, dtype: str = "auto"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from align.hub import model_dir
-
-        local = model_dir(path)  # a hub id neither cached nor reachable: ConfigError naming it
+        local = local_model_dir(path)
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"reward model directory {path} does not exist or has no config.json")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else

@@ -209,3 +209,10 @@ def test_the_loops_loss_is_grpo_loss_on_the_same_tensors(tiny_dir, aggregation):
     stats = _update(_run(model, cfg), _traj(ids, mask, adv, G=4, sampling_logprobs=sampled), cfg,
                     PolicyForward.of(cfg), torch.Generator().manual_seed(0), 1)
     assert stats["loss/policy"] == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+
+
+def test_normalize_mode_trains_and_logs_the_raw_weighted_sum(tiny_dir, tmp_path):
+    train_grpo(_cfg(tiny_dir, tmp_path / "r", "steps=1", "reward_mode=normalize"))
+    m = read_metrics(tmp_path / "r")[0]
+    assert abs(m["reward/total"]) < 1e-5 and math.isfinite(m["reward/weighted"])  # Σ c_k z_k is group-centred
+    assert "reward/partially_scored" not in m and m["train/grad_norm"] > 0

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from align.grpo.loop import combine_rewards
 from rewards import RewardError, RewardSpec, score
 from rewards.math import extract_answer, math_reward, same_answer
 from rewards.model import HTTPRewardError
@@ -220,9 +221,9 @@ def test_normalize_mode_balances_component_scales():
 
     sys.modules[__name__].big, sys.modules[__name__].small = big, small
     specs = [RewardSpec(f"{__name__}:big"), RewardSpec(f"{__name__}:small")]
-    summed = score(specs, ["p"] * 4, ["a"] * 4, {}, ["r"] * 4, group_size=2, mode="sum")
+    summed = score(specs, ["p"] * 4, ["a"] * 4, {}, ["r"] * 4, group_size=2)
     assert summed.total.tolist() == [1000.0, 1.0, 1000.0, 1.0]
-    normed = score(specs, ["p"] * 4, ["a"] * 4, {}, ["r"] * 4, group_size=2, mode="normalize")
+    normed = combine_rewards(score(specs, ["p"] * 4, ["a"] * 4, {}, ["r"] * 4, group_size=2), specs, "normalize", 2)
     assert torch.allclose(normed.total, torch.zeros(4), atol=1e-5)  # z-scores cancel: neither dominates
     # the normalised total is centred in every group; the raw weighted sum is logged beside it (report plots it)
     assert normed.metrics()["reward/total"] == pytest.approx(0.0, abs=1e-5)
@@ -234,8 +235,8 @@ def test_normalize_mode_ignores_none():
         return [None, 1.0, 3.0, None]
 
     sys.modules[__name__].partial = partial
-    s = score([RewardSpec(f"{__name__}:partial")], ["p"] * 4, ["a"] * 4, {}, ["r"] * 4, group_size=4,
-              mode="normalize")
+    specs = [RewardSpec(f"{__name__}:partial")]
+    s = combine_rewards(score(specs, ["p"] * 4, ["a"] * 4, {}, ["r"] * 4, group_size=4), specs, "normalize", 4)
     assert s.total[0].isnan() and s.total[3].isnan()  # no reward scored them: NaN, never 0
     assert s.total[1] < 0 < s.total[2] and s.metrics()[f"reward/{__name__}:partial_applies"] == 0.5
 

@@ -106,7 +106,9 @@ def test_sum_mode_leaves_a_partly_scored_completion_out_of_its_group():
     assert s.total[4:].tolist() == [1.0] * 4
     assert s.metrics()["reward/partially_scored"] == 1.0
     # normalize mode: the missing z is the group's mean (0), so it is not pushed down either
-    z = score(specs, ["p"] * 8, ["a"] * 8, {}, ["r"] * 8, group_size=4, mode="normalize")
+    from align.grpo.loop import combine_rewards
+
+    z = combine_rewards(score(specs, ["p"] * 8, ["a"] * 8, {}, ["r"] * 8, group_size=4), specs, "normalize", 4)
     assert z.total[0] == 0.0 and "reward/partially_scored" not in z.metrics()
 
 

@@ -47,7 +47,7 @@ def group_zscore(values: torch.Tensor, group_size: int, scale: str = "group", ep
     """(v − mean) / std within each of the N/G groups of G consecutive rows, NaN meaning "no score": such rows are
     left out of their group's mean and std and stay NaN. std is the unbiased sample std; a group whose scored values
     are all equal (or that has one) gives 0. scale="none": centred only. Serves both the advantages and the
-    `normalize` reward mode (rewards.combine)."""
+    `normalize` reward mode (`normalized_total`)."""
     if scale not in ("group", "none"):
         raise ValueError(f"unknown advantage scale {scale!r}; expected 'group' or 'none'")
     v = values.float().view(-1, group_size)                                # [B, G]
@@ -61,6 +61,28 @@ def group_zscore(values: torch.Tensor, group_size: int, scale: str = "group", ep
         std = (centred.pow(2).sum(1, keepdim=True) / (n - 1).clamp_min(1)).sqrt()  # [B, 1]
         z = torch.where((std > eps) & (n > 1), centred / std.clamp_min(eps), torch.zeros_like(centred))
     return torch.where(ok, z, torch.full_like(z, math.nan)).view(-1)       # [N]
+
+
+def normalized_total(components: dict[str, torch.Tensor], weights: dict[str, float], group_size: int) -> torch.Tensor:
+    """reward_mode=normalize (GDPO-style): Σ_k c_k z_k with each component z-scored within its group, so a
+    component with a large scale cannot drown the others. A None (NaN) score is its group's mean for that component
+    (z = 0); NaN where no component scored the row. components: name -> [N]."""
+    total = torch.zeros_like(next(iter(components.values())), dtype=torch.float)   # [N]
+    scored = torch.zeros(total.shape, dtype=torch.bool)                             # [N]
+    for name, values in components.items():
+        z = group_zscore(values, group_size)                                        # [N]
+        total += weights[name] * torch.nan_to_num(z, nan=0.0)
+        scored |= ~z.isnan()
+    return torch.where(scored, total, torch.full_like(total, math.nan))
+
+
+def weighted_sum(components: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """Σ_k c_k r_k over the components that scored each row, NaN where none did ([N]; normalize mode logs its mean
+    as reward/weighted, since the normalised total's group means are ~0)."""
+    values = list(components.items())
+    raw = sum(weights[k] * torch.nan_to_num(v.float(), nan=0.0) for k, v in values)            # [N]
+    scored = torch.stack([~v.isnan() for _, v in values]).any(0)                              # [N]
+    return torch.where(scored, raw, torch.full_like(raw, math.nan))
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:

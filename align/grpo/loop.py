@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from rewards.combine import RewardError, check_columns, close_rewards, score
+from rewards.combine import RewardError, Scores, check_columns, close_rewards, score
 
 from .. import fastpaths
 from ..config import ConfigError
@@ -56,7 +56,7 @@ from ..rollout.hf import HFEngine
 from ..rollout.protocol import RolloutEngine
 from ..trainer import Run, start_run, world_size
 from .config import GRPOConfig
-from .core import grpo_loss, loss_denominator, mismatch_stats, tis_weights
+from .core import grpo_loss, loss_denominator, mismatch_stats, normalized_total, tis_weights, weighted_sum
 from .reference import Reference
 from .trajectory import PolicyForward, Trajectory, build_trajectory
 
@@ -186,6 +186,19 @@ def _mean_over_processes(metrics: dict[str, float], world: int) -> dict[str, flo
     return {k: sum(m[k] for m in every if k in m) / sum(k in m for m in every) for k in keys}
 
 
+def combine_rewards(scores: Scores, specs: list, mode: str, group_size: int) -> Scores:
+    """reward_mode `normalize`: the total becomes Σ_k c_k z_k (core.normalized_total), and the raw Σ_k c_k r_k is
+    logged beside it as reward/weighted (the normalised total is centred in every group); `sum`: as scored."""
+    if mode == "sum":
+        return scores
+    weights = {s.key: s.weight for s in specs}
+    raw = weighted_sum(scores.components, weights)
+    raw = raw[~raw.isnan()]
+    extra = {k: v for k, v in scores.extra.items() if k != "reward/partially_scored"}  # z = 0 stands in for None
+    extra["reward/weighted"] = raw.mean().item() if raw.numel() else float("nan")
+    return dataclasses.replace(scores, total=normalized_total(scores.components, weights, group_size), extra=extra)
+
+
 def _check_skipped(run: Run, scores, cfg: GRPOConfig, step: int, streak: int) -> int:
     """With on_reward_error=skip: say which reward failed on how many groups this step, and stop (RewardError
     naming the reward and its last error) after `max_skipped_steps` consecutive steps that skipped every group
@@ -302,8 +315,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         t_gen = time.time()
         # 2. rewards, per component and weighted total (NaN: no reward scored the completion)
         prompts, columns = _per_completion(picked, G)
-        scores = score(cfg.rewards, prompts, rollouts.completions, columns, columns["row"], G, cfg.reward_mode,
-                       cfg.on_reward_error)
+        scores = combine_rewards(score(cfg.rewards, prompts, rollouts.completions, columns, columns["row"], G,
+                                       cfg.on_reward_error), cfg.rewards, cfg.reward_mode, G)
         skipped_streak = _check_skipped(run, scores, cfg, step + 1, skipped_streak)
         fault_point("scoring", step + 1)
         t_reward = time.time()
