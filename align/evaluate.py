@@ -30,8 +30,8 @@ import torch
 from .allocator import free_device_memory
 from .config import ConfigError, option, require
 from .data import DataError, PromptRow, load_prompts
-from .rollout.hf import HFEngine
-from .rollout.protocol import SamplingConfig
+from .rollout.engines import EngineContext, make_engine
+from .rollout.protocol import RolloutConfig, SamplingConfig
 
 _REFUSAL = re.compile(r"\b(sorry|can't|cannot|won't|unable to)\b", re.IGNORECASE)
 CODE_SETTINGS = ("wall_s", "cpu_s", "memory_mb", "workers", "isolation")
@@ -191,7 +191,9 @@ def evaluate(model_dir: str, cfg: EvalConfig) -> dict:
     tokenizer = load_tokenizer(model_dir)
     device = eval_device(cfg.device)
     policy = load_policy(ModelConfig(path=model_dir, dtype=cfg.dtype), device, trainable=False)
-    engine = HFEngine(policy, tokenizer)
+    ctx = EngineContext(model=policy, model_path=model_dir, tokenizer=tokenizer, dtype=next(policy.parameters()).dtype,
+                        device=device, seed=0, max_model_len=0)
+    engine = make_engine(RolloutConfig(engine="hf"), ctx)  # greedy, on the policy just loaded
     out: dict = {"model": model_dir, "device": str(device), "dtype": str(next(policy.parameters()).dtype)[6:]}
     counts = {kind: len(r) for kind, r in rows.items()}
     if "reasoning" in rows:

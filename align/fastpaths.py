@@ -7,7 +7,7 @@ what each was written for.
 |                 |                                         | latent c_KV / k_pe [B, 1, T, d]; its attributes and rope helper  |
 | shared_prefix   | `mla.shared_prefix_kv` (GRPO forwards)  | the attention calling `expand_kv(latent, k_pe)` after the cache  |
 |                 |                                         | update; a Cache built from a list of DynamicLayer subclasses     |
-| prefill_cache   | `rollout.hf` (ReservedCache, the shared | DynamicLayer's update / keys / values protocol; `generate`       |
+| prefill_cache   | `kvcache` (ReservedCache, the shared    | DynamicLayer's update / keys / values protocol; `generate`       |
 |                 | prefill of each prompt's G samples)     | continuing from a caller's filled cache                          |
 | moe_routes      | `routing` (record / replay MoE routes:  | DeepseekV2TopkRouter returning (logits, weights, indices) for    |
 |                 | routing_replay, routing/ metrics)       | its [b, t, H] input, and DeepseekV2Moe using what it returns     |
@@ -18,10 +18,14 @@ config (random weights, no files, ~0.1 s, the caller's RNG state untouched) and 
 check fails stands aside with one warning naming the installed transformers version and the reason; the run takes
 transformers' own path (the same numbers, slower). A path is never half-applied and never silently different.
 
-transformers 5.24 renamed the cache argument of every forward from `past_key_values` to `cache` (the old name is
-accepted with a deprecation warning until 5.40); `CACHE_KW` is the name the installed version uses, for every call
-align makes with a cache. peft's weight-conversion patch (`policy._exact_targets`) is checked differently: after
-every adapter is created, `policy.check_lora_targets` verifies which modules were adapted and refuses a mismatch.
+The paths themselves ask nothing, so that this module sits above every path it probes: the caller that asks
+`active` passes the answer as an argument (`rollout.hf` to `mla.absorbed_mla(model, enabled)`,
+`logprobs.forward_logprobs` to `forward.forward_rows(..., shared=)`) or leaves the path out (`rollout.hf` for
+prefill_cache, `grpo.loop` for moe_routes). What every path reads about the installed version (`CACHE_KW`,
+`output_cache`, `attention_signature`) is in `align.compat`, below them all.
+
+peft's weight-conversion patch (`policy._exact_targets`) is checked differently: after every adapter is created,
+`policy.check_lora_targets` verifies which modules were adapted and refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -33,20 +37,13 @@ import warnings
 
 import torch
 
-
-def _cache_kw() -> str:
-    from transformers import DeepseekV2ForCausalLM
-
-    params = inspect.signature(DeepseekV2ForCausalLM.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-CACHE_KW: str = _cache_kw()  # "cache" (transformers >= 5.24) or "past_key_values"
-
-
-def output_cache(out):
-    """The cache a forward returned (`out.cache` from transformers 5.24, `out.past_key_values` before)."""
-    return getattr(out, CACHE_KW, None)
+from .compat import (  # noqa: F401 (re-exported: fastpaths.CACHE_KW, ...)
+    ATTENTION_PARAMS,
+    CACHE_KW,
+    attention_signature,
+    output_cache,
+    transformers_version,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,23 +51,6 @@ class PathStatus:
     name: str
     active: bool
     reason: str = ""  # why the path stands aside (empty when active)
-
-
-def transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
-
-
-ATTENTION_PARAMS = ("hidden_states", "attention_mask", "position_embeddings")
-
-
-def attention_signature() -> inspect.Signature:
-    """DeepseekV2Attention.forward's signature (through transformers' deprecation wrappers), without `self`."""
-    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as m
-
-    sig = inspect.signature(m.DeepseekV2Attention.forward)
-    return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 def _check_attention_signature() -> None:
@@ -149,11 +129,7 @@ def _probe_absorbed_mla() -> None:
 
 @torch.no_grad()
 def _probe_shared_prefix() -> None:
-    from .logprobs import (
-        _forward_shared_prompt,
-        chunked_token_logprobs,
-        forward_logprobs,
-    )
+    from .forward import chunked_token_logprobs, forward_rows, forward_shared_prompt
 
     _check_expand_kv()
     model = probe_model()
@@ -162,15 +138,15 @@ def _probe_shared_prefix() -> None:
     ids = torch.cat([ids[:, :4].repeat_interleave(2, 0), completions], 1)              # 2 prompts x G=2
     mask = torch.ones_like(ids)
     mask[:2, :1] = 0
-    ref = forward_logprobs(model, ids, 3, mask, group_size=1).logprobs
-    head, hidden, _, _ = _forward_shared_prompt(model, model, ids, mask, 3, 2, {})
+    ref = forward_rows(model, ids, 3, mask, group_size=1).logprobs
+    head, hidden, _, _ = forward_shared_prompt(model, model, ids, mask, 3, 2, {})
     fast = chunked_token_logprobs(hidden, head.weight, ids[:, -3:])[0]
     _close(fast, ref, "shared-prefix forward")
 
 
 @torch.no_grad()
 def _probe_prefill_cache() -> None:
-    from .rollout.hf import ReservedCache, prefilled_cache
+    from .kvcache import ReservedCache, prefilled_cache
 
     model = probe_model()
     ids, mask = _probe_inputs()
@@ -189,19 +165,19 @@ def _probe_prefill_cache() -> None:
 
 @torch.no_grad()
 def _probe_moe_routes() -> None:
-    from .logprobs import forward_logprobs
+    from .forward import forward_rows
     from .routing import gates
 
     model = probe_model()
     ids, mask = _probe_inputs()
     if len(gates(model)) != 1:
         raise RuntimeError(f"found {len(gates(model))} MoE gates (DeepseekV2TopkRouter) in a model with one MoE layer")
-    ref = forward_logprobs(model, ids, 3, mask, record_routes=True)
+    ref = forward_rows(model, ids, 3, mask, record_routes=True)
     gate = gates(model)[0]
     other = gate.register_forward_hook(lambda m, a, out: (out[0], out[1], (out[2] + 1) % m.num_experts))
     try:  # a gate that would choose other experts: replay must put the recorded ones back
-        rerouted = forward_logprobs(model, ids, 3, mask).logprobs
-        replayed = forward_logprobs(model, ids, 3, mask, routes=ref.routes, record_routes=True)
+        rerouted = forward_rows(model, ids, 3, mask).logprobs
+        replayed = forward_rows(model, ids, 3, mask, routes=ref.routes, record_routes=True)
     finally:
         other.remove()
     if torch.allclose(rerouted, ref.logprobs):

@@ -43,7 +43,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .data import DataError
+from rewards.answers import gsm8k_answer, last_boxed  # noqa: F401 (re-exported: align.formats.last_boxed)
+
+from .datafiles import DataError, checked_rows, read_local
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".yaml", ".yml", ".txt")
 SIDECAR_SUFFIXES = (".yaml", ".yml")
@@ -205,6 +207,14 @@ def check_source(source) -> str | None:
 # ------------------------------------------------------------------------------------------------- loading
 
 
+def load_rows(source):
+    """The rows of a data source (a local file or `save_to_disk` directory, a hub dataset id, a sidecar or mapping;
+    `columns` / `format` applied): JSONL as a list of dicts, a Dataset where nothing reshapes it."""
+    src = parse_source(source)
+    rows = read_local(src.path) if src.path is not None else load_hub(src)
+    return reshape(checked_rows(src.name, rows), src)
+
+
 def load_hub(src: DataSource):
     """The split `src` names of a hub dataset, as a `datasets.Dataset` (from the datasets cache when offline)."""
     import datasets
@@ -252,48 +262,6 @@ def rename(row: dict, columns: dict[str, str]) -> dict:
     out = {k: v for k, v in row.items() if k not in columns}
     out.update({new: row[old] for old, new in columns.items()})
     return out
-
-
-# ---------------------------------------------------------------------------------------- answer extraction
-
-_GSM8K_FINAL = re.compile(r"####\s*([^\n]*?)\s*$", re.MULTILINE)
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-
-
-def gsm8k_answer(solution: str) -> str | None:
-    """The answer after the last '####' of a GSM8K solution, thousands separators removed ('1,000' -> '1000')."""
-    found = _GSM8K_FINAL.findall(solution)
-    if not found or not found[-1]:
-        return None
-    return _THOUSANDS.sub("", found[-1])
-
-
-def last_boxed(text: str) -> str | None:
-    """The contents of the last \\boxed{...} (or \\fbox{...}) in `text`, nested braces balanced and escaped ones
-    (\\{ \\}) not counted; `\\boxed 5` gives '5'. None when there is none, it is empty or its braces never close."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\b", text)]
-    if not starts:
-        return None
-    i = starts[-1]
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i == len(text):
-        return None
-    if text[i] != "{":
-        word = re.match(r"[^\s$]+", text[i:])
-        return word.group(0) if word else None
-    depth, j = 0, i
-    while j < len(text):
-        c = text[j]
-        if c == "\\":
-            j += 2
-            continue
-        depth += {"{": 1, "}": -1}.get(c, 0)
-        if depth == 0:
-            inner = text[i + 1: j].strip()
-            return inner or None
-        j += 1
-    return None
 
 
 # -------------------------------------------------------------------------------------------------- formats

@@ -33,8 +33,7 @@ import types
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from . import fastpaths
-from .fastpaths import CACHE_KW
+from .compat import CACHE_KW, attention_signature
 from .policy import lora_delta
 
 
@@ -49,8 +48,8 @@ def _effective_weight(linear) -> torch.Tensor:
 
 def _absorbed_forward(self, *args, **kwargs):
     """DeepseekV2Attention.forward with decode steps in the absorbed form. Arguments are bound by name against the
-    installed forward's signature (checked by `fastpaths`); anything but a one-token step with a cache goes to the
-    original forward exactly as it was called."""
+    installed forward's signature (checked by `align.fastpaths`); anything but a one-token step with a cache goes to
+    the original forward exactly as it was called."""
     bound = self._align_signature.bind(*args, **kwargs).arguments
     hidden_states, cache = bound["hidden_states"], bound.get(CACHE_KW)
     B, S = hidden_states.shape[:-1]
@@ -89,18 +88,19 @@ def _absorbed_forward(self, *args, **kwargs):
     return out, None
 
 
-def _attention_modules(model) -> list:
+def attention_modules(model) -> list:
+    """The DeepSeek-V2 (MLA) attention modules of `model`."""
     return [m for m in model.modules() if type(m).__name__ == "DeepseekV2Attention"]
 
 
 @contextlib.contextmanager
 def install_absorbed(model):
-    """Patch `model`'s DeepSeek-V2 attention modules for the block (no version check: `absorbed_mla` does that).
+    """Patch `model`'s DeepSeek-V2 attention modules for the block (no version check: `fastpaths` does that).
     Yields a function giving the number of decode steps the absorbed form has taken."""
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     own = [("forward" in m.__dict__) for m in modules]
     calls = [0]
-    signature = fastpaths.attention_signature() if modules else None
+    signature = attention_signature() if modules else None
     for m in modules:
         m._align_original_forward, m._align_signature, m._align_calls = m.forward, signature, calls
         m.forward = types.MethodType(_absorbed_forward, m)
@@ -117,9 +117,11 @@ def install_absorbed(model):
 
 @contextlib.contextmanager
 def absorbed_mla(model, enabled: bool = True):
-    """Inside the block, decode steps of `model`'s DeepSeek-V2 attention use the absorbed form, where the installed
-    transformers passes `fastpaths`' check (else transformers' own attention, with one warning)."""
-    if not (enabled and _attention_modules(model) and fastpaths.active("absorbed_mla")):
+    """Inside the block, decode steps of `model`'s DeepSeek-V2 attention use the absorbed form when `enabled` (else
+    transformers' own attention). No version check here: the caller (`rollout.hf`) passes
+    `fastpaths.active("absorbed_mla")`, which stands the path aside, with one warning, where the installed
+    transformers fails its check."""
+    if not (enabled and attention_modules(model)):
         yield
         return
     with install_absorbed(model):
@@ -161,7 +163,7 @@ class _PromptCache(DynamicCache):
 
 @contextlib.contextmanager
 def shared_prefix_kv(model, group_size: int):
-    """A forward over B prompts, then one over their B·G completions (`logprobs._forward_shared_prompt`), that
+    """A forward over B prompts, then one over their B·G completions (`forward.forward_shared_prompt`), that
     up-projects (kv_b_proj) each prompt's latent once, not once per row. No version check here: the caller asks
     `fastpaths.active("shared_prefix")` first.
 
@@ -171,7 +173,7 @@ def shared_prefix_kv(model, group_size: int):
     MLA attention (the caller then repeats a real cache). transformers would instead up-project every row's copy of
     the prompt's latent: B·G·P rows through kv_b_proj instead of B·P. Keys and values are the same tensors either
     way (tested)."""
-    modules = [m for m in _attention_modules(model) if hasattr(m, "expand_kv")]
+    modules = [m for m in attention_modules(model) if hasattr(m, "expand_kv")]
     for m in modules:
         m._align_original_expand, m._align_prefix, m._align_group = m.expand_kv, None, group_size
         m.expand_kv = types.MethodType(_shared_prefix_expand, m)

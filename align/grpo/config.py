@@ -10,6 +10,7 @@ from rewards.combine import RewardSpec
 from ..config import ConfigError, option, require
 from ..finite import NonFinitePolicy, nonfinite_option
 from ..policy import ModelConfig
+from ..rollout.engines import check_engine
 from ..rollout.protocol import RolloutConfig, SamplingConfig
 from ..rundir import ResumeMode, resume_option
 from .core import AGGREGATIONS, CLIP_DEFAULTS, POLICY_LOSSES
@@ -82,30 +83,11 @@ class GRPOConfig:
     resume: ResumeMode = resume_option()
     on_nonfinite: NonFinitePolicy = nonfinite_option("reward total, loss or gradient norm")
 
-    def _check_attention_backend(self) -> None:
-        """The vLLM MLA backend for the device and dtype this run will have (refused before any work)."""
-        import torch
-
-        from ..policy import resolve_dtype
-        from ..rollout.vllm import choose_attention_backend
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        choose_attention_backend(self.rollout.attention_backend, device.type, resolve_dtype(self.model.dtype, device))
-
     def validate(self) -> None:
         self.model.validate()
         self.sampling.validate()
         self.rollout.validate()
-        if self.rollout.engine == "vllm":
-            from ..rollout.vllm import routed_experts_missing, vllm_missing
-
-            missing = vllm_missing()
-            require(missing is None, "rollout.engine", f"an engine installed here; {missing}", "vllm")
-            if self.routing_replay == "rollout":  # R3 replays the engine's routes: this vLLM must return them
-                missing = routed_experts_missing()
-                require(missing is None, "routing_replay", f"none or old with rollout.engine=vllm here; {missing}",
-                        "rollout")
-            self._check_attention_backend()
+        check_engine(self.rollout, self.model.dtype, replay_routes=self.routing_replay == "rollout")
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)
         require(bool(self.rewards), "rewards", "at least one reward", self.rewards)
         require(self.group_size >= 2, "group_size", ">= 2 (GRPO compares G samples of one prompt; G = 1 has no "
@@ -134,12 +116,6 @@ class GRPOConfig:
         require(self.aggregation in AGGREGATIONS, "aggregation", f"one of {sorted(AGGREGATIONS)}", self.aggregation)
         require(self.tis_cap >= 0, "tis_cap", ">= 0 (0: off)", self.tis_cap)
         require(self.balance_alpha >= 0, "balance_alpha", ">= 0", self.balance_alpha)
-        if self.routing_replay == "rollout" and self.rollout.engine == "vllm":
-            from ..rollout.vllm import routed_experts_missing
-
-            missing = routed_experts_missing()
-            require(missing is None, "routing_replay", f"none or old with rollout.engine=vllm here: {missing}",
-                    self.routing_replay)
         for i, spec in enumerate(self.rewards):
             require(bool(spec.name), f"rewards[{i}].name", "a reward name", spec.name)
             try:

@@ -52,7 +52,7 @@ from ..hub import model_dir
 from ..metrics import progress
 from ..offload import offloaded
 from ..policy import check_model_dir, load_tokenizer
-from ..rollout.hf import HFEngine
+from ..rollout.engines import EngineContext, engine_class, make_engine
 from ..rollout.protocol import RolloutEngine
 from ..trainer import Run, start_run, world_size
 from .config import GRPOConfig
@@ -263,21 +263,16 @@ def _checked_inputs(cfg: GRPOConfig, world: int):
 
 
 def _engine(cfg: GRPOConfig, run: Run, tokenizer, max_len: int) -> RolloutEngine:
-    """The rollout engine; it records the MoE routes it samples with for routing_replay=rollout, and (transformers
-    engine) for the routing metrics."""
+    """The rollout engine (align/rollout/engines.py); it records the MoE routes it samples with for
+    routing_replay=rollout, and for the routing metrics where that costs nothing."""
+    cheap = engine_class(cfg.rollout.engine).cheap_routes
     record_routes = run.router is not None and (cfg.routing_replay == "rollout" or (
-        cfg.routing_metrics_every > 0 and cfg.rollout.engine == "hf"))
-    if cfg.rollout.engine == "vllm":
-        from ..rollout.vllm import VLLMEngine
-
-        engine = VLLMEngine(str(model_dir(cfg.model.path)), tokenizer, cfg.rollout, dtype=run.precision.compute,
-                            device=run.device, seed=cfg.seed + run.accelerator.process_index,
-                            max_model_len=max_len, record_routes=cfg.routing_replay == "rollout")
-        engine.sync_weights(run.model)  # resumed or adapted weights, not the ones on disk
-        return engine
-    # sharded weights (FSDP2 / ZeRO-3): every process takes part in each decode step
-    return HFEngine(run.accelerator.unwrap_model(run.model), tokenizer, synced=run.accelerator.num_processes > 1,
-                    record_routes=record_routes)
+        cfg.routing_metrics_every > 0 and cheap))
+    ctx = EngineContext(model=run.accelerator.unwrap_model(run.model), model_path=str(model_dir(cfg.model.path)),
+                        tokenizer=tokenizer, dtype=run.precision.compute, device=run.device,
+                        seed=cfg.seed + run.accelerator.process_index, max_model_len=max_len,
+                        processes=run.accelerator.num_processes, record_routes=record_routes)
+    return make_engine(cfg.rollout, ctx)
 
 
 def train_grpo(cfg: GRPOConfig) -> dict:
@@ -309,7 +304,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         t0 = time.time()
         # 1. rollouts: G completions per prompt from the current policy
         picked = _step_prompts(train_rows, cfg, step, rank, world)
-        with offloaded(run.model, run.optimizer, enabled=cfg.rollout.offload_policy and cfg.rollout.engine == "vllm"):
+        with offloaded(run.model, run.optimizer, enabled=cfg.rollout.offload_policy and engine.own_weights):
             rollouts = engine.generate([r.messages for r in picked], n=G, sampling=cfg.sampling)
         fault_point("generation", step + 1)
         t_gen = time.time()

@@ -11,8 +11,8 @@ records log p(token) and hands `generate` scores whose argmax is that token, so 
 log-probs this way holds one step's [b, V] at a time; asking `generate` for all logits (`output_logits`) would
 hold steps x rows x vocab of them, 27 GB in bf16 for 256 rows x 512 tokens x 102,400.
 
-The KV cache (`ReservedCache`) writes each step into room reserved up front instead of concatenating: a growing
-cache copies itself every step, O(T²) over a completion (a fifth of `generate`'s time on the tiny model).
+The KV cache (`align.kvcache.ReservedCache`) writes each step into room reserved up front instead of concatenating:
+a growing cache copies itself every step, O(T²) over a completion (a fifth of `generate`'s time on the tiny model).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import contextlib
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .. import fastpaths
+from ..compat import CACHE_KW
 from ..data import stop_token_ids
-from ..fastpaths import CACHE_KW
-from ..mla import absorbed_mla
+from ..kvcache import ReservedCache, ReservedLayer, prefilled_cache  # noqa: F401 (ReservedLayer re-exported)
+from ..mla import absorbed_mla, attention_modules
 from ..routing import NO_ROUTE, recording
 from .protocol import Rollouts, SamplingConfig
 
@@ -74,44 +74,6 @@ class Sampler:
         return torch.stack(self.steps, dim=1)[:, :c] if self.steps else new_tokens.float()[:, :0]
 
 
-class ReservedLayer(DynamicLayer):
-    """A DynamicLayer that writes new tokens into room reserved for `room` more of them instead of concatenating
-    (a concatenating cache copies itself at every step). `keys` / `values` stay views of the first T positions, so
-    everything else DynamicLayer does (repeat, select, crop) works unchanged; a layer whose tensors were replaced
-    (repeat / select) gets new room at its next update."""
-
-    def __init__(self, room: int):
-        super().__init__()
-        self.room = room
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        T, t = self.get_seq_length(), key_states.shape[-2]
-        buf = self._buffers
-        if (buf is None or buf[0].shape[-2] < T + t or buf[0].shape[:-2] != key_states.shape[:-2]
-                or (T and self.keys.data_ptr() != buf[0].data_ptr())):
-            new = []
-            for old, x in ((self.keys, key_states), (self.values, value_states)):
-                b = x.new_empty((*x.shape[:-2], T + t + self.room, x.shape[-1]))       # [B, H, T + room, D]
-                if T:
-                    b[..., :T, :] = old
-                new.append(b)
-            buf = self._buffers = tuple(new)
-        buf[0][..., T:T + t, :] = key_states
-        buf[1][..., T:T + t, :] = value_states
-        self.keys, self.values = buf[0][..., :T + t, :], buf[1][..., :T + t, :]
-        return self.keys, self.values
-
-
-class ReservedCache(DynamicCache):
-    """A DynamicCache of `ReservedLayer`s, each with room for `room` tokens beyond what it first holds."""
-
-    def __init__(self, room: int):
-        Cache.__init__(self, layer_class_to_replicate=lambda: ReservedLayer(room))
-
-
 def stop_string_end(tokenizer, ids: list[int], stops: list[str]) -> int | None:
     """Number of tokens up to and including the one that completes the first stop string, or None."""
     text = ""
@@ -127,21 +89,6 @@ def prompt_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
     return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
 
 
-def prefilled_cache(model, ids: torch.Tensor, mask: torch.Tensor, n: int, room: int) -> ReservedCache | None:
-    """The KV cache of each distinct prompt of `ids` [b*n, P] (rows in groups of n) but its last token, computed
-    once and repeated for its n samples (generate then starts from the last prompt token); None where that does not
-    apply. No version check here: the engine asks `fastpaths.active("prefill_cache")` first."""
-    p_ids, p_mask = ids[::n, :-1], mask[::n, :-1]                                       # [b, P-1]
-    if n < 2 or ids.shape[0] % n or ids.shape[1] < 2 or (p_mask.sum(1) == 0).any():
-        return None
-    positions = (p_mask.long().cumsum(-1) - 1).masked_fill(p_mask == 0, 1)              # as generate numbers them
-    cache = ReservedCache(room)
-    model(input_ids=p_ids, attention_mask=p_mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-          **{CACHE_KW: cache})
-    cache.batch_repeat_interleave(n)                                                     # [b*n, ...] per layer
-    return cache
-
-
 def _sampled_routes(prefill, calls, n: int, width: int) -> torch.Tensor:
     """Routes [b, width, L, k] of one generate batch from the recorder's calls: the shared prefill (over each
     prompt once, repeated for its n samples), then generate's own calls along time; NO_ROUTE where none."""
@@ -154,6 +101,18 @@ def _sampled_routes(prefill, calls, n: int, width: int) -> torch.Tensor:
 
 
 class HFEngine:
+    own_weights = False    # samples with the policy itself
+    cheap_routes = True    # the routes come from its own forwards, at no cost
+
+    @classmethod
+    def check(cls, rollout, model_dtype: str, replay_routes: bool) -> None:
+        """Runs wherever the policy does."""
+
+    @classmethod
+    def start(cls, rollout, ctx) -> HFEngine:
+        # sharded weights (FSDP2 / ZeRO-3): every process takes part in each decode step
+        return cls(ctx.model, ctx.tokenizer, synced=ctx.processes > 1, record_routes=ctx.record_routes)
+
     def __init__(self, model, tokenizer, synced: bool = False, record_routes: bool = False):
         """`synced`: several processes hold shards of the weights (FSDP2 / ZeRO-3): each keeps stepping until all
         are done, so every decode step's all-gathers happen on every process. `record_routes`: return the MoE
@@ -196,7 +155,8 @@ class HFEngine:
             room = sampling.max_new_tokens + 1
             # decode steps read MLA's latent cache directly (see mla.py); inference mode: no autograd bookkeeping
             record = recording(model) if self.record_routes else contextlib.nullcontext()
-            with absorbed_mla(model), torch.inference_mode(), record as recorder:
+            absorbed = bool(attention_modules(model)) and fastpaths.active("absorbed_mla")
+            with absorbed_mla(model, absorbed), torch.inference_mode(), record as recorder:
                 cache = None
                 if fastpaths.active("prefill_cache"):  # else generate's own cache, no shared prefill
                     cache = prefilled_cache(model, ids, mask, n, room) if s % n == 0 else None

