@@ -20,8 +20,8 @@ import os
 import sys
 
 from .config import ConfigError, build_config, describe, load_config
-from .data import DataError
-from .metrics import strict_json
+from .run.data import DataError
+from .run.metrics import strict_json
 
 
 def _stage(cls, train, args) -> int:
@@ -63,7 +63,7 @@ def _cmd_rm(args) -> int:
 
 def _cmd_eval(args) -> int:
     from .evaluate import EvalConfig, evaluate
-    from .policy import check_model_dir
+    from .model.policy import check_model_dir
     from .resources import data_dir
 
     for path in (args.model, args.rm_helpful, args.rm_safety):
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rewards.combine import RewardError
 
-    from .finite import NonFiniteError
+    from .run.finite import NonFiniteError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)

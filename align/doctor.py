@@ -4,7 +4,7 @@ Prints the versions of Python and of the libraries align builds on, each against
 (the ranges are align's own declared requirements, read from its installed metadata, so they cannot drift from
 pyproject.toml); the CPU and GPU features that decide kernels (AMX makes vLLM's CPU build pick another MLA
 backend; avx512_bf16 decides bf16 matmul kernels; the CUDA capability decides vLLM's GPU backends); and which of
-align's fast paths into transformers internals are active (`align/fastpaths.py`), with the reason where one stands
+align's fast paths into transformers internals are active (`align/model/fastpaths.py`), with the reason where one stands
 aside. A version outside the tested range is reported as a warning line.
 """
 
@@ -96,7 +96,7 @@ def device_lines() -> list[str]:
 
 
 def fast_path_lines() -> list[str]:
-    from . import fastpaths
+    from .model import fastpaths
 
     lines = [f"  cache keyword {fastpaths.CACHE_KW}"]
     for name in fastpaths.PROBES:

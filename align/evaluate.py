@@ -13,7 +13,7 @@
   eval/over_refusal_rate share of the answers to the held-out helpful (benign) prompts that refuse
   completions            the greedy answers to the helpful / safety prompts, in row order (what was scored)
 
-Every source is a data source of `align.formats` (a file, a hub dataset id, a sidecar), read and checked before the
+Every source is a data source of `align.run.formats` (a file, a hub dataset id, a sidecar), read and checked before the
 model loads. `counts` gives the rows scored per measurement (after `limit`), the code timeouts and, where a check
 timed out (math-verify), the unscored rows, which are left out of the accuracy, never counted as wrong.
 """
@@ -27,9 +27,9 @@ from typing import Any, Literal
 
 import torch
 
-from .allocator import free_device_memory
+from .run.allocator import free_device_memory
 from .config import ConfigError, option, require
-from .data import DataError, PromptRow, load_prompts
+from .run.data import DataError, PromptRow, load_prompts
 from .rollout.engines import EngineContext, make_engine
 from .rollout.protocol import RolloutConfig, SamplingConfig
 
@@ -144,7 +144,7 @@ def pass_at_1(scorer, completions: list[str], tests: list) -> dict:
 
 def reasoning_reward(cfg: EvalConfig) -> str:
     """The reward that checks eval.reasoning's answers (auto: math for a format=math source)."""
-    from .formats import parse_source
+    from .run.formats import parse_source
 
     if cfg.reasoning_reward != "auto":
         return cfg.reasoning_reward
@@ -175,7 +175,7 @@ def _rm_mean(rm_dir: str, rows: list[PromptRow], completions: list[str], cfg: Ev
 def evaluate(model_dir: str, cfg: EvalConfig) -> dict:
     """All configured measurements of the model in `model_dir` (see the module docstring). Every source is read
     and checked (and the code sandbox tried) before the model loads."""
-    from .policy import ModelConfig, load_policy, load_tokenizer
+    from .model.policy import ModelConfig, load_policy, load_tokenizer
 
     def prompts(source: str) -> list[PromptRow]:
         return load_prompts(source)[:cfg.limit or None]

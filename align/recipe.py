@@ -29,11 +29,11 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .run.checkpoint import atomic_write_text
 from .config import ConfigError, build_config, merge_dicts, parse_overrides, read_yaml, where
-from .formats import check_source
-from .hub import hub_ref
-from .metrics import strict_json
+from .run.formats import check_source
+from .model.hub import hub_ref
+from .run.metrics import strict_json
 from .rerun import plan_reruns, portable_settings, write_record
 from .resources import data_dir, recipes_dir
 from .rollout.protocol import RolloutConfig
@@ -195,7 +195,7 @@ def _rank_by_kind(stage: Stage, run_dir: Path, eval_cfg) -> None:
     "pairs" where a row has none): RUN_DIR/<stage>/eval.json {"pair_accuracy_by_kind", "pairs_by_kind"}."""
     from rewards.model import ClassifierReward
 
-    from .data import load_rows
+    from .run.data import load_rows
     from .rm import load_pairs
 
     result_file = run_dir / stage.name / "eval.json"
@@ -219,7 +219,7 @@ def _rank_by_kind(stage: Stage, run_dir: Path, eval_cfg) -> None:
 
 def _heldout_preference_rows(eval_cfg) -> list:
     """The held-out helpful and harmful prompts, in the order evaluate() answers them (eval.limit applied)."""
-    from .data import load_prompts
+    from .run.data import load_prompts
 
     return [r for kind in ("helpful", "safety") if getattr(eval_cfg, kind) and eval_cfg.reward_models.get(kind)
             for r in load_prompts(getattr(eval_cfg, kind))[:eval_cfg.limit or None]]
@@ -269,7 +269,7 @@ def _score_components(stages: list[Stage], run_dir: Path, eval_cfg) -> None:
 def run_recipe(recipe: str, overrides: list[str] | None = None, rerun_from: str | None = None) -> dict:
     """Run every stage not finished yet (and, with `rerun_from`, that stage and every later one again: see
     align/rerun.py), evaluate after each policy stage, write the report."""
-    from .allocator import free_device_memory, release_freed_memory
+    from .run.allocator import free_device_memory, release_freed_memory
     from .evaluate import evaluate
     from .report import write_report
 

@@ -15,8 +15,8 @@ import json
 import math
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
-from .metrics import read_metrics
+from .run.checkpoint import atomic_write_text
+from .run.metrics import read_metrics
 
 PERCENT = {"eval/accuracy", "eval/rule_pass", "eval/refusal_rate", "eval/over_refusal_rate", "eval/pass@1"}
 COLUMNS = [("eval/accuracy", "reasoning accuracy"), ("eval/rule_pass", "rule pass"),

@@ -13,8 +13,8 @@ On the next run, before any work or write (`plan_reruns`):
   * `--from STAGE` reruns STAGE and every stage after it: their earlier directories are moved (never deleted) to
     RUN_DIR/.replaced/<UTC time>/ first, since they belong to settings no longer asked for;
   * a finished stage with no record (made by an align before records existed) is compared through the identity in
-    its align-run.json (align.rundir) where it has one;
-  * an unfinished stage resumes under its own stage's rule (align.rundir: the same identity, or refused).
+    its align-run.json (align.run.rundir) where it has one;
+  * an unfinished stage resumes under its own stage's rule (align.run.rundir: the same identity, or refused).
 So `recipe.json` and each stage's record only ever describe what ran.
 """
 
@@ -26,7 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .run.checkpoint import atomic_write_text
 from .config import ConfigError, config_to_dict
 from .resources import data_dir
 
@@ -135,7 +135,7 @@ class RerunPlan:
 
 def _legacy_differences(stage) -> list[tuple[str, object, object]]:
     """A finished stage without a record: its align-run.json identity against the current settings."""
-    from .rundir import IDENTITY_KEYS, MANIFEST, identity
+    from .run.rundir import IDENTITY_KEYS, MANIFEST, identity
 
     manifest = stage_dir(stage) / MANIFEST
     if stage.kind not in IDENTITY_KEYS or not manifest.is_file():

@@ -6,7 +6,7 @@ Rows are `{"prompt": str | messages, "chosen": str | messages, "rejected": str |
 as one conversation with the tokenizer's chat template and scored by a one-output sequence-classification head
 (`AutoModelForSequenceClassification`, num_labels=1) on the last real token. The starting point is a causal-LM
 checkpoint (the head is new) or a sequence-classification one. Reports held-out pair accuracy (share of pairs with
-r_chosen > r_rejected). Set-up, resume, checkpoints and the finiteness check are the shared ones (`align.trainer`);
+r_chosen > r_rejected). Set-up, resume, checkpoints and the finiteness check are the shared ones (`align.run.trainer`);
 OUTPUT/final is an ordinary HF directory that the `classifier` reward loads.
 """
 
@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from .config import option, require
-from .data import DataError, as_messages, batch_indices, load_rows
-from .finite import NonFinitePolicy, nonfinite_option
-from .hub import model_dir
-from .metrics import progress
-from .policy import check_model_dir, load_tokenizer, resolve_dtype
-from .precision import training_device, training_precision
-from .rundir import ResumeMode, resume_option
-from .trainer import start_run
+from .run.data import DataError, as_messages, batch_indices, load_rows
+from .run.finite import NonFinitePolicy, nonfinite_option
+from .model.hub import model_dir
+from .run.metrics import progress
+from .model.policy import check_model_dir, load_tokenizer, resolve_dtype
+from .model.precision import training_device, training_precision
+from .run.rundir import ResumeMode, resume_option
+from .run.trainer import start_run
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """`align sft`: supervised fine-tuning on chats, loss on assistant tokens only (DeepSeek-V2 §4.1).
 
     loss = Σ_{assistant tokens} −log π_θ(x_t | x_<t) / (number of assistant tokens in the global batch)
-           + α · Σ_{MoE layers} Σ_i f_i P_i                                       (expert-level balance loss, align.moe)
+           + α · Σ_{MoE layers} Σ_i f_i P_i                                       (expert-level balance loss, align.model.moe)
 
 The paper fine-tunes with lr 5e-6 for 2 epochs: those are the defaults. AdamW, linear warmup then cosine decay,
 gradient accumulation and clipping, optional packing (several chats per row, attention kept within each chat through
@@ -23,14 +23,14 @@ import time
 import torch
 
 from .config import ConfigError, option, require
-from .data import IGNORE, batch_indices, collate, collate_packed, load_chats, pack, tokenize_chats
-from .finite import NonFinitePolicy, nonfinite_option
-from .logprobs import forward_logprobs
-from .metrics import progress
-from .moe import Router
-from .policy import ModelConfig, check_model_dir, load_tokenizer
-from .rundir import ResumeMode, resume_option
-from .trainer import start_run, world_size
+from .run.data import IGNORE, batch_indices, collate, collate_packed, load_chats, pack, tokenize_chats
+from .run.finite import NonFinitePolicy, nonfinite_option
+from .model.logprobs import forward_logprobs
+from .run.metrics import progress
+from .model.moe import Router
+from .model.policy import ModelConfig, check_model_dir, load_tokenizer
+from .run.rundir import ResumeMode, resume_option
+from .run.trainer import start_run, world_size
 
 
 @dataclasses.dataclass

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from transformers import DeepseekV2ForCausalLM
 
-from .checkpoint import atomic_dir
+from .run.checkpoint import atomic_dir
 from .config import option
-from .presets import parameter_counts, preset_config
+from .model.presets import parameter_counts, preset_config
 from .resources import data_dir
-from .tokenizer import train_tokenizer
+from .model.tokenizer import train_tokenizer
 
 
 @dataclasses.dataclass
@@ -29,7 +29,7 @@ class TinyConfig:
 
     def validate(self) -> None:
         from .config import require
-        from .presets import PRESETS
+        from .model.presets import PRESETS
 
         require(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}", self.preset)
 

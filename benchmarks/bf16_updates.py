@@ -40,9 +40,9 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def run_stage(stage: str, model: Path, out: Path, dtype: str, in_place: bool, lr: float) -> dict[str, torch.Tensor]:
     """Train one step; the step-1 checkpoint's weights."""
-    from align import trainer
+    from align.run import trainer
     from align.config import load_config
-    from align.precision import Precision
+    from align.model.precision import Precision
 
     data = ROOT / "data" / "arith"
     common = [f"model.path={model}", f"output_dir={out}", f"model.dtype={dtype}", f"lr={lr}", "save_every=1",
@@ -68,7 +68,7 @@ def run_stage(stage: str, model: Path, out: Path, dtype: str, in_place: bool, lr
             train(cfg)
     else:
         train(cfg)
-    from align.checkpoint import checkpoint_path
+    from align.run.checkpoint import checkpoint_path
 
     return _weights(checkpoint_path(out, 1))
 

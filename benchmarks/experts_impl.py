@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import DeepseekV2ForCausalLM
 
-from align.presets import preset_config
+from align.model.presets import preset_config
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ memory-bandwidth floor, peak memory. Random weights built directly on the GPU (n
     python benchmarks/gpu_lite.py --preset tiny --prompts 2 --group 2 --new-tokens 8 --sft-seq 64   # CPU smoke run
 
 What each figure is:
-- experts kernel: `align.moe.measure_experts_impl` times one MoE layer's forward+backward with every transformers
+- experts kernel: `align.model.moe.measure_experts_impl` times one MoE layer's forward+backward with every transformers
   kernel (grouped_mm, batched_mm, eager) on this device and keeps the fastest (what `experts_impl=auto` does).
 - SFT: LoRA (r = --lora-r on attention, dense MLP and shared experts) with gradient checkpointing, bf16, the loss from
   chunked log-probs (full logits never materialised), AdamW; tokens/s = batch x seq / median step time.
@@ -49,7 +49,7 @@ def build(preset: str, device: torch.device, dtype: torch.dtype):
     """The preset's DeepseekV2ForCausalLM with random weights, created on `device` in `dtype` (no fp32 copy)."""
     from transformers import DeepseekV2ForCausalLM
 
-    from align.presets import preset_config
+    from align.model.presets import preset_config
 
     config = preset_config(preset)
     default = torch.get_default_dtype()
@@ -87,15 +87,15 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from align.grpo.core import group_advantages, grpo_loss
-    from align.logprobs import forward_logprobs
-    from align.moe import measure_experts_impl
-    from align.policy import LoRAConfig, apply_lora
-    from align.presets import parameter_counts
+    from align.model.logprobs import forward_logprobs
+    from align.model.moe import measure_experts_impl
+    from align.model.policy import LoRAConfig, apply_lora
+    from align.model.presets import parameter_counts
     from align.rollout.hf import HFEngine
     from align.rollout.protocol import SamplingConfig
     from align.rollout.weights import iter_checkpoint_weights, iter_merged_weights
     from align.tiny import corpus_texts
-    from align.tokenizer import train_tokenizer
+    from align.model.tokenizer import train_tokenizer
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

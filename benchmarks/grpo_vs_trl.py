@@ -13,7 +13,7 @@ On a shared machine the speed drifts by tens of percent over minutes, so the two
 pairs, alternating which goes first, and each round gives its own time ratio. Prints every round, the median
 seconds per step of each, the median of the rounds' ratios, and peak RSS (the largest over the rounds).
 `--engine vllm` gives align the vLLM engine instead (not like for like: TRL keeps HF generate; it shows what the
-engine is worth). align's trainers tune glibc malloc for themselves (`align/allocator.py`); `--trl-malloc` runs TRL
+engine is worth). align's trainers tune glibc malloc for themselves (`align/run/allocator.py`); `--trl-malloc` runs TRL
 with the same setting (through MALLOC_* environment variables) to show how much of the gap that accounts for.
 
 Learning mode: does align's GRPO learn as well as TRL's from the same start?
@@ -79,7 +79,7 @@ def run_align(args) -> dict:
     from align.config import load_config
     from align.grpo.config import GRPOConfig
     from align.grpo.loop import train_grpo
-    from align.metrics import read_metrics
+    from align.run.metrics import read_metrics
 
     out = Path(tempfile.mkdtemp()) / "align"
     cfg = load_config(GRPOConfig, None, _align_overrides(args, out) + [f"rollout.engine={args.engine}"])
@@ -104,7 +104,7 @@ def _trl_trainer(args, callbacks: list, **settings):
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    from align.policy import load_tokenizer
+    from align.model.policy import load_tokenizer
 
     rows = [json.loads(line) for line in PROMPTS.read_text().splitlines()]
     ds = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
@@ -149,7 +149,7 @@ def run_align_learning(args) -> dict:
     from align.config import load_config
     from align.grpo.config import GRPOConfig
     from align.grpo.loop import train_grpo
-    from align.metrics import read_metrics
+    from align.run.metrics import read_metrics
 
     start = time.time()
     cfg = load_config(GRPOConfig, None, _align_overrides(args, Path(args.out)) + [
@@ -192,9 +192,9 @@ def sft_model(work: Path) -> str:
 
 def heldout_accuracy(model_dir: str, max_new_tokens: int) -> float:
     """Greedy exact-answer accuracy on data/arith/heldout.jsonl, as `align eval` measures it."""
-    from align.data import load_prompts
+    from align.run.data import load_prompts
     from align.evaluate import accuracy
-    from align.policy import ModelConfig, load_policy, load_tokenizer
+    from align.model.policy import ModelConfig, load_policy, load_tokenizer
     from align.rollout.hf import HFEngine
 
     engine = HFEngine(load_policy(ModelConfig(path=model_dir), "cpu", trainable=False), load_tokenizer(model_dir))
@@ -314,7 +314,7 @@ def _run(impl: str, args, extra: list[str] = ()) -> dict:
            "--lr", str(args.lr), "--beta", str(args.beta), "--engine", args.engine, *extra]
     env = dict(os.environ)
     if impl == "trl" and args.trl_malloc:
-        from align.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+        from align.run.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
 
         env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)

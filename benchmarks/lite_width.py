@@ -7,10 +7,10 @@ the extrapolation to Lite's 27 layers (issue 32, item 7).
 As measured (benchmarks/RESULTS.md, 2026-12-03): `--vllm-extra rollout.kv_cache_gb=0.6`; with align's 0.5 GiB CPU
 KV cache the 3-layer vLLM run is refused (align passes Lite's 163840-token context as vLLM's max_model_len).
 
-The models are `align.presets.preset_config("deepseek-v2-lite", num_hidden_layers=N)` (hidden 2048, 64 routed
+The models are `align.model.presets.preset_config("deepseek-v2-lite", num_hidden_layers=N)` (hidden 2048, 64 routed
 experts top-6 + 2 shared, moe_intermediate 1408, kv_lora_rank 512, 16 heads, vocab 102400; layer 0 dense, the
 rest MoE) with random weights built directly in bf16 and saved with `save_pretrained` (safetensors), plus align's
-offline tokenizer (`align.tokenizer.train_tokenizer`, 1024 tokens: every id it makes is < 102400; like the real
+offline tokenizer (`align.model.tokenizer.train_tokenizer`, 1024 tokens: every id it makes is < 102400; like the real
 Lite, whose tokenizer has fewer entries than the embedding, the model can still sample ids past the tokenizer).
 
 For each N, each phase is its own subprocess of the real command line, so its peak RSS is its own (the `ru_maxrss`
@@ -22,7 +22,7 @@ that `os.wait4` reports for that child and whatever it waited for):
   grpo_vllm  the same with rollout.engine=vllm, in the vLLM venv (--vllm-python; skipped when absent)
   eval       `align eval --dtype bfloat16` of the GRPO final model: 2 held-out arithmetic problems, --new-tokens tokens
   reload     SFT's final/ (merged) with transformers, one forward; final/adapter on the base with plain peft, one
-             forward; the same adapter through align's loader (`align.policy.load_policy`), one forward; the last
+             forward; the same adapter through align's loader (`align.model.policy.load_policy`), one forward; the last
              position's logits compared with the merged model's
 Per MoE layer = RSS(3) - RSS(2); 27 layers = RSS(2) + 25 x per MoE layer (Lite: 1 dense + 26 MoE layers).
 Timings include loading: each phase is a fresh process, as a user's command is. A benchmark, not a test.
@@ -54,9 +54,9 @@ def _build(out: str, layers: int) -> None:
     import torch
     from transformers import DeepseekV2ForCausalLM
 
-    from align.presets import parameter_counts, preset_config
+    from align.model.presets import parameter_counts, preset_config
     from align.tiny import corpus_texts
-    from align.tokenizer import train_tokenizer
+    from align.model.tokenizer import train_tokenizer
 
     config = preset_config("deepseek-v2-lite", num_hidden_layers=layers)
     tok = train_tokenizer(corpus_texts())
@@ -86,7 +86,7 @@ def _reload(merged: str, base: str, adapter: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.policy import LoRAConfig, ModelConfig, load_policy
+    from align.model.policy import LoRAConfig, ModelConfig, load_policy
 
     tok = AutoTokenizer.from_pretrained(merged)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True,

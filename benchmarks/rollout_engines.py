@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-    from align.policy import LoRAConfig, ModelConfig, load_policy, load_tokenizer
+    from align.model.policy import LoRAConfig, ModelConfig, load_policy, load_tokenizer
     from align.rollout.hf import HFEngine
     from align.rollout.protocol import RolloutConfig, SamplingConfig
     from align.rollout.vllm import VLLMEngine, vllm_missing

@@ -212,7 +212,7 @@ def summarise_run(rows: list[dict], steps: int) -> dict | None:
 
 def run_grid(args, model: str, work: Path) -> list[dict]:
     """Every (seed, replay, α) run, each in its own subprocess; one row per run."""
-    from align.metrics import read_metrics
+    from align.run.metrics import read_metrics
 
     results = []
     specs = [RunSpec(r, a, s) for s in args.seeds for r in args.replays for a in args.alphas]

@@ -1,7 +1,7 @@
 """Reading the final answer out of text: a model's completion, a dataset's worked solution.
 
 `extract_answer` is what RM_reasoning and evaluation compare against a row's `answer`; `gsm8k_answer` and
-`last_boxed` also read the answers of the GSM8K / MATH datasets (align/formats.py maps those fields with them). Pure
+`last_boxed` also read the answers of the GSM8K / MATH datasets (align/run/formats.py maps those fields with them). Pure
 functions on strings, no imports beyond `re`.
 """
 

@@ -45,7 +45,7 @@ def quickstart_models(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_dir):
-    from align.policy import load_tokenizer
+    from align.model.policy import load_tokenizer
 
     return load_tokenizer(tiny_dir)
 
@@ -63,7 +63,7 @@ def interrupted_copy(run: Path, to: Path, last_step: int) -> Path:
     """A copy of a finished run directory as it stood right after the checkpoint of `last_step` was written."""
     import shutil
 
-    from align.checkpoint import list_checkpoints
+    from align.run.checkpoint import list_checkpoints
 
     shutil.copytree(run, to)
     for ck in list_checkpoints(to):

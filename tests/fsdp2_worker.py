@@ -1,7 +1,7 @@
 """Run under torchrun (gloo) by tests/test_multiprocess.py: the policy sharded with FSDP2 `fully_shard` (per decoder
 layer + root, as accelerate's FSDP2 config does) against the same policy unsharded: chunked log-probs, their
 gradients, and the weights a vLLM sync would send (LoRA merged). Variant `mixed`: fp32 master weights sharded under
-the MixedPrecisionPolicy align.precision asks for (bf16 compute, fp32 gradient reduction) against the unsharded
+the MixedPrecisionPolicy align.model.precision asks for (bf16 compute, fp32 gradient reduction) against the unsharded
 fp32 policy under bf16 autocast."""
 
 import json
@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from align.logprobs import forward_logprobs
-from align.policy import LoRAConfig, ModelConfig, causal_lm, load_policy
+from align.model.logprobs import forward_logprobs
+from align.model.policy import LoRAConfig, ModelConfig, causal_lm, load_policy
 from align.rollout.weights import merged_state_dict
 
 model_dir, out, lora, mixed = sys.argv[1], sys.argv[2], sys.argv[3] == "lora", sys.argv[3] == "mixed"

@@ -11,8 +11,8 @@ from align.config import load_config
 from align.grpo.config import GRPOConfig
 from align.grpo.loop import _update
 from align.grpo.trajectory import PolicyForward, Trajectory
-from align.policy import ModelConfig, load_policy
-from align.trainer import Run
+from align.model.policy import ModelConfig, load_policy
+from align.run.trainer import Run
 
 model_dir, out, aggregation = sys.argv[1], sys.argv[2], sys.argv[3]
 acc = Accelerator(cpu=True)

@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from align.checkpoint import _base_model_ref
+from align.run.checkpoint import _base_model_ref
 from align.config import load_config
-from align.policy import LoRAConfig, ModelConfig, load_policy
+from align.model.policy import LoRAConfig, ModelConfig, load_policy
 from align.sft import SFTConfig, train_sft
 
 from .conftest import DATA
@@ -101,8 +101,8 @@ def test_sft_lora_adapter_loads_exactly_in_plain_peft(tiny_dir, tmp_path, monkey
 def test_adapter_with_routed_experts_loads_exactly_in_plain_peft(tiny_dir, tmp_path):
     from accelerate import Accelerator
 
-    from align.checkpoint import export_final
-    from align.policy import load_tokenizer
+    from align.run.checkpoint import export_final
+    from align.model.policy import load_tokenizer
 
     model = load_policy(ModelConfig(path=str(tiny_dir), lora=LoRAConfig(enabled=True, experts=True)))
     torch.manual_seed(0)

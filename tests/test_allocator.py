@@ -1,10 +1,10 @@
-"""glibc malloc tuning for training processes (align/allocator.py)."""
+"""glibc malloc tuning for training processes (align/run/allocator.py)."""
 
 import sys
 
 import pytest
 
-from align.allocator import keep_freed_memory, release_freed_memory
+from align.run.allocator import keep_freed_memory, release_freed_memory
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc only")

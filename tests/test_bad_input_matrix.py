@@ -10,7 +10,7 @@ import time
 import pytest
 
 from align.config import ConfigError, load_config
-from align.data import DataError
+from align.run.data import DataError
 from align.grpo.config import GRPOConfig
 from align.grpo.loop import train_grpo
 from align.recipe import run_recipe
@@ -191,7 +191,7 @@ def case_model_dir_bad_config(t, tiny, out):
 def _llama(t, tiny):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from align.policy import load_tokenizer
+    from align.model.policy import load_tokenizer
 
     LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2)).save_pretrained(t / "llama")

@@ -11,7 +11,7 @@ token and end-of-turn token.
 
 import pytest
 
-from align.data import IGNORE, DataError, tokenize_chat, tokenize_chats
+from align.run.data import IGNORE, DataError, tokenize_chat, tokenize_chats
 
 DEEPSEEK_V2 = (  # deepseek-ai/DeepSeek-V2-Chat's template
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
@@ -200,7 +200,7 @@ def test_refusals_name_the_row(tokenizer):
 def test_rollouts_stop_at_the_end_of_turn_token_sft_teaches(tiny_dir, name):
     """Llama-3 with EOS <|end_of_text|> ends turns with <|eot_id|>: both stop a completion (else GRPO samples past
     the turn SFT taught the model to end)."""
-    from align.data import stop_token_ids
+    from align.run.data import stop_token_ids
 
     template, specials, roles, _, eot = FORMATS[name]
     tok = _tokenizer(tiny_dir, template, specials, {**roles, "eos_token": "<|end_of_text|>"} if name == "llama-3"

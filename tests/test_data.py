@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from align.data import (IGNORE, DataError, collate, collate_packed, load_chats, load_prompts, load_rows, pack,
+from align.run.data import (IGNORE, DataError, collate, collate_packed, load_chats, load_prompts, load_rows, pack,
                         tokenize_chat)
 
 from .conftest import chat, write_jsonl
@@ -124,8 +124,8 @@ def test_prompts_from_messages_or_prompt_keep_columns(tmp_path):
 
 
 def test_packing_gives_the_same_logprobs_as_separate_rows(tiny_dir, tokenizer):
-    from align.logprobs import forward_logprobs
-    from align.policy import ModelConfig, load_policy
+    from align.model.logprobs import forward_logprobs
+    from align.model.policy import ModelConfig, load_policy
 
     model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
     exs = [tokenize_chat(tokenizer, [{"role": "user", "content": f"What is {i} + {i}?"},

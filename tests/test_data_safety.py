@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from align.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints
+from align.run.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints
 from align.config import ConfigError, load_config
-from align.finite import NonFiniteError
-from align.metrics import read_metrics
+from align.run.finite import NonFiniteError
+from align.run.metrics import read_metrics
 from align.sft import SFTConfig, train_sft
 
 from .conftest import DATA
@@ -73,7 +73,7 @@ def test_a_truncated_newest_checkpoint_is_named_and_the_previous_one_used(tiny_d
 def test_a_checkpoint_with_nan_weights_is_refused(tiny_dir, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    from align.checkpoint import write_checksums
+    from align.run.checkpoint import write_checksums
 
     out = tmp_path / "run"
     train_sft(_cfg(tiny_dir, out))
@@ -104,7 +104,7 @@ def test_nan_input_weights_stop_at_the_first_step_and_nothing_is_saved(tiny_dir,
 
 def test_on_nonfinite_skip_drops_the_step(tiny_dir, tmp_path, monkeypatch):
     import align.sft as sft
-    from align.policy import load_for_training
+    from align.model.policy import load_for_training
 
     real = sft._nll_sum
     calls = []

@@ -1,4 +1,4 @@
-"""The fast paths into transformers internals (align/fastpaths.py): active on the installed version; where a
+"""The fast paths into transformers internals (align/model/fastpaths.py): active on the installed version; where a
 (simulated) new transformers changes what they rely on, they stand aside with one warning and the numbers are
 transformers' own."""
 
@@ -9,9 +9,9 @@ import torch
 import transformers
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as dsv2
 
-from align import fastpaths
-from align.logprobs import forward_logprobs
-from align.policy import ModelConfig, load_policy
+from align.model import fastpaths
+from align.model.logprobs import forward_logprobs
+from align.model.policy import ModelConfig, load_policy
 from align.rollout.hf import HFEngine
 from align.rollout.protocol import SamplingConfig
 
@@ -98,7 +98,7 @@ def test_changed_expand_kv_falls_back_to_whole_rows(tiny_dir, monkeypatch, fresh
 def test_probe_catches_silently_different_numbers(tiny_dir, tokenizer, monkeypatch, fresh_checks):
     """A layout change that still runs but computes something else (here: the absorbed weights read wrong) is caught
     by the probe, and generation keeps transformers' numbers."""
-    from align import mla
+    from align.model import mla
 
     original = mla._effective_weight
     monkeypatch.setattr(mla, "_effective_weight", lambda linear: 1.5 * original(linear))

@@ -9,9 +9,9 @@ import pytest
 
 from align.cli import main
 from align.config import ConfigError, build_config
-from align.data import DataError, load_chats, load_prompts, load_rows
+from align.run.data import DataError, load_chats, load_prompts, load_rows
 from align.evaluate import EvalConfig, code_scorer, pass_at_1
-from align.formats import check_source, gsm8k_answer, last_boxed, parse_source
+from align.run.formats import check_source, gsm8k_answer, last_boxed, parse_source
 
 from .conftest import write_jsonl
 

@@ -9,8 +9,8 @@ from align.config import ConfigError, load_config
 from align.grpo.config import GRPOConfig
 from align.grpo.loop import _update, train_grpo
 from align.grpo.trajectory import PolicyForward, Trajectory
-from align.logprobs import forward_logprobs
-from align.metrics import read_metrics
+from align.model.logprobs import forward_logprobs
+from align.run.metrics import read_metrics
 from rewards import RewardError
 
 from .conftest import DATA, interrupted_copy, write_jsonl
@@ -32,8 +32,8 @@ def _run(model, cfg, optimizer=None, accelerator=None):
     """The shared trainer's Run around a bare model, for calling `_update` directly."""
     from accelerate import Accelerator
 
-    from align.optim import build_optimizer, warmup_cosine
-    from align.trainer import Run
+    from align.run.optim import build_optimizer, warmup_cosine
+    from align.run.trainer import Run
 
     opt = optimizer or build_optimizer(model, 1e-3, 0.0)
     return Run("grpo", cfg, accelerator or Accelerator(cpu=True), model, opt, warmup_cosine(opt, 1, 0, 1.0),
@@ -65,7 +65,7 @@ def test_multiple_inner_epochs_use_precomputed_old_logprobs(tiny_dir, tmp_path):
 
 
 def test_one_update_moves_logprobs_in_the_advantage_direction(tiny_dir):
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
 
     torch.manual_seed(0)
     model = load_policy(ModelConfig(path=str(tiny_dir)))
@@ -82,7 +82,7 @@ def test_one_update_moves_logprobs_in_the_advantage_direction(tiny_dir):
 def test_precomputed_old_logprobs_equal_the_update_forward(tiny_dir):
     """π_θold computed once, no grad, micro-batched (`PolicyForward.no_grad`) is what the update's own forward
     gives before the policy moves: ρ = 1 and nothing clipped, measured, not by construction (old is passed in)."""
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
 
     torch.manual_seed(0)
     model = load_policy(ModelConfig(path=str(tiny_dir)))
@@ -190,7 +190,7 @@ def test_the_loops_loss_is_grpo_loss_on_the_same_tensors(tiny_dir, aggregation):
     """The loop calls the tested loss as is: its micro-batch losses (2 micro-batches of one group each, with the
     global denominator) add up to `grpo_loss` over the whole batch."""
     from align.grpo.core import grpo_loss, tis_weights
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
 
     torch.manual_seed(0)
     model = load_policy(ModelConfig(path=str(tiny_dir)))

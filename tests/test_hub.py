@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from align.config import ConfigError
-from align.hub import HubRef, hub_ref, resolve_model
-from align.policy import check_model_dir, load_tokenizer
+from align.model.hub import HubRef, hub_ref, resolve_model
+from align.model.policy import check_model_dir, load_tokenizer
 
 from .conftest import DATA
 
@@ -127,7 +127,7 @@ def test_sft_on_a_hub_id_records_the_resolved_revision(hub, tmp_path):
     assert ident["model.path"] == "acme/tiny-dsv2" and ident["model.revision"] == MAIN
     assert ident["model.config_sha256"] is not None
     assert (out / "final" / "model.safetensors").is_file()
-    from align.checkpoint import latest_checkpoint, read_state
+    from align.run.checkpoint import latest_checkpoint, read_state
 
     assert read_state(latest_checkpoint(out))["model_revision"] == MAIN  # each checkpoint names the commit too
     # the same commit pinned by sha is the same run (resumes, nothing to do); another commit is refused by name

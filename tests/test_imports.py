@@ -120,7 +120,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[tuple[list[str], list[str]]]:
 
 def test_graph_reads_the_project():
     graph = import_graph()
-    assert "align.fastpaths" in graph and "rewards.registry" in graph and "align.grpo" in graph
+    assert "align.model.fastpaths" in graph and "rewards.registry" in graph and "align.grpo" in graph
     assert "align.rollout.protocol" in graph["align.rollout"]  # `from .protocol import ...` in a package __init__
 
 

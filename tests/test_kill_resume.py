@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from align.checkpoint import latest_checkpoint, list_checkpoints, read_state
-from align.metrics import read_metrics
+from align.run.checkpoint import latest_checkpoint, list_checkpoints, read_state
+from align.run.metrics import read_metrics
 
 from .conftest import DATA
 
@@ -65,7 +65,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_dir, tmp_path, monk
     from align.config import load_config
     from align.grpo.config import GRPOConfig
     from align.grpo.loop import train_grpo
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
 
     cfg = load_config(GRPOConfig, None, _cmd(tiny_dir, tmp_path / "run")[4:])
     cfg.steps = 1

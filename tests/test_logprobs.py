@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from align.logprobs import chunked_token_logprobs, forward_logprobs, token_logprobs_reference
+from align.model.logprobs import chunked_token_logprobs, forward_logprobs, token_logprobs_reference
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
@@ -39,7 +39,7 @@ def test_large_vocab_chunks_bound_the_logits():
 
 
 def test_forward_logprobs_matches_model_logits(tiny_dir):
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
 
     model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
     ids = torch.randint(3, 1000, (2, 12))
@@ -55,8 +55,8 @@ def test_forward_logprobs_matches_model_logits(tiny_dir):
 def test_shared_prompt_forward_equals_whole_rows(tiny_dir, lora):
     """GRPO rows (groups of G sharing a left-padded prompt): running each prompt once gives the same log-probs,
     entropies, gradients and expert statistics as running every row whole, and falls back when prompts differ."""
-    from align.moe import expert_balance_loss, expert_load, routing_kwargs
-    from align.policy import LoRAConfig, ModelConfig, load_policy
+    from align.model.moe import expert_balance_loss, expert_load, routing_kwargs
+    from align.model.policy import LoRAConfig, ModelConfig, load_policy
 
     torch.manual_seed(0)
     model = load_policy(ModelConfig(path=str(tiny_dir), lora=LoRAConfig(enabled=lora)))

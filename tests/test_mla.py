@@ -1,10 +1,10 @@
-"""Absorbed MLA decode (align/mla.py) equals transformers' expand-the-cache attention."""
+"""Absorbed MLA decode (align/model/mla.py) equals transformers' expand-the-cache attention."""
 
 import pytest
 import torch
 
-from align.mla import absorbed_mla
-from align.policy import LoRAConfig, ModelConfig, load_policy
+from align.model.mla import absorbed_mla
+from align.model.policy import LoRAConfig, ModelConfig, load_policy
 
 
 def _decode(model, ids, mask, steps=6):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from align.moe import expert_balance_loss, expert_load, select_experts
+from align.model.moe import expert_balance_loss, expert_load, select_experts
 
 
 def test_balance_loss_hand_computed():
@@ -40,7 +40,7 @@ def test_expert_load_metrics():
 def test_selection_matches_transformers_router(method, n_group, topk_group):
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 
-    from align.presets import preset_config
+    from align.model.presets import preset_config
 
     cfg = preset_config("tiny", topk_method=method, n_group=n_group, topk_group=topk_group)
     router = DeepseekV2TopkRouter(cfg)
@@ -54,8 +54,8 @@ def test_selection_matches_transformers_router(method, n_group, topk_group):
 def test_measure_experts_impl_times_every_kernel_and_caches(tiny_dir, tmp_path):
     import json
 
-    from align.moe import EXPERTS_KERNELS, measure_experts_impl
-    from align.policy import ModelConfig, load_policy
+    from align.model.moe import EXPERTS_KERNELS, measure_experts_impl
+    from align.model.policy import ModelConfig, load_policy
 
     model = load_policy(ModelConfig(path=str(tiny_dir)))
     cache = tmp_path / "kernels.json"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from align.metrics import read_metrics
+from align.run.metrics import read_metrics
 
 from .conftest import DATA, ROOT
 
@@ -93,7 +93,7 @@ def test_fsdp2_sharded_policy_gives_the_same_logprobs_gradients_and_sync_weights
 
 
 def test_fsdp2_mixed_precision_keeps_fp32_masters_and_gradients(tiny_dir, tmp_path):
-    """align.precision's FSDP2 policy (bf16 compute, fp32 reduction) on fp32 master weights, 2 processes (gloo):
+    """align.model.precision's FSDP2 policy (bf16 compute, fp32 reduction) on fp32 master weights, 2 processes (gloo):
     log-probs and gradients as the unsharded fp32 policy under bf16 autocast gives them, gradients in fp32."""
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "r.json"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from align.config import ConfigError
-from align.policy import LoRAConfig, ModelConfig, check_model_dir, load_policy, load_tokenizer
+from align.model.policy import LoRAConfig, ModelConfig, check_model_dir, load_policy, load_tokenizer
 
 
 def test_tiny_dir_loads_with_auto_classes_offline(tiny_dir):
@@ -90,7 +90,7 @@ def test_a_peft_that_remaps_targets_is_refused(tiny_dir, monkeypatch):
     switch off), the dense MLP and shared experts would silently get no LoRA: refused, naming peft."""
     import contextlib
 
-    import align.policy as policy
+    import align.model.policy as policy
     from align.config import ConfigError
 
     monkeypatch.setattr(policy, "_exact_targets", contextlib.nullcontext)  # peft's conversion left on

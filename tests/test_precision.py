@@ -1,5 +1,5 @@
 """Mixed precision: full fine-tuning in bf16 keeps fp32 master weights, so a step at the paper's lr moves every
-trainable tensor the way the fp32 run does (align/precision.py); LoRA keeps fp32 adapters on a bf16 base."""
+trainable tensor the way the fp32 run does (align/model/precision.py); LoRA keeps fp32 adapters on a bf16 base."""
 
 import json
 import statistics
@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.checkpoint import checkpoint_path
+from align.run.checkpoint import checkpoint_path
 from align.config import load_config
-from align.precision import Precision, training_precision
+from align.model.precision import Precision, training_precision
 from align.sft import SFTConfig, train_sft
 
 from .conftest import DATA
@@ -86,8 +86,8 @@ def _grpo_update(tiny_dir, mixed: bool) -> dict[str, torch.Tensor]:
 
     from align.grpo.loop import _update
     from align.grpo.trajectory import PolicyForward
-    from align.optim import build_optimizer
-    from align.policy import ModelConfig, load_policy
+    from align.run.optim import build_optimizer
+    from align.model.policy import ModelConfig, load_policy
 
     torch.manual_seed(0)
     precision = Precision(torch.float32, torch.bfloat16 if mixed else torch.float32)
@@ -107,7 +107,7 @@ def _grpo_update(tiny_dir, mixed: bool) -> dict[str, torch.Tensor]:
 
 
 def test_bf16_grpo_update_at_1e6_moves_every_tensor_like_fp32(tiny_dir):
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
 
     before = {k: v.detach().clone() for k, v in load_policy(ModelConfig(path=str(tiny_dir))).state_dict().items()}
     fp32, bf16 = _grpo_update(tiny_dir, mixed=False), _grpo_update(tiny_dir, mixed=True)
@@ -120,7 +120,7 @@ def test_bf16_grpo_update_at_1e6_moves_every_tensor_like_fp32(tiny_dir):
 
 
 def test_lora_on_bf16_base_keeps_fp32_adapters(tiny_dir):
-    from align.policy import ModelConfig, LoRAConfig, load_policy
+    from align.model.policy import ModelConfig, LoRAConfig, load_policy
 
     cfg = ModelConfig(path=str(tiny_dir), dtype="bfloat16", lora=LoRAConfig(enabled=True))
     model = load_policy(cfg)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DeepseekV2ForCausalLM
 
-from align.presets import parameter_counts, preset_config
+from align.model.presets import parameter_counts, preset_config
 
 
 # Exact counts of the published configs (total: all parameters; activated: per token, input embedding excluded).

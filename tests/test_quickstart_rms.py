@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from align.data import load_prompts
+from align.run.data import load_prompts
 from rewards.model import ClassifierReward
 
 from .conftest import DATA
@@ -38,7 +38,7 @@ def test_held_out_junk_ranks_below_the_right_answer(quickstart_models, rm, data)
 
 @pytest.mark.parametrize("rm", ["helpful", "safety"])
 def test_random_model_answers_score_below_the_sft_models(quickstart_models, rm):
-    from align.policy import ModelConfig, load_policy, load_tokenizer
+    from align.model.policy import ModelConfig, load_policy, load_tokenizer
     from align.rollout.hf import HFEngine
     from align.rollout.protocol import SamplingConfig
 

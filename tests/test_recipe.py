@@ -229,7 +229,7 @@ def test_eval_device_and_dtype_reach_the_models(tiny_dir, monkeypatch):
     import torch
 
     from align import evaluate as ev
-    from align import policy
+    from align.model import policy
 
     seen = {}
     real = policy.load_policy

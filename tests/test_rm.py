@@ -3,7 +3,7 @@
 import pytest
 
 from align.config import load_config
-from align.data import DataError
+from align.run.data import DataError
 from align.rm import RMConfig, train_rm
 from rewards import RewardSpec, score
 

@@ -3,8 +3,8 @@
 import torch
 
 from align.grpo.reference import Reference
-from align.logprobs import forward_logprobs
-from align.policy import ModelConfig, load_policy
+from align.model.logprobs import forward_logprobs
+from align.model.policy import ModelConfig, load_policy
 from align.rollout.hf import HFEngine, completion_mask_from_stops
 from align.rollout.protocol import SamplingConfig
 

@@ -5,15 +5,15 @@ import warnings
 import pytest
 import torch
 
-from align import fastpaths
+from align.model import fastpaths
 from align.config import ConfigError, load_config
 from align.grpo.config import GRPOConfig
 from align.grpo.loop import _update, train_grpo
 from align.grpo.trajectory import PolicyForward
-from align.logprobs import forward_logprobs
-from align.metrics import read_metrics
-from align.policy import ModelConfig, load_policy
-from align.routing import agreement, gates
+from align.model.logprobs import forward_logprobs
+from align.run.metrics import read_metrics
+from align.model.policy import ModelConfig, load_policy
+from align.model.routing import agreement, gates
 
 from .conftest import DATA
 from .test_grpo_loop import _run, _traj
@@ -125,9 +125,9 @@ def test_routing_keys_refused_for_a_dense_model(tmp_path):
 
 
 def test_routing_falls_back_with_one_warning_when_the_gate_changed(tiny_dir, tmp_path, monkeypatch):
-    import align.routing
+    import align.model.routing
 
-    monkeypatch.setattr(align.routing, "gates", lambda model: [])   # as if transformers renamed its gate
+    monkeypatch.setattr(align.model.routing, "gates", lambda model: [])   # as if transformers renamed its gate
     fastpaths.reset()
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -4,12 +4,12 @@ import math
 
 import pytest
 
-from align.checkpoint import list_checkpoints
+from align.run.checkpoint import list_checkpoints
 from align.cli import main
 from align.config import ConfigError, load_config
-from align.data import DataError
-from align.metrics import read_metrics
-from align.data import batch_indices
+from align.run.data import DataError
+from align.run.metrics import read_metrics
+from align.run.data import batch_indices
 from align.sft import SFTConfig, train_sft
 
 from .conftest import DATA, chat, interrupted_copy, write_jsonl
@@ -90,7 +90,7 @@ def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(tiny_dir, tmp_path
 def test_balance_loss_refused_for_a_dense_model(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from align.policy import load_tokenizer
+    from align.model.policy import load_tokenizer
     from align.tiny import build_tiny
 
     build_tiny(tmp_path / "t")
@@ -108,7 +108,7 @@ def test_chunked_sft_loss_equals_full_logits_cross_entropy(tiny_dir, chunk):
     value and gradient."""
     import torch
 
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
     from align.sft import IGNORE, _nll_sum
 
     model = load_policy(ModelConfig(path=str(tiny_dir)))
@@ -133,7 +133,7 @@ def test_chunked_sft_loss_equals_full_logits_cross_entropy(tiny_dir, chunk):
 def test_metrics_file_is_strict_json(tmp_path):
     import json
 
-    from align.metrics import MetricsLogger
+    from align.run.metrics import MetricsLogger
 
     log = MetricsLogger(tmp_path, tensorboard=False)
     log.log(1, {"reward/judge": float("nan"), "loss/kl": float("inf"), "reward/total": 0.5}, echo=False)

@@ -8,7 +8,7 @@ max |Δ log-prob| ~1e-6 before and after a sync; asserted 1e-4.
 import pytest
 import torch
 
-from align.logprobs import forward_logprobs
+from align.model.logprobs import forward_logprobs
 from align.rollout.hf import HFEngine
 from align.rollout.protocol import RolloutConfig, SamplingConfig
 from align.rollout.vllm import vllm_missing
@@ -59,7 +59,7 @@ def _train_a_little(model, engine, steps=3, lr=3e-2):
 
 
 def test_greedy_outputs_and_logprobs_equal_transformers(tiny_dir, tokenizer, engine):
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
 
     model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
     sampling = SamplingConfig(temperature=0, max_new_tokens=12)
@@ -75,7 +75,7 @@ def test_greedy_outputs_and_logprobs_equal_transformers(tiny_dir, tokenizer, eng
 
 
 def test_sampled_layout_groups_and_temperature(tiny_dir, engine):
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
 
     model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
     r = engine.generate(PROMPTS[:2], n=3, sampling=SamplingConfig(temperature=0.7, max_new_tokens=6))
@@ -90,7 +90,7 @@ def test_sampled_layout_groups_and_temperature(tiny_dir, engine):
 def test_weight_sync_after_grpo_updates_matches_the_trainer(tiny_dir, tokenizer, lora):
     """Full fine-tuning moves MLA (kv_b_proj -> absorbed matrices) and routed experts (prepacked on CPU); LoRA on
     attention, MLP and experts is merged on the fly. After sync, vLLM samples from exactly the trainer's policy."""
-    from align.policy import LoRAConfig, ModelConfig, load_policy
+    from align.model.policy import LoRAConfig, ModelConfig, load_policy
     from align.rollout.vllm import VLLMEngine
 
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def test_weight_sync_after_grpo_updates_matches_the_trainer(tiny_dir, tokenizer,
 def test_stale_expert_prepack_would_be_caught(tiny_dir, tokenizer, monkeypatch):
     """Negative control: skipping the CPU expert re-prepack (what a plain reload does) breaks parity."""
     import align.rollout.vllm as vllm_engine
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
 
     def reload_without_refresh(worker, weights, path):
         worker.model_runner.reload_weights(weights_iterator=iter(weights))
@@ -147,7 +147,7 @@ def test_align_grpo_with_vllm_engine(tiny_dir, tmp_path):
     from align.config import load_config
     from align.grpo.config import GRPOConfig
     from align.grpo.loop import train_grpo
-    from align.metrics import read_metrics
+    from align.run.metrics import read_metrics
 
     cfg = load_config(GRPOConfig, None, [
         f"model.path={tiny_dir}", f"output_dir={tmp_path / 'r'}", f"train_data=[{DATA}/arith/rl_prompts.jsonl]",
@@ -164,7 +164,7 @@ def test_align_grpo_with_vllm_engine(tiny_dir, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM sleep mode exists only on GPU")
 def test_sleep_and_wake_keep_parity(tiny_dir, tokenizer):
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
     from align.rollout.vllm import VLLMEngine
 
     model = load_policy(ModelConfig(path=str(tiny_dir), dtype="float32"), "cuda")
@@ -181,7 +181,7 @@ def test_sleep_and_wake_keep_parity(tiny_dir, tokenizer):
 
 
 def test_stop_strings_give_the_same_rollouts_as_transformers(tiny_dir, tokenizer, engine):
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
 
     model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
     hf = HFEngine(model, tokenizer)
@@ -200,7 +200,7 @@ def test_a_new_engine_for_the_same_architecture_reuses_the_live_vllm_and_loads_i
     architecture gets that directory's weights, as a fresh one would."""
     import shutil
 
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
     from align.rollout.vllm import VLLMEngine
 
     other = tmp_path / "other"
@@ -222,7 +222,7 @@ def test_bf16_parity_with_the_chosen_backend(tiny_dir, tokenizer):
     """bf16 weights (the GPU default; on CPU only asked for): vLLM's CPU_MLA against transformers in bf16. Measured on
     the tiny model: max |Δ log-prob| 5e-3, mean 1e-3 over 384 sampled tokens; asserted 3e-2 / 5e-3 (bf16 rounding
     of two different kernels; fp32 parity above is 1e-4)."""
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
     from align.rollout.vllm import VLLMEngine
 
     model = load_policy(ModelConfig(path=str(tiny_dir), dtype="bfloat16"), trainable=False)
@@ -238,7 +238,7 @@ def test_simulated_amx_cpu_gets_cpu_mla_and_parity(tiny_dir, tokenizer, monkeypa
     """On a CPU with AMX, vLLM left to itself takes AMX_MLA, which refuses fp32 weights ("expect weight to be
     bfloat16, ..."): checked by simulating AMX here, where that failure reproduces without the explicit choice.
     With align's choice the engine builds with CPU_MLA and matches transformers as on any CPU."""
-    from align.policy import ModelConfig, load_policy
+    from align.model.policy import ModelConfig, load_policy
     from align.rollout.vllm import VLLMEngine, cpu_has_amx
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)

@@ -5,7 +5,7 @@ import copy
 import torch
 from safetensors import safe_open
 
-from align.policy import LoRAConfig, ModelConfig, load_policy
+from align.model.policy import LoRAConfig, ModelConfig, load_policy
 from align.rollout.weights import checkpoint_state_dict, merged_state_dict
 
 

@@ -8,11 +8,11 @@ from typing import Literal
 from rewards.combine import RewardSpec
 
 from ..config import ConfigError, option, require
-from ..finite import NonFinitePolicy, nonfinite_option
-from ..policy import ModelConfig
+from ..run.finite import NonFinitePolicy, nonfinite_option
+from ..model.policy import ModelConfig
 from ..rollout.engines import check_engine
 from ..rollout.protocol import RolloutConfig, SamplingConfig
-from ..rundir import ResumeMode, resume_option
+from ..run.rundir import ResumeMode, resume_option
 from .core import AGGREGATIONS, CLIP_DEFAULTS, POLICY_LOSSES
 
 
@@ -61,7 +61,7 @@ class GRPOConfig:
     mask_truncated: bool = option(False, "Exclude completions cut by max_new_tokens from the loss.")
     balance_alpha: float = option(0.0, "α of the expert-level balance loss during RL (0: off).")
     routing_replay: Literal["none", "old", "rollout"] = option(
-        "none", "MoE routes reused across a step's forwards (align/routing.py): none; old (R2): the old-policy "
+        "none", "MoE routes reused across a step's forwards (align/model/routing.py): none; old (R2): the old-policy "
         "forward's routes in every update forward (needs inner_epochs or minibatches > 1: otherwise the update "
         "forward is the old one); rollout (R3): the routes the engine chose while sampling, in the old, reference "
         "(replay_reference) and update forwards.")

@@ -11,7 +11,7 @@ One exploration stage, in data-flow order:
     metrics   reward per component, zero-std groups, KL, clip fraction, entropy, lengths, truncation, expert load,
               routing agreement (policy vs itself before the update, vs π_ref, vs the sampler)
 
-Set-up, resume, checkpoints and the finiteness check are the shared trainer's (`align.trainer`); each step below
+Set-up, resume, checkpoints and the finiteness check are the shared trainer's (`align.run.trainer`); each step below
 is one call into a tested function: `rewards.combine.score`, `trajectory.build_trajectory` (advantages, loss mask,
 dropped groups, into one typed `Trajectory`), `PolicyForward` (every log-prob forward), `core.grpo_loss` (the
 maths, pure functions). Old log-probs: with μ = 1 and one minibatch the policy is still π_θold
@@ -21,7 +21,7 @@ only through truncated importance sampling (`core.tis_weights`: weight min(π_θ
 surrogate; ~1 with the transformers engine, the correction for vLLM's kernels and precision), and their gap to
 π_θold is logged. Log-probs use logits / sampling temperature, the distribution the completions were drawn from.
 
-MoE routing (`align.routing`): with `routing_replay=old` (R2) the old forward's top-k experts per token are
+MoE routing (`align.model.routing`): with `routing_replay=old` (R2) the old forward's top-k experts per token are
 reused by every update forward of the step, so ρ compares one network and not two routings; with `rollout` (R3)
 the experts the engine chose while sampling are reused by the old, reference and update forwards. The weights of
 the replayed experts come from the current router, so the router still learns (unless `freeze_router`). Not in
@@ -42,19 +42,19 @@ import torch
 
 from rewards.combine import RewardError, Scores, check_columns, close_rewards, score
 
-from .. import fastpaths
+from ..model import fastpaths
 from ..config import ConfigError
-from ..data import PromptRow, batch_indices, load_prompts
+from ..run.data import PromptRow, batch_indices, load_prompts
 from ..evaluate import accuracy
 from ..faults import fault_point
-from ..finite import check_step
-from ..hub import model_dir
-from ..metrics import progress
-from ..offload import offloaded
-from ..policy import check_model_dir, load_tokenizer
+from ..run.finite import check_step
+from ..model.hub import model_dir
+from ..run.metrics import progress
+from ..run.offload import offloaded
+from ..model.policy import check_model_dir, load_tokenizer
 from ..rollout.engines import EngineContext, engine_class, make_engine
 from ..rollout.protocol import RolloutEngine
-from ..trainer import Run, start_run, world_size
+from ..run.trainer import Run, start_run, world_size
 from .config import GRPOConfig
 from .core import grpo_loss, loss_denominator, mismatch_stats, normalized_total, tis_weights, weighted_sum
 from .reference import Reference
@@ -159,7 +159,7 @@ def _routing_metrics(model, traj: Trajectory, forward: PolicyForward, reference:
         routing/ref_agreement      the policy after the update vs π_ref
         routing/sampler_agreement  the policy at the step's start vs the engine while sampling (when recorded)
     """
-    from ..routing import agreement
+    from ..model.routing import agreement
 
     P = traj.input_ids.shape[1] - traj.completion_len
     where = torch.zeros(traj.input_ids.shape, device=traj.input_ids.device)            # [N, P+C]
@@ -281,7 +281,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     tokenizer, train_rows, eval_rows, max_len = _checked_inputs(cfg, world)
     uses_routes = cfg.routing_replay != "none" or cfg.routing_metrics_every > 0
     if uses_routes and check_model_dir(cfg.model.path).get("model_type") == "deepseek_v2" and not fastpaths.active(
-            "moe_routes"):  # the installed transformers' MoE gate is not what align.routing hooks (one warning)
+            "moe_routes"):  # the installed transformers' MoE gate is not what align.model.routing hooks (one warning)
         cfg = dataclasses.replace(cfg, routing_replay="none", routing_metrics_every=0)
     run = start_run(cfg, "grpo", total_updates=cfg.steps * cfg.inner_epochs * cfg.minibatches,
                     warmup_steps=cfg.warmup_steps, seed_per_process=True)

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from ..policy import ModelConfig, load_policy
+from ..model.policy import ModelConfig, load_policy
 from .trajectory import PolicyForward, Trajectory
 
 

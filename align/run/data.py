@@ -1,4 +1,4 @@
-"""Chat data: load (JSONL, JSON, Parquet, `save_to_disk` directories, hub dataset ids: `align.formats`), validate,
+"""Chat data: load (JSONL, JSON, Parquet, `save_to_disk` directories, hub dataset ids: `align.run.formats`), validate,
 tokenise.
 
 Rows are either conversational, `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (content
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .datafiles import DataError  # noqa: F401 (re-exported: align.data.DataError)
-from .formats import load_rows, source_name  # noqa: F401 (load_rows re-exported: align.data.load_rows)
+from .datafiles import DataError  # noqa: F401 (re-exported: align.run.data.DataError)
+from .formats import load_rows, source_name  # noqa: F401 (load_rows re-exported: align.run.data.load_rows)
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
@@ -69,7 +69,7 @@ def _check_messages(messages, where: str, field: str, need_assistant_last: bool)
 
 
 def _plain(messages: list[dict], where: str, field: str) -> list[dict]:
-    """Checked messages as {role, content: str} (a list of text parts joined: `align.formats.content_text`)."""
+    """Checked messages as {role, content: str} (a list of text parts joined: `align.run.formats.content_text`)."""
     return [{"role": m["role"], "content": content_text(m["content"], where, f"{field}[{i}].content")}
             for i, m in enumerate(messages)]
 
@@ -129,7 +129,7 @@ class PromptRow:
 
 
 def load_prompts(path) -> list[PromptRow]:
-    """The prompts of a data source (`align.formats`), each with its row's other columns."""
+    """The prompts of a data source (`align.run.formats`), each with its row's other columns."""
     ds, name = load_rows(path), source_name(path)
     out = []
     for i, row in enumerate(ds):
@@ -166,7 +166,7 @@ def _special_tokens(tokenizer) -> list[str]:
 
 def _refuse(tokenizer, what: str) -> DataError:
     return DataError(f"the chat template of tokenizer {tokenizer.name_or_path or '?'} {what}; the assistant-only "
-                     "loss mask cannot be derived from it (align/data.py: tokenisation)")
+                     "loss mask cannot be derived from it (align/run/data.py: tokenisation)")
 
 
 def _turn_span(tokenizer, before: str, upto: str, content: str, specials: list[str], i: int) -> tuple[int, int]:

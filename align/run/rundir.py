@@ -4,7 +4,7 @@ At its start, before any write, every stage (sft, grpo, rm) claims its `output_d
   * missing or empty: created, and `align-run.json` records the stage kind and its identity — the settings that
     give the saved state its meaning (model path and the sha256 of its config.json, LoRA settings, training data,
     learning rate, seed, and the stage's own: GRPO's group size, β and rewards, ...); a hub model is recorded as
-    its repo id and `model.revision`, the commit sha it resolved to (align/hub.py), so a rerun resumes only on the
+    its repo id and `model.revision`, the commit sha it resolved to (align/model/hub.py), so a rerun resumes only on the
     same commit (`owner/name@<that sha>` pins it after the branch moved);
   * holding a manifest with the same kind and identity: the run resumes (the same command, rerun);
   * holding a manifest that differs: refused, naming each differing key and both values, before anything is read
@@ -22,8 +22,8 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from .config import ConfigError, config_to_dict, option
-from .hub import resolve_model
+from ..config import ConfigError, config_to_dict, option
+from ..model.hub import resolve_model
 
 MANIFEST = "align-run.json"
 ResumeMode = Literal["auto", "force"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from .config import option
+from ..config import option
 
 NonFinitePolicy = Literal["fail", "skip"]
 

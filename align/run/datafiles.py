@@ -1,6 +1,6 @@
 """Reading a local data file into rows (JSONL, JSON, Parquet, a `save_to_disk` directory), and `DataError`, which
-every data error raises. Where a source is and how its fields become align's: `align.formats`; what a row must
-hold: `align.data`."""
+every data error raises. Where a source is and how its fields become align's: `align.run.formats`; what a row must
+hold: `align.run.data`."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ The paths themselves ask nothing, so that this module sits above every path it p
 `active` passes the answer as an argument (`rollout.hf` to `mla.absorbed_mla(model, enabled)`,
 `logprobs.forward_logprobs` to `forward.forward_rows(..., shared=)`) or leaves the path out (`rollout.hf` for
 prefill_cache, `grpo.loop` for moe_routes). What every path reads about the installed version (`CACHE_KW`,
-`output_cache`, `attention_signature`) is in `align.compat`, below them all.
+`output_cache`, `attention_signature`) is in `align.model.compat`, below them all.
 
 peft's weight-conversion patch (`policy._exact_targets`) is checked differently: after every adapter is created,
 `policy.check_lora_targets` verifies which modules were adapted and refuses a mismatch.

@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from .config import ConfigError, option, require
+from ..config import ConfigError, option, require
 from .hub import model_dir, resolve_model
 
 ATTN_TARGETS = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
@@ -56,10 +56,10 @@ class LoRAConfig:
 @dataclasses.dataclass
 class ModelConfig:
     path: str = option(help="A DeepSeek-V2 checkpoint directory (config.json + weights + tokenizer), or a hub id "
-                            "owner/name[@branch, tag or commit sha] fetched into the hub cache (align/hub.py).")
+                            "owner/name[@branch, tag or commit sha] fetched into the hub cache (align/model/hub.py).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "Compute dtype: auto = bfloat16 on GPU, float32 on CPU. Full fine-tuning in bfloat16 / float16 "
-        "keeps fp32 master weights and optimizer state (align/precision.py); LoRA keeps the frozen base in this "
+        "keeps fp32 master weights and optimizer state (align/model/precision.py); LoRA keeps the frozen base in this "
         "dtype and its adapters in fp32.")
     experts_impl: Literal["auto", "eager", "grouped_mm", "batched_mm"] = option(
         "auto", "Routed-experts kernel: auto = measured once per device and shape on an accelerator (cached in "
@@ -205,7 +205,7 @@ def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu", trainable:
     kernel and LoRA.
 
     `adapter`: a saved LoRA adapter directory to resume from (loaded trainable). `dtype`: the weights' dtype
-    instead of `cfg.dtype`'s (fp32 master weights for mixed-precision training, `align.precision`).
+    instead of `cfg.dtype`'s (fp32 master weights for mixed-precision training, `align.model.precision`).
     """
     from transformers import AutoModelForCausalLM
 

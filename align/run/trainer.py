@@ -26,12 +26,12 @@ import torch
 
 from . import checkpoint as ckpt
 from .allocator import keep_freed_memory
-from .config import config_to_dict
+from ..config import config_to_dict
 from .finite import check_step
 from .metrics import MetricsLogger
-from .moe import Router, router_of
+from ..model.moe import Router, router_of
 from .optim import build_optimizer, warmup_cosine
-from .precision import Precision, training_device, training_precision
+from ..model.precision import Precision, training_device, training_precision
 from .rundir import claim_all
 
 
@@ -50,7 +50,7 @@ class Run:
     start: int                 # steps already done (0 for a new run)
     state: dict                # what the resumed checkpoint saved besides weights ({} for a new run)
     resumed: bool
-    precision: Precision = Precision(torch.float32, torch.float32)  # weights' and compute dtype (align.precision)
+    precision: Precision = Precision(torch.float32, torch.float32)  # weights' and compute dtype (align.model.precision)
 
     @property
     def device(self) -> torch.device:
@@ -77,7 +77,7 @@ class Run:
         """Checkpoint step `done` when it is due (every `save_every`, and the last step); `state` is saved with it
         (with the config) and comes back as `Run.state` on resume."""
         if (self.cfg.save_every and done % self.cfg.save_every == 0) or done == total:
-            from .hub import resolve_model
+            from ..model.hub import resolve_model
 
             start = getattr(self.cfg.model, "path", self.cfg.model)  # the model the stage started from
             state = {**state, "config": config_to_dict(self.cfg), "model_revision": resolve_model(start).commit}
@@ -92,8 +92,8 @@ class Run:
 
 
 def _freeze_router(model, router: Router | None, path: str) -> None:
-    from .config import ConfigError
-    from .routing import freeze_router
+    from ..config import ConfigError
+    from ..model.routing import freeze_router
 
     if router is None:
         raise ConfigError(f"key 'freeze_router': {path} is not a DeepSeek-V2 MoE model (it has no router)")
@@ -113,14 +113,14 @@ def start_run(cfg, stage: str, *, total_updates: int, warmup_steps: int, seed_pe
               model_path: str | None = None, precision: Precision | None = None) -> Run:
     """Set up a stage's run (see the module docstring). `load(resume, device, weights_dtype)` builds the model
     (default: the policy of `cfg.model`, from the resumed checkpoint when there is one); `precision`: the weights'
-    and the compute dtype (default: from `cfg.model`, `align.precision.training_precision`); `seed_per_process`:
+    and the compute dtype (default: from `cfg.model`, `align.model.precision.training_precision`); `seed_per_process`:
     each process seeds `cfg.seed + rank` (GRPO: each samples its own completions)."""
     keep_freed_memory()  # the process reuses freed activations instead of faulting them in again
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from .policy import load_for_training, resolve_dtype
+    from ..model.policy import load_for_training, resolve_dtype
 
     if precision is None:
         precision = training_precision(resolve_dtype(cfg.model.dtype, training_device()), cfg.model.lora.enabled)
@@ -137,7 +137,7 @@ def start_run(cfg, stage: str, *, total_updates: int, warmup_steps: int, seed_pe
         model = load(resume, accelerator.device, precision.weights)
     if accelerator.is_main_process and precision.mixed and resume is None:
         print(f"{stage}: {precision.describe()} (full fine-tuning keeps fp32 master weights and optimizer state; "
-              "align/precision.py)", flush=True)
+              "align/model/precision.py)", flush=True)
     router = router_of(model, getattr(cfg, "balance_alpha", 0.0), model_path or str(cfg.model.path))
     if getattr(cfg, "freeze_router", False):  # before the optimizer, which takes the trainable parameters
         _freeze_router(model, router, model_path or str(cfg.model.path))

@@ -31,7 +31,7 @@ columns:
 Every error names the source, the row (1-based) and the field.
 
 Message content may also be a list of parts, `[{"type": "text", "text": ...}, ...]` (the OpenAI / multimodal
-chat form; `align.data.content_text`): the text parts are joined with no separator, as chat templates that accept
+chat form; `align.run.data.content_text`): the text parts are joined with no separator, as chat templates that accept
 parts render them. A part of any other type (image, audio, ...) is refused, naming the row and the part's type:
 align trains on text only.
 """
@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from rewards.answers import gsm8k_answer, last_boxed  # noqa: F401 (re-exported: align.formats.last_boxed)
+from rewards.answers import gsm8k_answer, last_boxed  # noqa: F401 (re-exported: align.run.formats.last_boxed)
 
 from .datafiles import DataError, checked_rows, read_local
 
@@ -71,7 +71,7 @@ class DataSource:
 
 def _looks_local(text: str) -> bool:
     """True when `text` is to be read as a local path, existing or not (see the module docstring)."""
-    from .hub import hub_ref
+    from ..model.hub import hub_ref
 
     if text.lower().endswith(DATA_SUFFIXES):
         return True
@@ -142,7 +142,7 @@ def _from_mapping(values: dict, name: str, base: Path | None) -> DataSource:
 
 
 def _read_sidecar(path: Path, name: str) -> DataSource:
-    from .config import ConfigError, read_yaml
+    from ..config import ConfigError, read_yaml
 
     try:
         values, _ = read_yaml(path)

@@ -15,7 +15,7 @@ The same log-probs and gradients as running every row whole (tested), for B·P +
 Not under gradient checkpointing (transformers turns the cache off there), nor when a group's prompts differ:
 then every row runs whole.
 
-The computation is in `align.forward`, below `align.fastpaths` (whose probes run it); this module takes the one
+The computation is in `align.model.forward`, below `align.model.fastpaths` (whose probes run it); this module takes the one
 decision that asks `fastpaths`: whether a group's prompt runs once.
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .forward import (  # noqa: F401 (re-exported: align.logprobs.chunked_token_logprobs, ...)
+from .forward import (  # noqa: F401 (re-exported: align.model.logprobs.chunked_token_logprobs, ...)
     CHECKPOINT_ABOVE,
     ForwardOut,
     chunked_token_logprobs,
@@ -56,7 +56,7 @@ def forward_logprobs(model, input_ids: torch.Tensor, n_targets: int, attention_m
     """Log-probs of the last `n_targets` tokens of each row of `input_ids` [B, T] under `model`.
 
     `group_size`: rows come in groups of that many sharing one prompt (see the module docstring). `routes`
-    [B, T, L, k]: MoE routes to replay (align/routing.py); `record_routes`: return the routes used as
+    [B, T, L, k]: MoE routes to replay (align/model/routing.py); `record_routes`: return the routes used as
     `ForwardOut.routes`."""
     from .policy import causal_lm
 

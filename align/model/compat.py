@@ -1,4 +1,4 @@
-"""What align needs to know about the installed transformers at import time, below every fast path (`align.fastpaths`
+"""What align needs to know about the installed transformers at import time, below every fast path (`align.model.fastpaths`
 checks the paths; they and their callers read these).
 
 transformers 5.24 renamed the cache argument of every forward from `past_key_values` to `cache` (the old name is

@@ -189,7 +189,7 @@ def save_training_checkpoint(accelerator, model, tokenizer, output_dir: str | Pa
         with atomic_dir(final) as tmp:
             accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            from .faults import fault_point
+            from ..faults import fault_point
 
             fault_point("checkpoint", step)  # tests: die with the model written, trainer state not yet
             rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
@@ -306,7 +306,7 @@ def export_final(accelerator, model, tokenizer, out: str | Path, dtype: torch.dt
         with atomic_dir(out) as tmp:
             if hasattr(inner, "merge_and_unload"):
                 save_portable_adapter(inner, tmp / "adapter", state_dict)
-                from .rollout.weights import merged_state_dict
+                from ..rollout.weights import merged_state_dict
 
                 # W + ΔW for the adapted tensors only, the rest shared with the model: not a second copy of it
                 merged = merged_state_dict(inner)

@@ -1,5 +1,5 @@
-"""The computation behind `align.logprobs` (read its docstring): the chunked LM-head projection, the forward with
-the head swapped for a capture of the hidden states, and the shared-prompt forward. Below `align.fastpaths`, which
+"""The computation behind `align.model.logprobs` (read its docstring): the chunked LM-head projection, the forward with
+the head swapped for a capture of the hidden states, and the shared-prompt forward. Below `align.model.fastpaths`, which
 probes the shared-prompt path with these functions: whether a group's prompt runs once is an argument here, decided
 by `logprobs.forward_logprobs`."""
 
@@ -123,7 +123,7 @@ def forward_shared_prompt(model, lm, input_ids, attention_mask, n_targets: int, 
 
 
 def _route_plan(routes: torch.Tensor, shared: bool, group_size: int, P: int) -> list[list[torch.Tensor]]:
-    """routes [n, T, L, k] as each MoE layer's gate calls see them in this forward (see align/routing.py)."""
+    """routes [n, T, L, k] as each MoE layer's gate calls see them in this forward (see align/model/routing.py)."""
     if not shared:
         return [[routes[:, :, layer]] for layer in range(routes.shape[2])]
     return [[routes[::group_size, :P, layer], routes[:, P:, layer]] for layer in range(routes.shape[2])]

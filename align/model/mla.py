@@ -48,7 +48,7 @@ def _effective_weight(linear) -> torch.Tensor:
 
 def _absorbed_forward(self, *args, **kwargs):
     """DeepseekV2Attention.forward with decode steps in the absorbed form. Arguments are bound by name against the
-    installed forward's signature (checked by `align.fastpaths`); anything but a one-token step with a cache goes to
+    installed forward's signature (checked by `align.model.fastpaths`); anything but a one-token step with a cache goes to
     the original forward exactly as it was called."""
     bound = self._align_signature.bind(*args, **kwargs).arguments
     hidden_states, cache = bound["hidden_states"], bound.get(CACHE_KW)
