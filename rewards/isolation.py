@@ -74,16 +74,20 @@ class IsolatedReward:
             if not getattr(plain, "is_factory", False):  # a plain function: its signature says it
                 self._columns = list(required_columns(plain))
                 return self._columns
-            try:  # a factory: build it in the worker (its start-up included, so not the reward's own timeout)
-                self._columns = self._submit(_columns_in_worker, self.spec).result(
-                    timeout=max(BUILD_TIMEOUT_S, self.timeout_s))
-            except cf.TimeoutError:
-                self._kill()
-                raise RewardError(f"reward '{self.label}' timed out while being built in its worker") from None
-            except BrokenProcessPool:
-                self._kill()
-                raise RewardError(f"reward '{self.label}' crashed its worker while being built") from None
+            self._columns = self._build()  # a factory: build it in the worker
         return self._columns
+
+    def _build(self) -> list[str]:
+        """Start the worker and build the reward in it, with the build's own limit (start-up included: a cold
+        start imports torch and the reward's module, seconds on a busy machine); the reward's columns."""
+        try:
+            return self._submit(_columns_in_worker, self.spec).result(timeout=max(BUILD_TIMEOUT_S, self.timeout_s))
+        except cf.TimeoutError:
+            self._kill()
+            raise RewardError(f"reward '{self.label}' timed out while being built in its worker") from None
+        except BrokenProcessPool:
+            self._kill()
+            raise RewardError(f"reward '{self.label}' crashed its worker while being built") from None
 
     def close(self) -> None:
         """Let the worker end what it started (e.g. math-verify's processes), then end the worker."""
@@ -94,22 +98,9 @@ class IsolatedReward:
                 pass
             self._kill()
 
-    def _warm(self) -> None:
-        """Start the worker and build the reward in it, outside the reward's own timeout (a cold start imports
-        torch and the reward's module: seconds on a busy machine, which would otherwise count against the call)."""
-        if self._pool is not None:
-            return
-        try:
-            self._submit(_columns_in_worker, self.spec).result(timeout=max(BUILD_TIMEOUT_S, self.timeout_s))
-        except cf.TimeoutError:
-            self._kill()
-            raise RewardError(f"reward '{self.label}' timed out while being built in its worker") from None
-        except BrokenProcessPool:
-            self._kill()
-            raise RewardError(f"reward '{self.label}' crashed its worker while being built") from None
-
     def __call__(self, prompts, completions, **columns):
-        self._warm()
+        if self._pool is None:  # cold: start and build outside this call's timeout
+            self._build()
         future = self._submit(_score_in_worker, self.spec, prompts, completions, columns)
         try:
             return future.result(timeout=self.timeout_s or None)
