@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
 
-    from align.grpo.core import group_advantages, grpo_loss
+    from align.grpo.core import LossSettings, group_advantages, grpo_loss
     from align.model.logprobs import forward_logprobs
     from align.model.moe import measure_experts_impl
     from align.model.policy import LoRAConfig, apply_lora
@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
     def update():
         for m in micro:
             lp = forward_logprobs(policy, batch_ids[m], C, attn_mask[m]).logprobs
-            loss = grpo_loss(lp, lp.detach(), ref[m], adv[m], loss_mask[m], beta=0.04) * len(m) / n_rows
+            loss = grpo_loss(lp, lp.detach(), ref[m], adv[m], loss_mask[m], LossSettings(beta=0.04)) * len(m) / n_rows
             loss.backward()
 
     _, res["grpo_policy_fwd_bwd_s"] = timed(update, sync)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from align.grpo.core import (
+    LossSettings,
     aggregate,
     clipped_surrogate,
     group_advantages,
@@ -64,15 +65,15 @@ def test_clipped_surrogate_hand_computed():
     old = torch.zeros(1, 4)
     lp = torch.log(torch.tensor([[0.5, 0.9, 1.1, 1.5]]))        # ratios
     # A = +1: -min(ρ, clip(ρ, 0.8, 1.2)) = [-0.5, -0.9, -1.1, -1.2]
-    loss, ratio, clipped = clipped_surrogate(lp, old, torch.tensor([1.0]), eps_low=0.2, eps_high=0.2)
+    loss, ratio, clipped = clipped_surrogate(lp, old, torch.tensor([1.0]), LossSettings(eps_low=0.2, eps_high=0.2))
     assert torch.allclose(loss, torch.tensor([[-0.5, -0.9, -1.1, -1.2]]), atol=1e-6)
     assert clipped.tolist() == [[False, False, False, True]]
     # A = -1: -min(-ρ, -clip(ρ)) = max(ρ, clip(ρ)) = [0.8, 0.9, 1.1, 1.5]
-    loss, _, clipped = clipped_surrogate(lp, old, torch.tensor([-1.0]), eps_low=0.2, eps_high=0.2)
+    loss, _, clipped = clipped_surrogate(lp, old, torch.tensor([-1.0]), LossSettings(eps_low=0.2, eps_high=0.2))
     assert torch.allclose(loss, torch.tensor([[0.8, 0.9, 1.1, 1.5]]), atol=1e-6)
     assert clipped.tolist() == [[True, False, False, False]]
     # separate high clip (DAPO clip-higher): 1.5 clipped at 1.28 for A>0
-    loss, _, _ = clipped_surrogate(lp, old, torch.tensor([1.0]), eps_low=0.2, eps_high=0.28)
+    loss, _, _ = clipped_surrogate(lp, old, torch.tensor([1.0]), LossSettings(eps_low=0.2, eps_high=0.28))
     assert loss[0, 3].item() == pytest.approx(-1.28, abs=1e-6)
 
 
@@ -121,7 +122,7 @@ def test_grpo_loss_matches_reference_implementation():
     adv = torch.randn(4)
     mask = torch.ones(4, 6, dtype=torch.long)
     mask[1, 4:] = 0
-    got = grpo_loss(lp, old, ref, adv, mask, beta=0.04, eps_low=0.2, eps_high=0.2)
+    got = grpo_loss(lp, old, ref, adv, mask, LossSettings(beta=0.04, eps_low=0.2, eps_high=0.2))
     want = _reference_loss(lp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.04, 0.2)
     assert got.item() == pytest.approx(want, rel=1e-5)
 
@@ -129,7 +130,7 @@ def test_grpo_loss_matches_reference_implementation():
 def test_ratio_one_and_kl_zero_at_identity():
     lp = torch.randn(3, 5, requires_grad=True)
     per_token, stats = grpo_token_loss(lp, lp.detach(), lp.detach(), torch.tensor([1.0, -1.0, 0.5]),
-                                       torch.ones(3, 5), beta=0.04)
+                                       torch.ones(3, 5), LossSettings(beta=0.04))
     assert torch.equal(stats["ratio"], torch.ones(3, 5))
     assert torch.equal(stats["kl"], torch.zeros(3, 5))
     # gradient of the surrogate at ρ = 1 is −A ∇log π (per token, before aggregation)
@@ -155,8 +156,8 @@ def test_tis_weights_are_detached_and_scale_only_the_surrogate():
     adv, mask = torch.tensor([1.0]), torch.ones(1, 2)
     w = tis_weights(old, samp, cap=5.0)
     assert not w.requires_grad
-    weighted, _ = grpo_token_loss(logprobs, old, ref, adv, mask, beta=0.5, weights=w)
-    plain, stats = grpo_token_loss(logprobs, old, ref, adv, mask, beta=0.5)
+    weighted, _ = grpo_token_loss(logprobs, old, ref, adv, mask, LossSettings(beta=0.5), weights=w)
+    plain, stats = grpo_token_loss(logprobs, old, ref, adv, mask, LossSettings(beta=0.5))
     kl_part = 0.5 * stats["kl"]
     assert torch.allclose(weighted - kl_part, (plain - kl_part) * w)
     assert torch.allclose(weighted[0, 1], plain[0, 1])
@@ -199,10 +200,10 @@ def test_nan_in_padding_and_extreme_ratios_keep_the_loss_finite(aggregation):
     old = torch.tensor([[-1.0, -2.0, -1.0], [-0.5, -1.0, -1.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])                      # the NaN sits in padding
     adv = torch.tensor([1.0, -1.0])
-    loss = grpo_loss(logprobs, old, old, adv, mask, beta=0.0, aggregation=aggregation)
+    loss = grpo_loss(logprobs, old, old, adv, mask, LossSettings(beta=0.0, aggregation=aggregation))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
-    ratio = clipped_surrogate(logprobs.detach(), old, adv, 0.2, 0.2)[1]
+    ratio = clipped_surrogate(logprobs.detach(), old, adv, LossSettings(eps_low=0.2, eps_high=0.2))[1]
     assert ratio[1, 1] == pytest.approx(math.exp(20.0))              # log ρ = 96 bounded at 20
 
 
@@ -213,7 +214,7 @@ def test_gspo_hand_computed_and_against_a_reference_loop():
     old = torch.tensor([[-1.2, -2.0, -2.8], [-0.5, -0.7, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     adv = torch.tensor([2.0, -1.0])
-    loss, ratio, clipped = gspo_surrogate(logprobs, old, adv, 0.05, 0.05, mask=mask)
+    loss, ratio, clipped = gspo_surrogate(logprobs, old, adv, LossSettings(eps_low=0.05, eps_high=0.05), mask=mask)
     # row 0: mean log ρ = (0.2 + 0 - 0.2) / 3 = 0 -> s = 1; row 1: (0 + 0.2) / 2 = 0.1 -> s = e^0.1 = 1.105
     assert ratio[0, 0].item() == pytest.approx(1.0) and ratio[1, 0].item() == pytest.approx(math.exp(0.1))
     # row 1: A < 0, s > 1 + ε: min(s A, 1.05 A) = s A (the unclipped, more negative) -> loss = s
@@ -224,7 +225,8 @@ def test_gspo_hand_computed_and_against_a_reference_loop():
         a = adv[i].item()
         ref = -min(s * a, min(max(s, 0.95), 1.05) * a)
         assert loss[i, 0].item() == pytest.approx(ref)
-    total = grpo_loss(logprobs, old, None, adv, mask, beta=0.0, policy_loss="gspo", eps_low=0.05, eps_high=0.05)
+    total = grpo_loss(logprobs, old, None, adv, mask,
+                      LossSettings(beta=0.0, policy_loss="gspo", eps_low=0.05, eps_high=0.05))
     assert total.item() == pytest.approx((loss[0, 0].item() + loss[1, 0].item()) / 2)
     total.backward()  # the gradient reaches every token of a sequence through its mean log-ratio
     assert (logprobs.grad[1, :2] != 0).all() and logprobs.grad[1, 2] == 0
@@ -236,7 +238,7 @@ def test_cispo_hand_computed_and_against_a_reference_loop():
     logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     old = torch.tensor([[-1.5, -2.0]])                                  # ρ = e^0.5 = 1.65 (capped at 1.2), 1
     adv = torch.tensor([1.0])
-    loss, ratio, capped = cispo_surrogate(logprobs, old, adv, None, 0.2)
+    loss, ratio, capped = cispo_surrogate(logprobs, old, adv, LossSettings(eps_low=None, eps_high=0.2))
     assert loss[0].tolist() == pytest.approx([1.2 * 1.0, 1.0 * 2.0])    # −w A log π
     assert capped.tolist() == [[True, False]]
     loss.sum().backward()

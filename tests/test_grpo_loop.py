@@ -189,7 +189,7 @@ def test_other_policy_losses_train(tiny_dir, tmp_path, policy_loss):
 def test_the_loops_loss_is_grpo_loss_on_the_same_tensors(tiny_dir, aggregation):
     """The loop calls the tested loss as is: its micro-batch losses (2 micro-batches of one group each, with the
     global denominator) add up to `grpo_loss` over the whole batch."""
-    from align.grpo.core import grpo_loss, tis_weights
+    from align.grpo.core import LossSettings, grpo_loss, tis_weights
     from align.model.policy import ModelConfig, load_policy
 
     torch.manual_seed(0)
@@ -204,8 +204,9 @@ def test_the_loops_loss_is_grpo_loss_on_the_same_tensors(tiny_dir, aggregation):
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -2.0, 0.0])
     with torch.no_grad():
         lp = forward_logprobs(model, ids, 5).logprobs
-    want = grpo_loss(lp, lp, None, adv, mask, beta=0.0, aggregation=aggregation,
-                     max_tokens=cfg.sampling.max_new_tokens, weights=tis_weights(lp, sampled, cfg.tis_cap))
+    want = grpo_loss(lp, lp, None, adv, mask,
+                     LossSettings(beta=0.0, aggregation=aggregation, max_tokens=cfg.sampling.max_new_tokens),
+                     weights=tis_weights(lp, sampled, cfg.tis_cap))
     stats = _update(_run(model, cfg), _traj(ids, mask, adv, G=4, sampling_logprobs=sampled), cfg,
                     PolicyForward.of(cfg), torch.Generator().manual_seed(0), 1)
     assert stats["loss/policy"] == pytest.approx(want.item(), rel=1e-5, abs=1e-7)

@@ -44,7 +44,7 @@ def _gap(model, r, temperature=1.0):
 
 def _train_a_little(model, engine, steps=3, lr=3e-2):
     """A few real GRPO updates (rollouts from vLLM, advantages from a length reward) that move every weight."""
-    from align.grpo.core import group_advantages, grpo_loss
+    from align.grpo.core import LossSettings, group_advantages, grpo_loss
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     for _ in range(steps):
@@ -53,7 +53,7 @@ def _train_a_little(model, engine, steps=3, lr=3e-2):
         ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
         mask = torch.cat([r.prompt_mask, r.completion_mask], 1)
         lp = forward_logprobs(model, ids, r.completion_ids.shape[1], mask).logprobs
-        grpo_loss(lp, lp.detach(), None, adv, r.completion_mask, beta=0.0).backward()
+        grpo_loss(lp, lp.detach(), None, adv, r.completion_mask, LossSettings(beta=0.0)).backward()
         opt.step()
         opt.zero_grad()
 

@@ -13,7 +13,7 @@ from ..model.policy import ModelConfig
 from ..rollout.engines import check_engine
 from ..rollout.protocol import RolloutConfig, SamplingConfig
 from ..run.rundir import ResumeMode, resume_option
-from .core import AGGREGATIONS, CLIP_DEFAULTS, POLICY_LOSSES
+from .core import AGGREGATIONS, CLIP_DEFAULTS, POLICY_LOSSES, LossSettings
 
 
 @dataclasses.dataclass
@@ -127,8 +127,8 @@ class GRPOConfig:
         for key in ("eval_every", "save_every", "keep_last", "warmup_steps", "max_grad_norm", "routing_metrics_every"):
             require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
 
-    def loss_kwargs(self) -> dict:
+    def loss_settings(self) -> LossSettings:
         """The settings of `core.grpo_loss` this config fixes (after `validate`, which fills in the clip defaults)."""
-        return {"beta": self.beta, "eps_low": self.clip_eps_low, "eps_high": self.clip_eps_high,
-                "aggregation": self.aggregation, "max_tokens": self.sampling.max_new_tokens,
-                "policy_loss": self.policy_loss}
+        return LossSettings(policy_loss=self.policy_loss, beta=self.beta, eps_low=self.clip_eps_low,
+                            eps_high=self.clip_eps_high, aggregation=self.aggregation,
+                            max_tokens=self.sampling.max_new_tokens)

@@ -37,6 +37,7 @@ denominators separately and gets exactly the full-batch loss.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -110,6 +111,20 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The GRPO loss's settings, fixed for a run: built once from the config (`GRPOConfig.loss_settings`) and
+    handed to `grpo_loss`, which hands it to the surrogate. A surrogate with a knob of its own adds a field here;
+    the other surrogates' signatures stay as they are."""
+
+    policy_loss: str = "clip"           # the surrogate, a name in POLICY_LOSSES
+    beta: float = 0.04                  # weight of the k3 KL penalty to π_ref (0: none)
+    eps_low: float | None = 0.2         # lower clip of ρ (None: no lower clip, CISPO)
+    eps_high: float = 0.2               # upper clip of ρ
+    aggregation: str = "sequence_mean"  # over tokens and completions, a name in AGGREGATIONS
+    max_tokens: int | None = None       # the constant of aggregation=constant (None: the batch's width)
+
+
 LOG_RATIO_BOUND = 20.0  # |log ρ| beyond this is clamped (as verl): ρ = e^88 would overflow fp32 to inf, then NaN
 
 
@@ -118,9 +133,10 @@ def _log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tens
 
 
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                      eps_low: float = 0.2, eps_high: float = 0.2, mask: torch.Tensor | None = None):
+                      settings: LossSettings = LossSettings(), mask: torch.Tensor | None = None):
     """policy_loss=clip (DeepSeekMath / PPO): per-token −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) [N, T], the ratio ρ
     [N, T], and where the clipped branch was taken [N, T]."""
+    eps_low, eps_high = settings.eps_low, settings.eps_high
     ratio = torch.exp(_log_ratio(logprobs, old_logprobs))                  # [N, T]
     adv = advantages.unsqueeze(-1)                                         # [N, 1]
     unclipped = ratio * adv                                                # [N, T]
@@ -130,11 +146,13 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
 
 
 def gspo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                   eps_low: float = 3e-4, eps_high: float = 4e-4, mask: torch.Tensor | None = None):
+                   settings: LossSettings = LossSettings(eps_low=3e-4, eps_high=4e-4),
+                   mask: torch.Tensor | None = None):
     """policy_loss=gspo (Zheng et al., 2025, "Group Sequence Policy Optimization"): one ratio per completion,
     s_i = exp(mean over its tokens of log ρ_i,t), and the loss −min(s_i A_i, clip(s_i, 1−ε_low, 1+ε_high) A_i) set
     on each of its tokens, so `sequence_mean` aggregation gives the per-sequence objective. Returns the per-token
     loss [N, T], s_i broadcast [N, T], and where the clipped branch was taken [N, T]."""
+    eps_low, eps_high = settings.eps_low, settings.eps_high
     m = torch.ones_like(logprobs) if mask is None else mask.to(logprobs.dtype)     # [N, T]
     log_ratio = torch.where(m.bool(), _log_ratio(logprobs, old_logprobs), 0.0)     # [N, T]
     seq = log_ratio.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)   # [N, 1] mean log ρ
@@ -146,14 +164,15 @@ def gspo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
 
 
 def cispo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    eps_low: float | None = None, eps_high: float = 0.2, mask: torch.Tensor | None = None):
+                    settings: LossSettings = LossSettings(eps_low=None), mask: torch.Tensor | None = None):
     """policy_loss=cispo (MiniMax-M1, 2025): per-token −sg(min(ρ, 1+ε_high)) · A · log π_θ(o_t): the importance
     weight is clipped from above and detached, so every token keeps a gradient (no lower clip; ε_low unused).
     Returns the per-token loss [N, T], ρ [N, T], and where the weight hit its cap [N, T]."""
+    cap = 1 + settings.eps_high
     ratio = torch.exp(_log_ratio(logprobs, old_logprobs))                  # [N, T]
-    weight = torch.clamp(ratio, max=1 + eps_high).detach()                 # [N, T]
+    weight = torch.clamp(ratio, max=cap).detach()                          # [N, T]
     loss = -weight * advantages.unsqueeze(-1) * logprobs                   # [N, T]
-    return loss, ratio, ratio > 1 + eps_high
+    return loss, ratio, ratio > cap
 
 
 POLICY_LOSSES: dict[str, Callable] = {"clip": clipped_surrogate, "gspo": gspo_surrogate, "cispo": cispo_surrogate}
@@ -244,39 +263,37 @@ def loss_denominator(completion_mask: torch.Tensor, aggregation: str, max_tokens
 
 
 def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
-                    advantages: torch.Tensor, completion_mask: torch.Tensor, beta: float = 0.04,
-                    eps_low: float | None = 0.2, eps_high: float = 0.2, weights: torch.Tensor | None = None,
-                    policy_loss: str = "clip") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    advantages: torch.Tensor, completion_mask: torch.Tensor,
+                    settings: LossSettings = LossSettings(),
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token GRPO loss [N, T] and per-token statistics (kl, ratio, clipped) for logging.
 
-    `policy_loss` names the surrogate (POLICY_LOSSES: clip, gspo, cispo). `weights` [N, T] (detached, e.g.
-    `tis_weights`) multiply the surrogate term, not the KL penalty.
+    `settings.policy_loss` names the surrogate (POLICY_LOSSES: clip, gspo, cispo). `weights` [N, T] (detached,
+    e.g. `tis_weights`) multiply the surrogate term, not the KL penalty, which is added here (β read here only).
     """
-    if policy_loss not in POLICY_LOSSES:
-        raise ValueError(f"unknown policy loss {policy_loss!r}; expected one of {sorted(POLICY_LOSSES)}")
-    surrogate, ratio, clipped = POLICY_LOSSES[policy_loss](logprobs, old_logprobs, advantages, eps_low, eps_high,
-                                                           mask=completion_mask)
-    policy_loss = surrogate
-    per_token = policy_loss if weights is None else policy_loss * weights  # [N, T]
+    if settings.policy_loss not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {settings.policy_loss!r}; expected one of {sorted(POLICY_LOSSES)}")
+    surrogate, ratio, clipped = POLICY_LOSSES[settings.policy_loss](logprobs, old_logprobs, advantages, settings,
+                                                                    mask=completion_mask)
+    per_token = surrogate if weights is None else surrogate * weights     # [N, T]
     kl = torch.zeros_like(logprobs)
-    if ref_logprobs is not None and beta:
+    if ref_logprobs is not None and settings.beta:
         kl = k3_kl(logprobs, ref_logprobs)                                 # [N, T]
-        per_token = per_token + beta * kl
+        per_token = per_token + settings.beta * kl
     return _masked(per_token, completion_mask), {"kl": kl.detach(), "ratio": ratio.detach(),
                                                   "clipped": clipped.detach()}
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, beta: float = 0.04,
-              eps_low: float | None = 0.2, eps_high: float = 0.2, aggregation: str = "sequence_mean",
-              max_tokens: int | None = None, weights: torch.Tensor | None = None,
-              policy_loss: str = "clip", denominator: torch.Tensor | None = None, with_stats: bool = False):
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask,
+              settings: LossSettings = LossSettings(), weights: torch.Tensor | None = None,
+              denominator: torch.Tensor | None = None, with_stats: bool = False):
     """The GRPO loss (to minimise): aggregate(grpo_token_loss) / denominator.
 
     `denominator`: the whole batch's (from `loss_denominator`, summed over micro-batches and processes), so that
     the micro-batch losses add up to the batch loss; default this batch's own. `with_stats`: also return the
     per-token statistics (kl, ratio, clipped) of `grpo_token_loss`."""
-    per_token, stats = grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, beta,
-                                       eps_low, eps_high, weights, policy_loss)
-    num, den = aggregate(per_token, completion_mask, aggregation, max_tokens or logprobs.shape[1])
+    per_token, stats = grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask, settings,
+                                       weights)
+    num, den = aggregate(per_token, completion_mask, settings.aggregation, settings.max_tokens or logprobs.shape[1])
     loss = num / (den.clamp_min(1) if denominator is None else denominator)
     return (loss, stats) if with_stats else loss

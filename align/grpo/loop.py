@@ -56,7 +56,7 @@ from ..rollout.engines import EngineContext, engine_class, make_engine
 from ..rollout.protocol import RolloutEngine
 from ..run.trainer import Run, start_run, world_size
 from .config import GRPOConfig
-from .core import grpo_loss, loss_denominator, mismatch_stats, normalized_total, tis_weights, weighted_sum
+from .core import LossSettings, grpo_loss, loss_denominator, mismatch_stats, normalized_total, tis_weights, weighted_sum
 from .reference import Reference
 from .trajectory import PolicyForward, Trajectory, build_trajectory
 
@@ -80,14 +80,15 @@ def _router_mask(out, micro: Trajectory) -> torch.Tensor:
     return out.router_mask if out.router_mask is not None else micro.attention_mask.reshape(-1)
 
 
-def _micro_loss(model, micro: Trajectory, den: torch.Tensor, cfg: GRPOConfig, forward: PolicyForward, router):
+def _micro_loss(model, micro: Trajectory, den: torch.Tensor, cfg: GRPOConfig, settings: LossSettings,
+                forward: PolicyForward, router):
     """One micro-batch's share of the minibatch loss (numerator / the minibatch's global denominator), its
     balance loss, per-token statistics, and the forward's output."""
     out = forward(model, micro, with_entropy=True, router_logits=router is not None)
     old = micro.old_logprobs if micro.old_logprobs is not None else out.logprobs.detach()   # [n, C]
-    loss, tok = grpo_loss(out.logprobs, old, micro.ref_logprobs, micro.advantages, micro.completion_mask,
+    loss, tok = grpo_loss(out.logprobs, old, micro.ref_logprobs, micro.advantages, micro.completion_mask, settings,
                           weights=tis_weights(old, micro.sampling_logprobs, cfg.tis_cap), denominator=den,
-                          with_stats=True, **cfg.loss_kwargs())
+                          with_stats=True)
     balance = torch.zeros((), device=loss.device)
     if router is not None and cfg.balance_alpha > 0:
         balance = router.balance_loss(out.router_logits, cfg.balance_alpha, _router_mask(out, micro))
@@ -99,20 +100,21 @@ STAT_KEYS = ("loss/policy", "loss/kl", "loss/clip_frac", "loss/balance", "policy
 
 
 def _update(run: Run, traj: Trajectory, cfg: GRPOConfig, forward: PolicyForward, gen: torch.Generator,
-            step: int) -> dict[str, float]:
-    """μ epochs x minibatches optimizer steps over one trajectory; statistics averaged over the updates, and the
-    expert load of the last micro-batch."""
+            step: int, settings: LossSettings | None = None) -> dict[str, float]:
+    """μ epochs x minibatches optimizer steps over one trajectory (`settings`: the run's loss settings, built once;
+    default from `cfg`); statistics averaged over the updates, and the expert load of the last micro-batch."""
     model, accelerator = run.model, run.accelerator
+    settings = settings or cfg.loss_settings()
     stats: dict[str, list[float]] = {k: [] for k in STAT_KEYS}
     skipped, load = 0, {}
-    G = cfg.group_size if len(traj) % cfg.group_size == 0 else 1
+    groups = [(traj.group == g).nonzero().squeeze(1) for g in torch.unique_consecutive(traj.group)]  # rows per prompt
     for epoch in range(cfg.inner_epochs):
-        groups = torch.randperm(len(traj) // G, generator=gen)                         # rows stay in their groups
-        for chunk in groups.chunk(min(cfg.minibatches, len(groups))):
-            rows = (chunk[:, None] * G + torch.arange(G)).reshape(-1)                  # [rows of whole groups]
+        order = torch.randperm(len(groups), generator=gen)                             # rows stay in their groups
+        for chunk in order.chunk(min(cfg.minibatches, len(order))):
+            rows = torch.cat([groups[g] for g in chunk.tolist()])                      # [rows of whole groups]
             # the loss is normalised by the global count (all processes); data-parallel gradients are averaged
             # over processes, hence x world: the update equals one process taking the whole global batch
-            den = loss_denominator(traj.completion_mask[rows], cfg.aggregation, cfg.sampling.max_new_tokens)
+            den = loss_denominator(traj.completion_mask[rows], settings.aggregation, settings.max_tokens)
             den = accelerator.reduce(den, reduction="sum").clamp_min(1) / accelerator.num_processes
             micros = rows.split(forward.micro_batch)
             minibatch_loss = 0.0
@@ -120,11 +122,11 @@ def _update(run: Run, traj: Trajectory, cfg: GRPOConfig, forward: PolicyForward,
                 micro = traj[idx]
                 sync = accelerator.no_sync(model) if i < len(micros) - 1 else contextlib.nullcontext()
                 with sync:  # gradients are all-reduced once per minibatch, at its last micro-batch
-                    loss, balance, tok, out = _micro_loss(model, micro, den, cfg, forward, run.router)
+                    loss, balance, tok, out = _micro_loss(model, micro, den, cfg, settings, forward, run.router)
                     accelerator.backward(loss + balance * len(idx) / len(rows))
                 m = micro.completion_mask.bool()
                 if m.any():
-                    if cfg.beta > 0:  # with β = 0 nothing is measured, and nothing is logged
+                    if micro.ref_logprobs is not None:  # with β = 0 nothing is measured, and nothing is logged
                         stats["loss/kl"].append(tok["kl"][m].mean().item())
                     stats["loss/clip_frac"].append(tok["clipped"][m].float().mean().item())
                     stats["policy/ratio"].append(tok["ratio"][m].mean().item())
@@ -285,10 +287,11 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         cfg = dataclasses.replace(cfg, routing_replay="none", routing_metrics_every=0)
     run = start_run(cfg, "grpo", total_updates=cfg.steps * cfg.inner_epochs * cfg.minibatches,
                     warmup_steps=cfg.warmup_steps, seed_per_process=True)
-    rank, device, G = run.accelerator.process_index, run.device, cfg.group_size
+    rank, device, G = run.accelerator.process_index, run.device, cfg.group_size  # G samples asked of the engine
     reference = Reference(cfg.model, cfg.beta, device, cfg.ref_offload)
     engine = _engine(cfg, run, tokenizer, max_len)
     forward = PolicyForward.of(cfg)
+    loss_settings = cfg.loss_settings()  # fixed for the run
     needs_old = cfg.inner_epochs > 1 or cfg.minibatches > 1  # else π_θold is the update's own forward, detached
     history = dict(run.state.get("history", {}))
     skipped_streak = 0  # consecutive steps whose every prompt group a failing reward skipped
@@ -309,9 +312,10 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         fault_point("generation", step + 1)
         t_gen = time.time()
         # 2. rewards, per component and weighted total (NaN: no reward scored the completion)
-        prompts, columns = _per_completion(picked, G)
-        scores = combine_rewards(score(cfg.rewards, prompts, rollouts.completions, columns, columns["row"], G,
-                                       cfg.on_reward_error), cfg.rewards, cfg.reward_mode, G)
+        n = rollouts.group_size  # from here on G is what the engine returned
+        prompts, columns = _per_completion(picked, n)
+        scores = combine_rewards(score(cfg.rewards, prompts, rollouts.completions, columns, columns["row"], n,
+                                       cfg.on_reward_error), cfg.rewards, cfg.reward_mode, n)
         skipped_streak = _check_skipped(run, scores, cfg, step + 1, skipped_streak)
         fault_point("scoring", step + 1)
         t_reward = time.time()
@@ -341,7 +345,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             t_ref = time.time()
             # 5. μ epochs x minibatches of updates on grpo_loss
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # minibatch order: a function of step
-            metrics.update(_update(run, traj, cfg, forward, gen, step + 1))
+            metrics.update(_update(run, traj, cfg, forward, gen, step + 1, loss_settings))
             fault_point("update", step + 1)
             if measure:
                 metrics.update(_routing_metrics(run.model, traj, forward, reference, before))
