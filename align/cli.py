@@ -19,8 +19,8 @@ import json
 import os
 import sys
 
-from .config import ConfigError, build_config, describe, load_config
-from .run.data import DataError
+from .config import build_config, describe, load_config
+from .errors import AlignError
 from .run.metrics import strict_json
 
 
@@ -158,13 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rewards.combine import RewardError
 
-    from .run.finite import NonFiniteError
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, RewardError, NonFiniteError, FileExistsError, FileNotFoundError) as e:
+    except (AlignError, RewardError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -18,9 +18,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the place (file:line, key) and what was expected."""
+from .errors import ConfigError  # noqa: F401 (align.config.ConfigError, where every config check raises it)
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING):

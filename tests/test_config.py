@@ -84,3 +84,13 @@ def test_alias_bomb_is_refused_in_milliseconds(tmp_path):
     with pytest.raises(ConfigError, match="YAML aliases"):
         load_config(__import__("align.sft", fromlist=["SFTConfig"]).SFTConfig, bomb)
     assert time.perf_counter() - t < 1.0
+
+
+def test_user_errors_share_one_base_the_cli_catches(capsys):
+    from align.cli import main
+    from align.errors import AlignError, CheckpointError, ConfigError, DataError, NonFiniteError
+
+    assert all(issubclass(c, AlignError) for c in (ConfigError, DataError, NonFiniteError, CheckpointError))
+    assert issubclass(ConfigError, ValueError) and issubclass(CheckpointError, RuntimeError)  # older excepts hold
+    assert main(["sft", "model.path=/nonexistent", "output_dir=/tmp/x", "train_data=[a]"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

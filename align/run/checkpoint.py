@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import CheckpointError
 from .finite import nonfinite_tensor
 
 CHECKPOINTS = "checkpoints"
@@ -23,8 +24,6 @@ TRAINER_STATE = "trainer_state.pt"
 CHECKSUMS = "checksums.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be trusted (incomplete, corrupt, or holding non-finite numbers)."""
 
 
 def _sha256(path: Path) -> str:

@@ -8,8 +8,7 @@ import json
 from pathlib import Path
 
 
-class DataError(ValueError):
-    """Unusable data; the message names the file, the row (1-based) and the field."""
+from ..errors import DataError  # noqa: F401 (re-exported: align.run.data.DataError)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

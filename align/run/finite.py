@@ -11,6 +11,7 @@ import math
 from typing import Literal
 
 from ..config import option
+from ..errors import NonFiniteError
 
 NonFinitePolicy = Literal["fail", "skip"]
 
@@ -21,8 +22,6 @@ def nonfinite_option(quantities: str):
                           "skip = drop that update (counted in train/skipped_nonfinite).")
 
 
-class NonFiniteError(RuntimeError):
-    """A quantity that must be finite is not; nothing of the step was applied."""
 
 
 def first_nonfinite(values: dict[str, float | None]) -> tuple[str, float] | None:
