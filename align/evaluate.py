@@ -14,8 +14,9 @@
   completions            the greedy answers to the helpful / safety prompts, in row order (what was scored)
 
 Every source is a data source of `align.run.formats` (a file, a hub dataset id, a sidecar), read and checked before the
-model loads. `counts` gives the rows scored per measurement (after `limit`), the code timeouts and, where a check
-timed out (math-verify), the unscored rows, which are left out of the accuracy, never counted as wrong.
+model loads. `counts` gives the rows scored per measurement (after `limit`), the code timeouts and, where the
+math-verify checker itself crashed, the unscored rows, which are left out of the accuracy. An answer whose check runs
+past its limit, or too large to parse, is wrong, as in training (rewards/math.py).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _column(rows: list[PromptRow], name: str, what: str) -> list:
 
 
 def answer_scores(reward: str, completions: list[str], answers: list) -> list[float | None]:
-    """Per completion 1.0 / 0.0 for the `exact_answer` or `math` reward, None where a math check timed out."""
+    """Per completion 1.0 / 0.0 for the `exact_answer` or `math` reward, None where the math checker crashed."""
     from rewards.math import exact_answer, math_reward
 
     if reward == "exact_answer":

@@ -5,8 +5,16 @@
 SIGALRM, which fails off the main thread (a known failure in other toolkits); here they are switched off and every
 check runs in a warm worker process (`rewards.workers`) with a wall-clock limit instead, so the reward works from
 threads and processes. The limit counts only the check: the workers start once per reward (math-verify imported and
-warmed, no torch), and a check past its limit ends only its own worker, which is replaced. Such a check (or one whose
-worker crashed) scores None (left out, never counted as 0) and is counted in the metric `reward/<name>/timeouts`.
+warmed, no torch), and a check past its limit ends only its own worker, which is replaced.
+
+The policy is optimised against this reward, so nothing in a completion may buy more than a wrong answer scores:
+  * an answer is bounded before any arithmetic in this process: longer than MAX_ANSWER_CHARS, or a number with an
+    exponent beyond MAX_EXPONENT (`\boxed{1e100000000}` would make `Fraction` build a 10^8-digit integer here, GIL
+    held), is wrong without being parsed;
+  * a prediction whose check runs past the limit (`\boxed{9^{9^{9^9}}}`) scores 0, as a wrong answer does, and is
+    counted in `reward/<name>/timeouts`: an unscored completion would get advantage 0, above a wrong one;
+  * only a failure of the checker itself (its worker crashed) scores None (left out of its group, counted in
+    `reward/<name>/crashes`).
 """
 
 from __future__ import annotations
@@ -19,8 +27,22 @@ from .answers import extract_answer
 from .registry import RewardResult, reward, reward_factory
 from .workers import STARTUP_S, WorkerPool, verify_answer, warm_up
 
+MAX_ANSWER_CHARS = 200   # a final answer longer than this is wrong, never parsed
+MAX_EXPONENT = 1000      # 1e1000 is a number; beyond that Fraction's cost grows with the exponent, in this process
+_EXPONENT = re.compile(r"(?<=[\d.])[eE][+-]?(\d+)")  # a number's exponent: 1e5, 2.5E-3
+
+
+def bounded(text: str) -> bool:
+    """Whether an answer is small enough to parse and compare in the trusted process."""
+    if len(text) > MAX_ANSWER_CHARS:
+        return False
+    return all(len(e) <= len(str(MAX_EXPONENT)) and int(e) <= MAX_EXPONENT for e in _EXPONENT.findall(text))
+
+
 def _as_number(text: str) -> Fraction | None:
     text = text.replace(",", "").replace("$", "").strip()
+    if not bounded(text):
+        return None
     try:
         return Fraction(text)
     except (ValueError, ZeroDivisionError):
@@ -28,7 +50,7 @@ def _as_number(text: str) -> Fraction | None:
 
 
 def same_answer(predicted: str | None, reference: str) -> bool:
-    if predicted is None:
+    if predicted is None or not bounded(predicted):
         return False
     a, b = _as_number(predicted), _as_number(str(reference))
     if a is not None and b is not None:
@@ -68,10 +90,14 @@ class MathVerifier:
                 self._pool.start()
             return self._pool
 
+    def check_kinds(self, pairs: list[tuple[str, str]]) -> list[tuple[str, object]]:
+        """Per pair the worker pool's (kind, value): ("ok", equal), ("raised", message), ("timeout", None) or
+        ("died", exit code)."""
+        return self.pool().run([(p, g) for p, g in pairs]) if pairs else []
+
     def check(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
         """True / False per pair (False where the check raised: unparseable), None where it timed out or crashed."""
-        results = self.pool().run([(p, g) for p, g in pairs]) if pairs else []
-        return [bool(v) if kind == "ok" else False if kind == "raised" else None for kind, v in results]
+        return [bool(v) if kind == "ok" else False if kind == "raised" else None for kind, v in self.check_kinds(pairs)]
 
     def close(self) -> None:
         """End the worker processes (a later check starts fresh ones)."""
@@ -85,7 +111,8 @@ class MathVerifier:
 
 @reward_factory("math")
 def math_reward(timeout_s: float = 5.0, workers: int = 2, skip_missing: bool = False):
-    """1.0 when the final answer is mathematically equal to `answer` (math-verify), 0.0 if not, None on timeout.
+    """1.0 when the final answer is mathematically equal to `answer` (math-verify), 0.0 if not (an unbounded answer
+    or a check past its limit included), None where the checker crashed.
     `skip_missing`: rows without an `answer` (e.g. the code rows of a mixed stage) score None instead of being
     refused before the run."""
     verifier = MathVerifier(timeout_s, workers)
@@ -98,7 +125,7 @@ def math_reward(timeout_s: float = 5.0, workers: int = 2, skip_missing: bool = F
             pred = extract_answer(c)
             if gold is None:  # only with skip_missing: the column check refuses such rows otherwise
                 continue
-            if pred is None:
+            if pred is None or not bounded(pred):
                 scores[i] = 0.0
             elif same_answer(pred, gold):
                 scores[i] = 1.0
@@ -106,14 +133,15 @@ def math_reward(timeout_s: float = 5.0, workers: int = 2, skip_missing: bool = F
                 scores[i] = 0.0  # two different numbers: no symbolic check needed
             else:
                 slow.append(i)
-        checked = verifier.check([(extract_answer(completions[i]), str(answer[i])) for i in slow]) if slow else []
-        timeouts = 0
-        for i, ok in zip(slow, checked):
-            if ok is None:
-                timeouts += 1
-            else:
-                scores[i] = 1.0 if ok else 0.0
-        return RewardResult(scores, {"timeouts": float(timeouts)})
+        checked = verifier.check_kinds([(extract_answer(completions[i]), str(answer[i])) for i in slow])
+        counts = {"timeouts": 0.0, "crashes": 0.0}
+        for i, (kind, value) in zip(slow, checked):
+            if kind == "died":  # the checker failed, not the answer: unscored, counted
+                counts["crashes"] += 1
+                continue
+            counts["timeouts"] += kind == "timeout"  # past the limit: as wrong as a wrong answer
+            scores[i] = 1.0 if kind == "ok" and value else 0.0
+        return RewardResult(scores, counts)
 
     score.verifier = verifier
     score.required_columns = [] if skip_missing else ["answer"]
