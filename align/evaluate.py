@@ -28,11 +28,11 @@ from typing import Any, Literal
 
 import torch
 
-from .run.allocator import free_device_memory
 from .config import ConfigError, option, require
-from .run.data import DataError, PromptRow, load_prompts
 from .rollout.engines import EngineContext, make_engine
 from .rollout.protocol import RolloutConfig, SamplingConfig
+from .run.allocator import free_device_memory
+from .run.data import DataError, PromptRow, load_prompts
 
 _REFUSAL = re.compile(r"\b(sorry|can't|cannot|won't|unable to)\b", re.IGNORECASE)
 CODE_SETTINGS = ("wall_s", "cpu_s", "memory_mb", "workers", "isolation")
@@ -158,10 +158,10 @@ def refusal_rate(completions: list[str]) -> float:
 
 
 def eval_device(name: str) -> torch.device:
-    """`auto`: the GPU when there is one, else the CPU; else the named torch device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """`auto`: the device training gets (the GPU when there is one); else the named torch device."""
+    from .model.precision import training_device
+
+    return training_device() if name == "auto" else torch.device(name)
 
 
 def _rm_mean(rm_dir: str, rows: list[PromptRow], completions: list[str], cfg: EvalConfig) -> float:

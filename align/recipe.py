@@ -29,14 +29,14 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .run.checkpoint import atomic_write_text
 from .config import ConfigError, build_config, merge_dicts, parse_overrides, read_yaml, where
-from .run.formats import check_source
 from .model.hub import hub_ref
-from .run.metrics import strict_json
 from .rerun import plan_reruns, portable_settings, write_record
 from .resources import data_dir, recipes_dir
 from .rollout.protocol import RolloutConfig
+from .run.checkpoint import atomic_write_text
+from .run.formats import check_source
+from .run.metrics import strict_json
 
 _REF = re.compile(r"^@([A-Za-z0-9_\-]+)$")
 
@@ -195,8 +195,8 @@ def _rank_by_kind(stage: Stage, run_dir: Path, eval_cfg) -> None:
     "pairs" where a row has none): RUN_DIR/<stage>/eval.json {"pair_accuracy_by_kind", "pairs_by_kind"}."""
     from rewards.model import ClassifierReward
 
-    from .run.data import load_rows
     from .rm import load_pairs
+    from .run.data import load_rows
 
     result_file = run_dir / stage.name / "eval.json"
     if result_file.is_file() or not stage.config.eval_data:
@@ -269,9 +269,9 @@ def _score_components(stages: list[Stage], run_dir: Path, eval_cfg) -> None:
 def run_recipe(recipe: str, overrides: list[str] | None = None, rerun_from: str | None = None) -> dict:
     """Run every stage not finished yet (and, with `rerun_from`, that stage and every later one again: see
     align/rerun.py), evaluate after each policy stage, write the report."""
-    from .run.allocator import free_device_memory, release_freed_memory
     from .evaluate import evaluate
     from .report import write_report
+    from .run.allocator import free_device_memory, release_freed_memory
 
     run_dir, stages, eval_cfg, values = load_recipe(recipe, overrides)  # all validation before any work
     plan = plan_reruns(run_dir, stages, rerun_from)  # a finished stage with other settings: refused here

@@ -26,9 +26,9 @@ import time
 import uuid
 from pathlib import Path
 
-from .run.checkpoint import atomic_write_text
 from .config import ConfigError, config_to_dict
 from .resources import data_dir
+from .run.checkpoint import atomic_write_text
 
 RECORD = "align-stage.json"
 REPLACED = ".replaced"

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from .config import option, require
-from .run.data import DataError, as_messages, batch_indices, load_rows
-from .run.finite import NonFinitePolicy, nonfinite_option
 from .model.hub import model_dir
-from .run.metrics import progress
 from .model.policy import check_model_dir, load_tokenizer, resolve_dtype
 from .model.precision import training_device, training_precision
+from .run.data import DataError, as_messages, batch_indices, load_rows
+from .run.finite import NonFinitePolicy, nonfinite_option
+from .run.metrics import progress
 from .run.rundir import ResumeMode, resume_option
 from .run.trainer import start_run
 

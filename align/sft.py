@@ -23,12 +23,12 @@ import time
 import torch
 
 from .config import ConfigError, option, require
-from .run.data import IGNORE, batch_indices, collate, collate_packed, load_chats, pack, tokenize_chats
-from .run.finite import NonFinitePolicy, nonfinite_option
 from .model.logprobs import forward_logprobs
-from .run.metrics import progress
 from .model.moe import Router
 from .model.policy import ModelConfig, check_model_dir, load_tokenizer
+from .run.data import IGNORE, batch_indices, collate, collate_packed, load_chats, pack, tokenize_chats
+from .run.finite import NonFinitePolicy, nonfinite_option
+from .run.metrics import progress
 from .run.rundir import ResumeMode, resume_option
 from .run.trainer import start_run, world_size
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from transformers import DeepseekV2ForCausalLM
 
-from .run.checkpoint import atomic_dir
 from .config import option
 from .model.presets import parameter_counts, preset_config
-from .resources import data_dir
 from .model.tokenizer import train_tokenizer
+from .resources import data_dir
+from .run.checkpoint import atomic_dir
 
 
 @dataclasses.dataclass

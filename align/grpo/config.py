@@ -8,10 +8,10 @@ from typing import Literal
 from rewards.combine import RewardSpec
 
 from ..config import ConfigError, option, require
-from ..run.finite import NonFinitePolicy, nonfinite_option
 from ..model.policy import ModelConfig
 from ..rollout.engines import check_engine
 from ..rollout.protocol import RolloutConfig, SamplingConfig
+from ..run.finite import NonFinitePolicy, nonfinite_option
 from ..run.rundir import ResumeMode, resume_option
 from .core import AGGREGATIONS, CLIP_DEFAULTS, POLICY_LOSSES, LossSettings
 

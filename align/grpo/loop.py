@@ -42,18 +42,18 @@ import torch
 
 from rewards.combine import RewardError, Scores, check_columns, close_rewards, score
 
-from ..model import fastpaths
 from ..config import ConfigError
-from ..run.data import PromptRow, batch_indices, load_prompts
 from ..evaluate import accuracy
 from ..faults import fault_point
-from ..run.finite import check_step
+from ..model import fastpaths
 from ..model.hub import model_dir
-from ..run.metrics import progress
-from ..run.offload import offloaded
 from ..model.policy import check_model_dir, load_tokenizer
 from ..rollout.engines import EngineContext, engine_class, make_engine
 from ..rollout.protocol import RolloutEngine
+from ..run.data import PromptRow, batch_indices, load_prompts
+from ..run.finite import check_step
+from ..run.metrics import progress
+from ..run.offload import offloaded
 from ..run.trainer import Run, start_run, world_size
 from .config import GRPOConfig
 from .core import LossSettings, grpo_loss, loss_denominator, mismatch_stats, normalized_total, tis_weights, weighted_sum

@@ -24,10 +24,10 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogit
 
 from ..model import fastpaths
 from ..model.compat import CACHE_KW
-from ..run.data import stop_token_ids
 from ..model.kvcache import ReservedCache, ReservedLayer, prefilled_cache  # noqa: F401 (ReservedLayer re-exported)
 from ..model.mla import absorbed_mla, attention_modules
 from ..model.routing import NO_ROUTE, recording
+from ..run.data import stop_token_ids
 from .protocol import Rollouts, SamplingConfig
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from ..errors import DataError  # noqa: F401 (re-exported: align.run.data.DataError)
 
 

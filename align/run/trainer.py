@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
+from ..config import config_to_dict
+from ..model.moe import Router, router_of
+from ..model.precision import Precision, training_device, training_precision
 from . import checkpoint as ckpt
 from .allocator import keep_freed_memory
-from ..config import config_to_dict
 from .finite import check_step
 from .metrics import MetricsLogger
-from ..model.moe import Router, router_of
 from .optim import build_optimizer, warmup_cosine
-from ..model.precision import Precision, training_device, training_precision
 from .rundir import claim_all
 
 
