@@ -264,12 +264,13 @@ class VLLMEngine:
         self.wake()
         ids = tok(prompt_texts(tok, prompts), add_special_tokens=False)["input_ids"]     # B lists of token ids
         greedy = sampling.temperature == 0
-        params = SamplingParams(n=n, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+        params = SamplingParams(n=1 if greedy else n, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
                                 max_tokens=sampling.max_new_tokens, stop=sampling.stop or None,
                                 include_stop_str_in_output=True, stop_token_ids=stop_token_ids(tok), logprobs=0)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
         self.sleep()
-        rows = [(prompt, c) for prompt, o in zip(ids, outs) for c in o.outputs]           # N = B*G, grouped
+        copies = n if greedy else 1  # vLLM refuses n > 1 when greedy: G copies of the one greedy completion
+        rows = [(prompt, c) for prompt, o in zip(ids, outs) for c in o.outputs * copies]  # N = B*G, grouped
         P = max(len(p) for p, _ in rows)
         C = max(max(len(c.token_ids) for _, c in rows), 1)
         N = len(rows)
