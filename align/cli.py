@@ -6,7 +6,8 @@
     align rm   [RECIPE.yaml] [key=value ...]            reward model (Bradley-Terry) on preference pairs
     align eval MODEL_DIR [--reasoning S --code S --helpful S --safety S --rm-helpful D --rm-safety D --limit N]
     align run RECIPE [key=value ...] [--check]          a chain of stages from a recipe (`align run quickstart`)
-    align doctor                                        versions, CPU / GPU features, active fast paths
+    align serve MODEL_DIR [--tensor-parallel-size N ...] a vLLM server for rollout.engine=vllm_server
+    align doctor [--server URL]                         versions, CPU / GPU features, fast paths, a vLLM server
 
 `align sft --help-config` lists every key with its default and meaning. Bad input (unknown keys, unreadable files,
 malformed rows) is reported as `error: <place>: <what>` with exit status 2, before anything is written.
@@ -20,7 +21,7 @@ import os
 import sys
 
 from .config import build_config, describe, load_config
-from .errors import AlignError
+from .errors import AlignError, ConfigError
 from .run.metrics import strict_json
 
 
@@ -100,7 +101,36 @@ def _cmd_run(args) -> int:
 def _cmd_doctor(args) -> int:
     from .doctor import main as doctor
 
-    return doctor()
+    return doctor(args.server)
+
+
+def _cmd_serve(args, vllm_args: list[str]) -> int:
+    """Replace this process by the vLLM server align's vllm_server engine talks to (or print its command)."""
+    import shlex
+
+    import torch
+
+    from .model.policy import check_model_dir, model_dir, resolve_dtype
+    from .rollout.vllm import choose_attention_backend, vllm_missing
+    from .rollout.vllm_server import server_command
+
+    check_model_dir(args.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = resolve_dtype(args.dtype, torch.device(device))
+    cmd, env = server_command(
+        str(model_dir(args.model)), dtype=dtype, max_model_len=args.max_model_len, port=args.port, host=args.host,
+        tensor_parallel_size=args.tensor_parallel_size, seed=args.seed, on_cpu=device == "cpu",
+        attention_backend=choose_attention_backend(args.attention_backend, device, dtype),
+        record_routes=args.enable_return_routed_experts, extra_args=tuple(vllm_args))
+    line = " ".join(f"{k}={v}" for k, v in env.items()) + " " + shlex.join(cmd)
+    if args.print:
+        print(line)
+        return 0
+    missing = vllm_missing()
+    if missing:
+        raise ConfigError(f"align serve: {missing}")
+    print(f"align serve: {line}", flush=True)
+    os.execve(cmd[0], cmd, {**os.environ, **env})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +180,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "RUN_DIR/.replaced/), e.g. after changing STAGE's settings")
     r.set_defaults(func=_cmd_run)
 
+    v = sub.add_parser("serve", help="start a vLLM server for rollout.engine=vllm_server (vLLM with align's weight "
+                                     "receiver; flags after the known ones go to vLLM)")
+    v.add_argument("model", help="the policy's model directory (the server's architecture and first weights)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--host", default="0.0.0.0", help="the address to listen on (0.0.0.0: every interface)")
+    v.add_argument("--tensor-parallel-size", type=int, default=1)
+    v.add_argument("--max-model-len", type=int, default=4096, help="longest prompt + completion the runs need")
+    v.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on GPU, float32 on CPU (the training run's model.dtype)")
+    v.add_argument("--attention-backend", default="auto", help="as rollout.attention_backend")
+    v.add_argument("--enable-return-routed-experts", action="store_true", help="return MoE routes (R3)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--print", action="store_true", help="print the command instead of running it")
+    v.set_defaults(func=_cmd_serve)
+
     d = sub.add_parser("doctor", help="versions, CPU / GPU features and active fast paths (paste into bug reports)")
+    d.add_argument("--server", help="also report a vLLM server at this URL (reachable, version, workers, align's "
+                                    "extension)")
     d.set_defaults(func=_cmd_doctor)
     return p
 
@@ -159,9 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     from rewards.combine import RewardError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and args.command != "serve":  # only serve passes unknown flags on (to vLLM)
+        build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return args.func(args, rest) if args.command == "serve" else args.func(args)
     except (AlignError, RewardError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -145,7 +145,30 @@ def report() -> tuple[str, list[str]]:
     return "\n".join(parts + warnings), warnings
 
 
-def main() -> int:
+def server_lines(url: str) -> list[str]:
+    """A vLLM server as rollout.engine=vllm_server needs it: reachable, its vLLM, workers, align's extension."""
+    from .rollout.vllm_server import ALIGN_EXTENSION, ServerClient
+
+    try:
+        info = ServerClient(url, 10).describe()
+    except Exception as e:  # noqa: BLE001 (a report: every failure is a line)
+        return [f"  {url}: {type(e).__name__}: {e}"]
+    if not info["reachable"]:
+        return [f"  {url}: not reachable (GET /health)"]
+    lines = [f"  {url}: reachable, vLLM {info.get('vllm')}, model {info.get('model')}, max_model_len "
+             f"{info.get('max_model_len')}"]
+    if info.get("extension"):
+        lines.append(f"  workers: {info['world_size']}, align's weight receiver loaded in every one")
+    else:
+        lines.append(f"  align's weight receiver: missing (start the server with `align serve`, or with "
+                     f"VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls {ALIGN_EXTENSION}); "
+                     f"{info.get('extension_error', '')}")
+    return lines
+
+
+def main(server: str | None = None) -> int:
     text, _ = report()
     print(text)
+    if server:
+        print("server:\n" + "\n".join(server_lines(server)))
     return 0

@@ -230,3 +230,21 @@ def test_answers_that_do_not_match_what_was_sent_stop_the_run():
         eng._check_answers([good, {**good, "version": 6}], (10, 400), "push")
     with pytest.raises(vs.ServerError, match="version 7 with 10 tensors"):
         eng._check_answers([good, {**good, "tensors": 9}], (10, 400), "push")
+
+
+def test_align_serve_prints_the_server_command_and_doctor_reports_an_unreachable_server(tiny_dir, capsys):
+    from align.cli import main
+
+    assert main(["serve", str(tiny_dir), "--print", "--tensor-parallel-size", "2", "--max-model-len", "1024",
+                 "--data-parallel-size", "2"]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("VLLM_SERVER_DEV_MODE=1 ") and f"--model {tiny_dir}" in line
+    assert "--worker-extension-cls align.rollout.server_worker.WeightReceiver" in line
+    assert "--max-model-len 1024" in line and line.rstrip().endswith("--data-parallel-size 2")
+    assert main(["serve", str(tiny_dir / "missing"), "--print"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["grpo", "--bogus-flag"])  # only serve passes unknown flags on
+    port = _free_port()
+    assert main(["doctor", "--server", f"http://127.0.0.1:{port}"]) == 0
+    assert f"http://127.0.0.1:{port}: not reachable" in capsys.readouterr().out
