@@ -307,7 +307,7 @@ class VLLMServerEngine:
     def __init__(self, rollout: RolloutConfig, ctx):
         self.cfg, self.s = rollout, rollout.server
         self.tokenizer, self.dtype, self.device = ctx.tokenizer, ctx.dtype, torch.device(ctx.device)
-        self.seed, self.calls = ctx.seed, 0
+        self.seed, self.calls, self.max_model_len = ctx.seed, 0, ctx.max_model_len
         self.version = ctx.step - 1  # start's push is version ctx.step: the weights after that many updates
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
@@ -455,7 +455,8 @@ class VLLMServerEngine:
         if self.probe_ids is None:
             messages = [[{"role": "user", "content": "Check: what is 17 + 25? Think step by step."}]]
             text = prompt_texts(self.tokenizer, messages)[0] + "17 + 25 = 42. The answer is \\boxed{42}."
-            self.probe_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            self.probe_ids = ids[:max(2, self.max_model_len - 1)]  # within the server's context (checked at start)
         return self.probe_ids
 
     @torch.no_grad()
