@@ -93,7 +93,7 @@ def parity(tiny: Path, tp: int, work: Path) -> dict:
             out[f"before_{transport}"] = gap()
             t = time.perf_counter()
             eng.version += 1
-            eng._push(iter_checkpoint_weights(model, iter_merged_weights(model)))
+            eng._push(iter_checkpoint_weights(model, iter_merged_weights(model)), eng.version)
             out[f"push_s_{transport}"] = time.perf_counter() - t
             out[f"after_{transport}"] = gap()
             if transport == "gloo":
@@ -102,7 +102,8 @@ def parity(tiny: Path, tp: int, work: Path) -> dict:
                     for n, p in model.named_parameters():
                         if "experts" in n and "shared" not in n:
                             p.add_(torch.randn_like(p) * 0.2)
-                eng._push(iter_checkpoint_weights(model, iter_merged_weights(model)), refresh_experts=False)
+                eng._push(iter_checkpoint_weights(model, iter_merged_weights(model)), eng.version,
+                          refresh_experts=False)
                 out["no_reprepack"] = gap()
             eng.close()
     finally:

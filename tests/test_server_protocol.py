@@ -223,13 +223,13 @@ def test_answers_that_do_not_match_what_was_sent_stop_the_run():
     eng = vs.VLLMServerEngine.__new__(vs.VLLMServerEngine)
     eng.client, eng.world, eng.version = vs.ServerClient("http://h:1", 1), 2, 7
     good = {"version": 7, "tensors": 10, "bytes": 400}
-    eng._check_answers([good, good], (10, 400), "push")
+    eng._check_answers([good, good], (10, 400), "push", 7)
     with pytest.raises(vs.ServerError, match="1 workers answered, 2 joined"):
-        eng._check_answers([good], (10, 400), "push")
+        eng._check_answers([good], (10, 400), "push", 7)
     with pytest.raises(vs.ServerError, match="version 7 with 10 tensors"):
-        eng._check_answers([good, {**good, "version": 6}], (10, 400), "push")
+        eng._check_answers([good, {**good, "version": 6}], (10, 400), "push", 7)
     with pytest.raises(vs.ServerError, match="version 7 with 10 tensors"):
-        eng._check_answers([good, {**good, "tensors": 9}], (10, 400), "push")
+        eng._check_answers([good, {**good, "tensors": 9}], (10, 400), "push", 7)
 
 
 def test_align_serve_prints_the_server_command_and_doctor_reports_an_unreachable_server(tiny_dir, capsys):

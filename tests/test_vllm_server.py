@@ -115,7 +115,7 @@ def test_a_push_without_the_expert_reprepack_is_caught_and_the_moe_layer_named(s
     eng = _engine(server, model, tokenizer, tmp_path)
     _move(model, only="experts")
     eng.version += 1
-    eng._push(iter_checkpoint_weights(model, iter_merged_weights(model)), refresh_experts=False)
+    eng._push(iter_checkpoint_weights(model, iter_merged_weights(model)), eng.version, refresh_experts=False)
     assert _gap(eng, model) > 1e-2
     with pytest.raises(ServerError, match=r"check_tol.*First difference: model\.layers\.\d+\.mlp \(DeepseekV2MoE"):
         eng._gate(model)
@@ -189,6 +189,37 @@ def test_fsdp2_two_processes_push_to_the_server(server, tiny_dir, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["before"] > 0.5 and r["after"] < TOL and r["rank1_after"] == r["after"]
+
+
+def test_rollouts_one_step_ahead_overlap_training_stay_within_the_lag_and_survive_a_kill(server, tiny_dir,
+                                                                                           tmp_path):
+    """rollout.max_off_policy_steps=1: step k+1 is sampled while step k trains (perf/overlap_s > 0), from a policy
+    at most one version old; a run killed in step 2's update resumes and finishes (batches in flight regenerated)."""
+    from align.run.metrics import read_metrics
+
+    args = [f"model.path={tiny_dir}", f"train_data=[{DATA}/arith/rl_prompts.jsonl]",
+            "rewards=[{name: 'tests.test_grpo_loop:char_count', weight: 1.0}]", "group_size=3",
+            "prompts_per_step=2", "steps=4", "sampling.max_new_tokens=8", "lr=1e-2", "save_every=1",
+            "rollout.engine=vllm_server", f"rollout.server.url={server.url}", "rollout.max_off_policy_steps=1"]
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(ROOT)}
+
+    def grpo(out, fault=None):
+        return subprocess.run([sys.executable, "-m", "align", "grpo", f"output_dir={out}", *args], cwd=ROOT,
+                              env={**env, **({"ALIGN_FAULT": fault} if fault else {})}, capture_output=True,
+                              text=True, timeout=600)
+    whole = grpo(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    rows = read_metrics(tmp_path / "whole")
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    assert [m["rollout/staleness"] for m in rows] == [0.0, 1.0, 1.0, 1.0]   # step 1 waits for nothing older
+    assert all(m["rollout/stale_dropped"] == 0 and m["rollout/sync_max_abs_diff"] < TOL for m in rows)
+    assert all(m["perf/overlap_s"] > 0 for m in rows[1:])                   # sampled during the previous update
+    killed = grpo(tmp_path / "killed", fault="update:2")
+    assert killed.returncode != 0
+    resumed = grpo(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(tmp_path / "killed")] == [1, 2, 3, 4]
+    assert (tmp_path / "killed" / "final" / "config.json").exists()
 
 
 def test_zz_the_server_killed_mid_push_stops_the_trainer_within_the_timeout(server, tiny_dir, tokenizer, tmp_path,

@@ -115,6 +115,19 @@ class GRPOConfig:
         require(self.clip_eps_high >= 0, "clip_eps_high", ">= 0", self.clip_eps_high)
         require(self.aggregation in AGGREGATIONS, "aggregation", f"one of {sorted(AGGREGATIONS)}", self.aggregation)
         require(self.tis_cap >= 0, "tis_cap", ">= 0 (0: off)", self.tis_cap)
+        require(self.sampling.top_p == 1.0, "sampling.top_p", "1.0 for GRPO training: the trainer's log-probs (π_old, "
+                "π_θ, the KL) are of the whole distribution, so completions drawn from a nucleus would bias every "
+                "step, synchronous or not, and no weight can correct for tokens the nucleus never samples (top_p "
+                "stays available to evaluation)", self.sampling.top_p)
+        lag = self.rollout.max_off_policy_steps
+        if lag > 0:
+            from ..rollout.engines import engine_class
+
+            require(engine_class(self.rollout.engine).runs_ahead, "rollout.max_off_policy_steps",
+                    f"0 with rollout.engine={self.rollout.engine} (it shares the trainer's process; rollouts ahead "
+                    f"need rollout.engine=vllm_server)", lag)
+            require(self.tis_cap > 0, "tis_cap", "> 0 with rollout.max_off_policy_steps > 0 (the truncated "
+                    "importance weight is what corrects for samples from an older policy)", self.tis_cap)
         require(self.balance_alpha >= 0, "balance_alpha", ">= 0", self.balance_alpha)
         for i, spec in enumerate(self.rewards):
             require(bool(spec.name), f"rewards[{i}].name", "a reward name", spec.name)

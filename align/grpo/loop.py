@@ -31,7 +31,9 @@ Engines (`rollout.engine`): hf samples with the policy itself; vllm is a colocat
 weights in memory after every update (perf/sync_s) and, on GPU, sleeps while the policy trains; the policy can
 be offloaded to CPU while vLLM generates (`rollout.offload_policy`); vllm_server is a separate vLLM server (its
 own tensor / expert parallelism, other GPUs or nodes) that gets the weights pushed after every update and checked
-against the trainer on a probe (rollout/sync_max_abs_diff).
+against the trainer on a probe (rollout/sync_max_abs_diff). With rollout.max_off_policy_steps = L > 0 (vllm_server
+only) step k+1's completions are sampled while step k trains, from a policy at most L versions old
+(`align/grpo/ahead.py`: rollout/staleness, perf/overlap_s); the truncated importance weight corrects for it.
 """
 
 from __future__ import annotations
@@ -57,8 +59,17 @@ from ..run.finite import check_step
 from ..run.metrics import progress
 from ..run.offload import offloaded
 from ..run.trainer import Run, start_run, world_size
+from .ahead import RolloutsAhead
 from .config import GRPOConfig
-from .core import LossSettings, grpo_loss, loss_denominator, mismatch_stats, normalized_total, tis_weights, weighted_sum
+from .core import (
+    LossSettings,
+    grpo_loss,
+    loss_denominator,
+    mismatch_stats,
+    normalized_total,
+    tis_weights,
+    weighted_sum,
+)
 from .reference import Reference
 from .trajectory import PolicyForward, Trajectory, build_trajectory
 
@@ -306,12 +317,19 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         history["accuracy_start"] = accuracy(engine, eval_rows, cfg.eval_max_new_tokens)["accuracy"]
         run.log.log(0, {"eval/accuracy": history["accuracy_start"]})
 
+    lag = cfg.rollout.max_off_policy_steps  # L > 0: a producer samples up to L versions ahead (grpo/ahead.py)
+    ahead = RolloutsAhead(engine, lambda s: _step_prompts(train_rows, cfg, s, rank, world), run.start, cfg.steps,
+                          lag, G, cfg.sampling) if lag > 0 else None
     for step in progress(range(run.start, cfg.steps), cfg.steps, run.start, "grpo", run.is_main):
         t0 = time.time()
-        # 1. rollouts: G completions per prompt from the current policy
-        picked = _step_prompts(train_rows, cfg, step, rank, world)
-        with offloaded(run.model, run.optimizer, enabled=cfg.rollout.offload_policy and engine.own_weights):
-            rollouts = engine.generate([r.messages for r in picked], n=G, sampling=cfg.sampling)
+        # 1. rollouts: G completions per prompt from the current policy (or, ahead, from one at most L versions old)
+        if ahead is None:
+            picked = _step_prompts(train_rows, cfg, step, rank, world)
+            with offloaded(run.model, run.optimizer, enabled=cfg.rollout.offload_policy and engine.own_weights):
+                rollouts = engine.generate([r.messages for r in picked], n=G, sampling=cfg.sampling)
+        else:
+            batch, ahead_metrics = ahead.take(step)
+            picked, rollouts = batch.picked, batch.rollouts
         fault_point("generation", step + 1)
         t_gen = time.time()
         # 2. rewards, per component and weighted total (NaN: no reward scored the completion)
@@ -320,6 +338,11 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         scores = combine_rewards(score(cfg.rewards, prompts, rollouts.completions, columns, columns["row"], n,
                                        cfg.on_reward_error), cfg.rewards, cfg.reward_mode, n)
         skipped_streak = _check_skipped(run, scores, cfg, step + 1, skipped_streak)
+        if ahead is not None:  # groups sampled by a policy more than L versions old are dropped (none should be)
+            stale = ahead_metrics["rollout/staleness"] > lag
+            ahead_metrics["rollout/stale_dropped"] = float(scores.keep.sum().item() // n if stale else 0)
+            if stale:
+                scores.keep[:] = False
         fault_point("scoring", step + 1)
         t_reward = time.time()
         kept = scores.total[scores.keep]
@@ -355,6 +378,9 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             metrics.update({"perf/ref_s": t_ref - t_reward, "perf/update_s": time.time() - t_ref})
         # 6. weight sync to the rollout engine
         engine.sync_weights(run.model)
+        if ahead is not None:
+            ahead.synced(step + 1)
+            metrics.update(ahead_metrics)
         # 7. metrics, held-out accuracy, checkpoint
         metrics.update(engine.sync_metrics)
         metrics.update({"perf/generate_s": t_gen - t0, "perf/sync_s": engine.last_sync_s,
@@ -366,6 +392,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                 engine, eval_rows, cfg.eval_max_new_tokens)["accuracy"]
         run.log.log(done, _mean_over_processes(metrics, world))
         run.save(done, cfg.steps, tokenizer, {"history": history})
+    if ahead is not None:
+        ahead.close()
     engine.close()
     final = run.finish(tokenizer)
     close_rewards(cfg.rewards)

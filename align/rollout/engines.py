@@ -10,6 +10,8 @@ An engine is a class with
     close()                                      release what it holds (a server it started); idempotent
     own_weights                                  True when it samples from its own copy of the weights (the policy can
                                                  then wait on CPU while it generates: rollout.offload_policy)
+    runs_ahead                                   True when it can generate while the policy trains
+                                                 (rollout.max_off_policy_steps > 0, align/grpo/ahead.py)
     cheap_routes                                 True when recording the MoE routes it samples with costs nothing
                                                  (then the routing metrics compare against them)
 A new engine is one file with such a class and one line in ENGINES.

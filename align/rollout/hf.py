@@ -101,6 +101,7 @@ def _sampled_routes(prefill, calls, n: int, width: int) -> torch.Tensor:
 
 
 class HFEngine:
+    runs_ahead = False     # generation cannot overlap training (it shares the trainer's process)
     own_weights = False    # samples with the policy itself
     cheap_routes = True    # the routes come from its own forwards, at no cost
 

@@ -96,11 +96,17 @@ class RolloutConfig:
         "numbers, on CPUs with and without AMX); AMX_MLA needs an AMX CPU and bf16 / fp16 weights. GPU: auto = "
         "vLLM's choice, or a vLLM backend name (e.g. FLASHMLA, TRITON_MLA).")
     server: ServerConfig = option(factory=ServerConfig, help="rollout.engine=vllm_server: the server.")
+    max_off_policy_steps: int = option(
+        0, "L: sample step k+1's completions while step k trains, at most L policy versions behind (0: the "
+        "synchronous loop). Needs an engine that runs apart from the trainer (vllm_server) and tis_cap > 0 "
+        "(align/grpo/ahead.py).")
 
     def validate(self) -> None:
         require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]",
                 self.gpu_memory_utilization)
         require(self.kv_cache_gb >= 0, "rollout.kv_cache_gb", ">= 0", self.kv_cache_gb)
+        require(self.max_off_policy_steps >= 0, "rollout.max_off_policy_steps", ">= 0 (0: synchronous)",
+                self.max_off_policy_steps)
 
 
 @dataclass

@@ -151,6 +151,7 @@ def _key_files(model_path: str) -> tuple[str, ...]:
 
 
 class VLLMEngine:
+    runs_ahead = False     # generation cannot overlap training (it shares the trainer's process)
     own_weights = True     # samples from its own copy: the policy may wait on CPU meanwhile (offload_policy)
     cheap_routes = False   # routes only when asked for (routing_replay=rollout): they cost vLLM memory
 

@@ -261,6 +261,7 @@ def _suspect(trainer: dict, server: dict, classes: dict, tol: float) -> str:
 
 
 class VLLMServerEngine:
+    runs_ahead = True      # generation may overlap training (rollout.max_off_policy_steps > 0: align/grpo/ahead.py)
     own_weights = True     # the server holds its own copy: the policy may wait on CPU meanwhile (offload_policy)
     cheap_routes = False   # routes only when asked for (routing_replay=rollout; the server must return them)
 
@@ -313,6 +314,7 @@ class VLLMServerEngine:
         self.rank = dist.get_rank() if dist else 0
         self.is_main = self.rank == 0
         self.record_routes = ctx.record_routes
+        self.pause_for_sync = False  # set while rollouts run ahead (align/grpo/ahead.py): pushes meet live requests
         self.last_sync_s, self.sync_metrics, self.syncs = 0.0, {}, 0
         self.server: LaunchedServer | None = None
         self.group = self.store = None
@@ -385,22 +387,34 @@ class VLLMServerEngine:
     def sync_weights(self, model) -> None:
         """Push `model`'s weights (the next version); then, every check_every-th sync, the parity gate."""
         t = time.perf_counter()
-        self.version += 1
+        version = self.version + 1  # self.version moves only once the server holds it (what generate records)
         weights = iter_checkpoint_weights(model, iter_merged_weights(model))   # lazy, gathered one at a time
         weights = ((n, w.to(self.dtype) if w.is_floating_point() else w) for n, w in weights)  # fp32 masters
         if not self.is_main:
             for _ in weights:  # the gathers are collectives: every process walks the stream
                 pass
-        _on_rank0(lambda: self._push(weights), self.is_main, self.device)
+        _on_rank0(lambda: self._push(weights, version), self.is_main, self.device)
+        self.version = version
         self.syncs += 1
         self.sync_metrics = {}
         if self.s.check_every and self.syncs % self.s.check_every == 0:
             self._gate(model)
         self.last_sync_s = time.perf_counter() - t
 
-    def _push(self, weights, refresh_experts: bool = True) -> None:
-        where = f"weight push for step {self.version}"
-        args = {"version": self.version, "refresh_experts": refresh_experts}
+    def _push(self, weights, version: int, refresh_experts: bool = True) -> None:
+        """Rank 0: send `weights` as `version`; with requests in flight (rollouts ahead), the server is paused
+        meanwhile and every cached KV, running requests' too, is dropped before it resumes."""
+        if self.pause_for_sync:
+            self.client.call("POST", "/pause?mode=keep", what="pausing generation for a weight push")
+        try:
+            self._send(weights, version, refresh_experts)
+        finally:
+            if self.pause_for_sync:
+                self.client.call("POST", "/resume", what="resuming generation after a weight push")
+
+    def _send(self, weights, version: int, refresh_experts: bool) -> None:
+        where = f"weight push for step {version}"
+        args = {"version": version, "refresh_experts": refresh_experts}
         if self.transport == "disk":
             sent = self._write_dir(weights, args)
             answers = self.client.rpc("align_receive", args, what=where)
@@ -413,14 +427,15 @@ class VLLMServerEngine:
                 raise ServerError(f"vLLM server {self.client.url}: {where} broke off ({type(e).__name__}: "
                                   f"{str(e)[:300]}; the server said: {call.error(5)})") from None
             answers = call.result(self.s.timeout_s, self.client.url, where)
-        self._check_answers(answers, sent, where)
+        self._check_answers(answers, sent, where, version)
         self._remove_written(keep=0)
-        self.client.call("POST", "/reset_prefix_cache", what="resetting the prefix cache")  # KV of old weights
+        reset = "/reset_prefix_cache?reset_running_requests=true" if self.pause_for_sync else "/reset_prefix_cache"
+        self.client.call("POST", reset, what="resetting the prefix cache")  # KV computed with the old weights
 
     def _write_dir(self, weights, args: dict) -> tuple[int, int]:
         from safetensors.torch import save_file
 
-        path = self.weights_dir / f"step-{self.version:06d}"
+        path = self.weights_dir / f"step-{args['version']:06d}"
         path.mkdir(parents=True, exist_ok=True)
         tensors = sent = 0
         for i, (header, buffer) in enumerate(_buckets(weights, self.s.bucket_mb << 20)):
@@ -441,14 +456,14 @@ class VLLMServerEngine:
             except OSError:  # something else was put there: left as it is
                 pass
 
-    def _check_answers(self, answers: list, sent: tuple[int, int], where: str) -> None:
+    def _check_answers(self, answers: list, sent: tuple[int, int], where: str, version: int) -> None:
         if len(answers) != self.world:
             raise ServerError(f"vLLM server {self.client.url}: {where}: {len(answers)} workers answered, "
                               f"{self.world} joined")
         for a in answers:
-            if not isinstance(a, dict) or a.get("version") != self.version or (a["tensors"], a["bytes"]) != sent:
+            if not isinstance(a, dict) or a.get("version") != version or (a["tensors"], a["bytes"]) != sent:
                 raise ServerError(f"vLLM server {self.client.url}: {where}: a worker took {a}, but version "
-                                  f"{self.version} with {sent[0]} tensors / {sent[1]} bytes was sent")
+                                  f"{version} with {sent[0]} tensors / {sent[1]} bytes was sent")
 
     # -- the parity gate
     def _probe(self) -> list[int]:
