@@ -8,8 +8,10 @@ through the server against the colocated vLLM engine, side by side in one run (r
 2. Per server (TP=1, then TP=2): the time to healthy, then on the tiny DeepSeek-V2 (fp32, ~8 MB of weights) max |Δ
    log-prob| on the engine's probe before a push (the policy moved), after a push by gloo and by disk, and after a
    push that skips the CPU expert re-prepack (the negative control), with each push's seconds.
-3. GRPO: the same run (G=4, 2 prompts per step, 24 new tokens, temperature 1) with rollout.engine=vllm and with
-   vllm_server (TP=1, launched by the run): mean perf/step_s, generate_s and sync_s over steps 2.. (step 1 warms up).
+3. GRPO: the same run (G=4, 2 prompts per step, 24 new tokens, temperature 1) with rollout.engine=vllm, with
+   vllm_server (TP=1, launched by the run), and with vllm_server one step ahead (rollout.max_off_policy_steps=1):
+   mean perf/step_s, generate_s (ahead: the wait for the batch), sync_s, overlap_s over steps 2.. (step 1 warms
+   up). `--only-grpo` runs just this part.
 """
 
 from __future__ import annotations
@@ -117,20 +119,22 @@ def grpo(tiny: Path, work: Path, engine: list[str], steps: int) -> dict:
     from align.grpo.loop import train_grpo
     from align.run.metrics import read_metrics
 
-    out = work / engine[0].split("=")[1]
+    out = work / ("-".join(e.split("=")[1] for e in engine if "engine=" in e or "max_off" in e))
     cfg = load_config(GRPOConfig, None, [
         f"model.path={tiny}", f"output_dir={out}", f"train_data=[{ROOT}/data/arith/rl_prompts.jsonl]",
         "rewards=[{name: exact_answer}]", "group_size=4", "prompts_per_step=2", f"steps={steps}",
         "sampling.max_new_tokens=24", "save_every=0", "routing_metrics_every=0", *engine])
     train_grpo(cfg)
     rows = read_metrics(out)[1:]
-    return {k: sum(r[f"perf/{k}"] for r in rows) / len(rows) for k in ("step_s", "generate_s", "sync_s")}
+    keys = [k for k in ("step_s", "generate_s", "sync_s", "overlap_s", "wait_s") if f"perf/{k}" in rows[0]]
+    return {k: sum(r[f"perf/{k}"] for r in rows) / len(rows) for k in keys}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--wire-mb", type=int, default=256)
+    ap.add_argument("--only-grpo", action="store_true", help="skip the wire and parity parts")
     args = ap.parse_args()
     from align.tiny import build_tiny
 
@@ -139,17 +143,17 @@ def main() -> None:
         work = Path(d)
         tiny = work / "tiny"
         build_tiny(tiny)
-        results = {"wire": wire(args.wire_mb)}
-        print("wire", json.dumps(results["wire"]), flush=True)
-        for tp in (1, 2):
+        results = {} if args.only_grpo else {"wire": wire(args.wire_mb)}
+        for tp in () if args.only_grpo else (1, 2):
             results[f"tp{tp}"] = parity(tiny, tp, work)
             print(f"tp{tp}", json.dumps(results[f"tp{tp}"]), flush=True)
         port = _port()
         results["grpo_colocated"] = grpo(tiny, work, ["rollout.engine=vllm"], args.steps)
         results["grpo_server"] = grpo(tiny, work, ["rollout.engine=vllm_server", "rollout.server.launch=true",
                                                    f"rollout.server.port={port}"], args.steps)
-        print("grpo colocated", json.dumps(results["grpo_colocated"]), flush=True)
-        print("grpo server", json.dumps(results["grpo_server"]), flush=True)
+        results["grpo_server_ahead"] = grpo(tiny, work, [
+            "rollout.engine=vllm_server", "rollout.server.launch=true", f"rollout.server.port={_port()}",
+            "rollout.max_off_policy_steps=1"], args.steps)
     print(f"load: {os.getloadavg()[0]:.2f} (1 min)")
     print(json.dumps(results, indent=1))
 
