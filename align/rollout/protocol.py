@@ -134,6 +134,28 @@ class Rollouts:
                         None if self.routes is None else self.routes[rows])
 
 
+def pack_rollouts(rows: list[tuple[list[int], list[int], list[float], bool]], n: int, tokenizer) -> Rollouts:
+    """Rollouts from one (prompt ids, completion ids, sampled log-probs, truncated) per completion, grouped by
+    prompt (an engine's answers in the layout above; routes are the engine's to add)."""
+    P = max(len(p) for p, *_ in rows)
+    C = max(max(len(c) for _, c, *_ in rows), 1)
+    N, pad = len(rows), tokenizer.pad_token_id
+    prompt_ids = torch.full((N, P), pad, dtype=torch.long)                        # [N, P] left-padded
+    prompt_mask = torch.zeros(N, P, dtype=torch.long)                              # [N, P]
+    completion_ids = torch.full((N, C), pad, dtype=torch.long)                     # [N, C] right-padded
+    completion_mask = torch.zeros(N, C, dtype=torch.long)                          # [N, C]
+    sampling_logprobs = torch.zeros(N, C)                                          # [N, C]
+    for i, (p, c, logprobs, _) in enumerate(rows):
+        prompt_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[i, P - len(p):] = 1
+        completion_ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        completion_mask[i, :len(c)] = 1
+        sampling_logprobs[i, :len(c)] = torch.tensor(logprobs[:len(c)], dtype=torch.float32)
+    truncated = torch.tensor([t for *_, t in rows], dtype=torch.bool)              # [N]
+    texts = [tokenizer.decode(list(c), skip_special_tokens=True) for _, c, *_ in rows]
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, truncated, texts, n)
+
+
 class RolloutEngine(Protocol):
     last_sync_s: float  # seconds the last sync_weights took (logged as perf/sync_s)
     sync_metrics: dict[str, float]  # what the last sync measured (rollout/sync_max_abs_diff), logged as is

@@ -37,7 +37,7 @@ import torch
 
 from ..run.data import stop_token_ids
 from .hf import prompt_texts
-from .protocol import RolloutConfig, Rollouts, SamplingConfig
+from .protocol import RolloutConfig, Rollouts, SamplingConfig, pack_rollouts
 from .weights import iter_checkpoint_weights, iter_merged_weights
 
 CPU_KV_CACHE_GB = 0.5
@@ -272,26 +272,11 @@ class VLLMEngine:
         self.sleep()
         copies = n if greedy else 1  # vLLM refuses n > 1 when greedy: G copies of the one greedy completion
         rows = [(prompt, c) for prompt, o in zip(ids, outs) for c in o.outputs * copies]  # N = B*G, grouped
-        P = max(len(p) for p, _ in rows)
-        C = max(max(len(c.token_ids) for _, c in rows), 1)
-        N = len(rows)
-        prompt_ids = torch.full((N, P), tok.pad_token_id, dtype=torch.long)            # [N, P] left-padded
-        prompt_mask = torch.zeros(N, P, dtype=torch.long)                               # [N, P]
-        completion_ids = torch.full((N, C), tok.pad_token_id, dtype=torch.long)        # [N, C] right-padded
-        completion_mask = torch.zeros(N, C, dtype=torch.long)                           # [N, C]
-        sampling_logprobs = torch.zeros(N, C)                                           # [N, C]
-        for i, (p, c) in enumerate(rows):
-            prompt_ids[i, P - len(p):] = torch.tensor(p)
-            prompt_mask[i, P - len(p):] = 1
-            k = len(c.token_ids)
-            completion_ids[i, :k] = torch.tensor(c.token_ids)
-            completion_mask[i, :k] = 1
-            sampling_logprobs[i, :k] = torch.tensor([step[t].logprob for step, t in zip(c.logprobs, c.token_ids)])
-        truncated = torch.tensor([c.finish_reason == "length" for _, c in rows])        # [N]
-        texts = [tok.decode(list(c.token_ids), skip_special_tokens=True) for _, c in rows]
-        routes = self._routes(rows, P, C) if self.record_routes else None
-        return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, truncated,
-                        texts, n, routes)
+        out = pack_rollouts([(p, list(c.token_ids), [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)],
+                              c.finish_reason == "length") for p, c in rows], n, tok)
+        if self.record_routes:
+            out.routes = self._routes(rows, out.prompt_ids.shape[1], out.completion_ids.shape[1])
+        return out
 
     @staticmethod
     def _routes(rows, P: int, C: int) -> torch.Tensor:

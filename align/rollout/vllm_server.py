@@ -48,7 +48,7 @@ import torch
 from ..errors import AlignError
 from ..run.data import stop_token_ids
 from .hf import prompt_texts
-from .protocol import RolloutConfig, Rollouts, SamplingConfig
+from .protocol import RolloutConfig, Rollouts, SamplingConfig, pack_rollouts
 from .server_worker import (  # noqa: F401
     ALIGNMENT,
     WeightReceiver,
@@ -573,27 +573,12 @@ class VLLMServerEngine:
         return self.model_name
 
     def _rollouts(self, rows: list, n: int) -> Rollouts:
-        tok = self.tokenizer
-        P = max(len(p) for p, _ in rows)
-        C = max(max(len(c["token_ids"]) for _, c in rows), 1)
-        N = len(rows)
-        prompt_ids = torch.full((N, P), tok.pad_token_id, dtype=torch.long)            # [N, P] left-padded
-        prompt_mask = torch.zeros(N, P, dtype=torch.long)                               # [N, P]
-        completion_ids = torch.full((N, C), tok.pad_token_id, dtype=torch.long)        # [N, C] right-padded
-        completion_mask = torch.zeros(N, C, dtype=torch.long)                           # [N, C]
-        sampling_logprobs = torch.zeros(N, C)                                           # [N, C]
-        for i, (p, c) in enumerate(rows):
-            prompt_ids[i, P - len(p):] = torch.tensor(p)
-            prompt_mask[i, P - len(p):] = 1
-            k = len(c["token_ids"])
-            completion_ids[i, :k] = torch.tensor(c["token_ids"], dtype=torch.long)
-            completion_mask[i, :k] = 1
-            sampling_logprobs[i, :k] = torch.tensor(c["logprobs"]["token_logprobs"][:k], dtype=torch.float32)
-        truncated = torch.tensor([c["finish_reason"] == "length" for _, c in rows])     # [N]
-        texts = [tok.decode(c["token_ids"], skip_special_tokens=True) for _, c in rows]
-        routes = self._routes(rows, P, C) if self.record_routes else None
-        return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, truncated,
-                        texts, n, routes)
+        """`Rollouts` from (prompt ids, completions API choice) pairs."""
+        out = pack_rollouts([(p, c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"] == "length")
+                             for p, c in rows], n, self.tokenizer)
+        if self.record_routes:
+            out.routes = self._routes(rows, out.prompt_ids.shape[1], out.completion_ids.shape[1])
+        return out
 
     def _routes(self, rows: list, P: int, C: int) -> torch.Tensor:
         """[N, P+C, L, k] from each choice's `routed_experts` (base64 .npy [prompt + completion − 1, L, k])."""
