@@ -194,7 +194,7 @@ def test_a_server_that_is_gone_or_silent_is_named_within_the_timeout():
     with pytest.raises(vs.ServerError, match=f"{url}.*the weight push.*no answer"):
         vs.ServerClient(url, 1.5).rpc("align_receive", {"version": 3}, what="the weight push")
     assert time.monotonic() - t < 10
-    call = vs._Background(lambda: time.sleep(30))
+    call = vs.Background(lambda: time.sleep(30))
     with pytest.raises(vs.ServerError, match="did not finish within rollout.server.timeout_s=0.5"):
         call.result(0.5, url, "the weight push for step 3")
     silent.close()
