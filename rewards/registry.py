@@ -19,7 +19,8 @@ from importlib.metadata import entry_points
 
 RewardFn = Callable[..., list]
 ENTRY_POINT_GROUP = "align.rewards"
-BUILTIN_MODULES = ("rewards.math", "rewards.rules", "rewards.code", "rewards.model", "rewards.judge")
+BUILTIN_MODULES = ("rewards.math", "rewards.rules", "rewards.code", "rewards.model", "rewards.judge",
+                   "rewards.environment")
 _REGISTRY: dict[str, RewardFn] = {}
 
 

@@ -26,7 +26,7 @@ ids = torch.randint(3, 1000, (N, P + C))
 mask = torch.ones(N, P + C, dtype=torch.long)
 loss_mask = (torch.rand(N, C) > 0.3).long()                       # completions of different lengths
 advantages = torch.randn(N)
-traj = Trajectory(input_ids=ids, attention_mask=mask, completion_mask=loss_mask, group=torch.arange(N) // 2,
+traj = Trajectory(input_ids=ids, attention_mask=mask, loss_mask=loss_mask, group=torch.arange(N) // 2,
                   rewards={}, total=advantages, advantages=advantages, sampling_logprobs=torch.full((N, C), -7.0),
                   ref_logprobs=torch.full((N, C), -6.9))
 traj = traj[torch.arange(rank * N // world, (rank + 1) * N // world)]

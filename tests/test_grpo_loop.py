@@ -23,7 +23,7 @@ def char_count(prompts, completions, **_):
 
 def _traj(ids, completion_mask, advantages, G, **kw) -> Trajectory:
     """A trajectory over fixed token ids (the last completion_mask.shape[1] of each row are the completion)."""
-    return Trajectory(input_ids=ids, attention_mask=torch.ones_like(ids), completion_mask=completion_mask,
+    return Trajectory(input_ids=ids, attention_mask=torch.ones_like(ids), loss_mask=completion_mask,
                       group=torch.arange(len(ids)) // G, rewards={}, total=advantages, advantages=advantages,
                       sampling_logprobs=kw.pop("sampling_logprobs", torch.zeros(completion_mask.shape)), **kw)
 

@@ -43,12 +43,12 @@ def test_layout_masks_and_dropped_groups():
     assert zero.tolist() == [False, True] and len(traj) == 8
     assert traj.input_ids.shape == (8, 8) and traj.completion_len == 5
     assert (traj.input_ids[:, 3:] == r.completion_ids).all()
-    assert traj.completion_mask[2].sum() == 0 and traj.completion_mask[1].sum() == 2   # truncated row masked out
+    assert traj.loss_mask[2].sum() == 0 and traj.loss_mask[1].sum() == 2   # truncated row masked out
     dropped, _ = build_trajectory(r, total, {"x": total}, keep, drop_zero_std=True)
     assert len(dropped) == 4 and dropped.group.tolist() == [0, 0, 0, 0]
     assert dropped.rewards["x"].tolist() == [1.0, 0.0, 1.0, 0.0]
     kept_in, _ = build_trajectory(r, total, {"x": total}, keep, drop_zero_std=True, drop_rows=False)
-    assert len(kept_in) == 8 and kept_in.completion_mask[4:].sum() == 0 and (kept_in.advantages[4:] == 0).all()
+    assert len(kept_in) == 8 and kept_in.loss_mask[4:].sum() == 0 and (kept_in.advantages[4:] == 0).all()
 
 
 def test_slicing_cuts_every_per_row_field():

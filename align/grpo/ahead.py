@@ -42,8 +42,12 @@ class RolloutsAhead:
     """The producer thread and the batches it made, by step."""
 
     def __init__(self, engine, prompts_for: Callable[[int], list], start: int, steps: int, lag: int, n: int,
-                 sampling: SamplingConfig):
+                 sampling: SamplingConfig, sample: Callable[[list, int, SamplingConfig], Rollouts] | None = None):
+        """`sample(rows, n, sampling)`: how a batch is sampled (default: one engine.generate call; multi-turn
+        rollouts pass their tool loop)."""
         self.engine, self.prompts_for, self.lag, self.n, self.sampling = engine, prompts_for, lag, n, sampling
+        self.sample = sample or (lambda rows, n, sampling: engine.generate([r.messages for r in rows], n=n,
+                                                                           sampling=sampling))
         self.version = start               # the version the trainer has pushed (updates applied)
         self.batches: dict[int, Batch] = {}
         self.error: BaseException | None = None
@@ -65,7 +69,7 @@ class RolloutsAhead:
                     version = self.version
                 picked = self.prompts_for(step)
                 t0 = time.monotonic()
-                rollouts = self.engine.generate([r.messages for r in picked], n=self.n, sampling=self.sampling)
+                rollouts = self.sample(picked, self.n, self.sampling)
                 with self.cond:
                     self.batches[step] = Batch(step, picked, rollouts, version, t0, time.monotonic())
                     self.cond.notify_all()

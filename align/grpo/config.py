@@ -11,6 +11,7 @@ from ..config import ConfigError, option, require
 from ..model.policy import ModelConfig
 from ..rollout.engines import check_engine
 from ..rollout.protocol import RolloutConfig, SamplingConfig
+from ..rollout.tools import ToolsConfig
 from ..run.finite import NonFinitePolicy, nonfinite_option
 from ..run.rundir import ResumeMode, resume_option
 from .core import AGGREGATIONS, CLIP_DEFAULTS, POLICY_LOSSES, LossSettings
@@ -33,6 +34,9 @@ class GRPOConfig:
     eval_data: list[str] = option(factory=list, help="Held-out prompts with an `answer` column (greedy accuracy).")
     rollout: RolloutConfig = option(factory=RolloutConfig, help="Rollout engine (hf | vllm) and memory schedule.")
     sampling: SamplingConfig = option(factory=SamplingConfig, help="Rollout sampling settings.")
+    tools: ToolsConfig = option(factory=ToolsConfig, help="Multi-turn rollouts with tools (tools.protocol: fence | "
+                                "chat; align/rollout/multiturn.py); sampling.max_new_tokens is then the budget of a "
+                                "whole sample, turns and tool answers together.")
     group_size: int = option(64, "G: completions sampled per prompt (DeepSeekMath: 64).")
     prompts_per_step: int = option(16, "B: prompts per exploration stage (DeepSeekMath: 1024 samples = 16 x 64).")
     steps: int = option(100, "Exploration stages (rollout -> update) to run.")
@@ -87,6 +91,10 @@ class GRPOConfig:
         self.model.validate()
         self.sampling.validate()
         self.rollout.validate()
+        self.tools.validate()
+        if self.tools.enabled:
+            require(self.routing_replay != "rollout", "routing_replay", "none or old with tools.protocol="
+                    f"{self.tools.protocol} (the sampler's routes are not recorded across turns)", self.routing_replay)
         check_engine(self.rollout, self.model.dtype, replay_routes=self.routing_replay == "rollout")
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)
         require(bool(self.rewards), "rewards", "at least one reward", self.rewards)
@@ -135,6 +143,13 @@ class GRPOConfig:
                 spec.check()
             except KeyError as e:
                 raise ConfigError(f"key 'rewards[{i}].name': {e.args[0]}") from None
+        for i, spec in enumerate(self.rewards):
+            if spec.name == "environment":
+                from ..rollout.tools import toolbox
+
+                require(self.tools.enabled and bool(self.tools.environment) and toolbox(self.tools).env_reward,
+                        f"rewards[{i}].name", "used with tools.environment set to a class that has a reward(completion) "
+                        "method", spec.name)
         keys = [spec.key for spec in self.rewards]
         require(len(set(keys)) == len(keys), "rewards", "uniquely named (give repeated rewards a label)", keys)
         for key in ("eval_every", "save_every", "keep_last", "warmup_steps", "max_grad_norm", "routing_metrics_every"):

@@ -53,7 +53,9 @@ from ..model import fastpaths
 from ..model.hub import model_dir
 from ..model.policy import check_model_dir, load_tokenizer
 from ..rollout.engines import EngineContext, engine_class, make_engine
+from ..rollout.multiturn import ToolRollouts
 from ..rollout.protocol import RolloutEngine
+from ..rollout.tools import toolbox
 from ..run.data import PromptRow, batch_indices, load_prompts
 from ..run.finite import check_step
 from ..run.metrics import progress
@@ -99,7 +101,7 @@ def _micro_loss(model, micro: Trajectory, den: torch.Tensor, cfg: GRPOConfig, se
     balance loss, per-token statistics, and the forward's output."""
     out = forward(model, micro, with_entropy=True, router_logits=router is not None)
     old = micro.old_logprobs if micro.old_logprobs is not None else out.logprobs.detach()   # [n, C]
-    loss, tok = grpo_loss(out.logprobs, old, micro.ref_logprobs, micro.advantages, micro.completion_mask, settings,
+    loss, tok = grpo_loss(out.logprobs, old, micro.ref_logprobs, micro.advantages, micro.loss_mask, settings,
                           weights=tis_weights(old, micro.sampling_logprobs, cfg.tis_cap), denominator=den,
                           with_stats=True)
     balance = torch.zeros((), device=loss.device)
@@ -127,7 +129,7 @@ def _update(run: Run, traj: Trajectory, cfg: GRPOConfig, forward: PolicyForward,
             rows = torch.cat([groups[g] for g in chunk.tolist()])                      # [rows of whole groups]
             # the loss is normalised by the global count (all processes); data-parallel gradients are averaged
             # over processes, hence x world: the update equals one process taking the whole global batch
-            den = loss_denominator(traj.completion_mask[rows], settings.aggregation, settings.max_tokens)
+            den = loss_denominator(traj.loss_mask[rows], settings.aggregation, settings.max_tokens)
             den = accelerator.reduce(den, reduction="sum").clamp_min(1) / accelerator.num_processes
             micros = rows.split(forward.micro_batch)
             minibatch_loss = 0.0
@@ -137,7 +139,7 @@ def _update(run: Run, traj: Trajectory, cfg: GRPOConfig, forward: PolicyForward,
                 with sync:  # gradients are all-reduced once per minibatch, at its last micro-batch
                     loss, balance, tok, out = _micro_loss(model, micro, den, cfg, settings, forward, run.router)
                     accelerator.backward(loss + balance * len(idx) / len(rows))
-                m = micro.completion_mask.bool()
+                m = micro.loss_mask.bool()
                 if m.any():
                     if micro.ref_logprobs is not None:  # with β = 0 nothing is measured, and nothing is logged
                         stats["loss/kl"].append(tok["kl"][m].mean().item())
@@ -178,7 +180,7 @@ def _routing_metrics(model, traj: Trajectory, forward: PolicyForward, reference:
 
     P = traj.input_ids.shape[1] - traj.completion_len
     where = torch.zeros(traj.input_ids.shape, device=traj.input_ids.device)            # [N, P+C]
-    where[:, P - 1:-1] = traj.completion_mask
+    where[:, P - 1:-1] = traj.loss_mask
     after = _fresh_routes(model, traj, forward)
     out = {"routing/update_agreement": agreement(after, before, where)}
     _, ref_routes = reference.logprobs(model, dataclasses.replace(traj, routes=None), forward, record_routes=True)
@@ -234,8 +236,10 @@ def _check_skipped(run: Run, scores, cfg: GRPOConfig, step: int, streak: int) ->
     return streak
 
 
-def _prompt_tokens(tokenizer, row: PromptRow) -> int:
-    text = tokenizer.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=True)
+def _prompt_tokens(tokenizer, row: PromptRow, tools: list[dict] | None = None) -> int:
+    """The prompt's length as sampled (tools.protocol=chat: with the tools the template lists)."""
+    extra = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=True, **extra)
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -252,8 +256,9 @@ def _checked_inputs(cfg: GRPOConfig, world: int):
     tokenizer = load_tokenizer(cfg.model.path)
     train_rows = [r for path in cfg.train_data for r in load_prompts(path)]
     longest = 0
+    tools = toolbox(cfg.tools).schemas() if cfg.tools.protocol == "chat" else None
     for r in train_rows:
-        n = _prompt_tokens(tokenizer, r)
+        n = _prompt_tokens(tokenizer, r, tools)
         longest = max(longest, n + cfg.sampling.max_new_tokens)
         if context and n + cfg.sampling.max_new_tokens > context:
             raise ConfigError(f"{r.columns['row']}: prompt of {n} tokens + sampling.max_new_tokens="
@@ -317,16 +322,19 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         history["accuracy_start"] = accuracy(engine, eval_rows, cfg.eval_max_new_tokens)["accuracy"]
         run.log.log(0, {"eval/accuracy": history["accuracy_start"]})
 
+    tools = ToolRollouts(engine, tokenizer, cfg.tools, toolbox(cfg.tools), cfg.model.path) if (
+        cfg.tools.enabled) else None  # multi-turn rollouts with tools (align/rollout/multiturn.py)
+    sample = tools or (lambda rows, n, sampling: engine.generate([r.messages for r in rows], n=n, sampling=sampling))
     lag = cfg.rollout.max_off_policy_steps  # L > 0: a producer samples up to L versions ahead (grpo/ahead.py)
     ahead = RolloutsAhead(engine, lambda s: _step_prompts(train_rows, cfg, s, rank, world), run.start, cfg.steps,
-                          lag, G, cfg.sampling) if lag > 0 else None
+                          lag, G, cfg.sampling, sample) if lag > 0 else None
     for step in progress(range(run.start, cfg.steps), cfg.steps, run.start, "grpo", run.is_main):
         t0 = time.time()
         # 1. rollouts: G completions per prompt from the current policy (or, ahead, from one at most L versions old)
         if ahead is None:
             picked = _step_prompts(train_rows, cfg, step, rank, world)
             with offloaded(run.model, run.optimizer, enabled=cfg.rollout.offload_policy and engine.own_weights):
-                rollouts = engine.generate([r.messages for r in picked], n=G, sampling=cfg.sampling)
+                rollouts = sample(picked, G, cfg.sampling)  # one turn, or turns and tool calls (tools.protocol)
         else:
             batch, ahead_metrics = ahead.take(step)
             picked, rollouts = batch.picked, batch.rollouts
@@ -335,6 +343,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         # 2. rewards, per component and weighted total (NaN: no reward scored the completion)
         n = rollouts.group_size  # from here on G is what the engine returned
         prompts, columns = _per_completion(picked, n)
+        columns.update(rollouts.columns or {})  # what the rollout made per completion (its environments)
         scores = combine_rewards(score(cfg.rewards, prompts, rollouts.completions, columns, columns["row"], n,
                                        cfg.on_reward_error), cfg.rewards, cfg.reward_mode, n)
         skipped_streak = _check_skipped(run, scores, cfg, step + 1, skipped_streak)
@@ -354,8 +363,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                                       mask_truncated=cfg.mask_truncated, drop_rows=world == 1,
                                       replay_sampler_routes=cfg.routing_replay == "rollout")
         metrics = {**scores.metrics(), "reward/zero_std_frac": zero.float().mean().item(),
-                   "rollout/completion_len": rollouts.completion_mask.sum(1).float().mean().item(),
-                   "rollout/truncated_frac": rollouts.truncated.float().mean().item()}
+                   "rollout/completion_len": rollouts.loss_mask.sum(1).float().mean().item(),
+                   "rollout/truncated_frac": rollouts.truncated.float().mean().item(), **(rollouts.tool_stats or {})}
         if len(traj) > 0 and rewards_ok:  # on_nonfinite=skip: a bad step trains on nothing
             traj = traj.to(device)
             every = cfg.routing_metrics_every
@@ -394,6 +403,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         run.save(done, cfg.steps, tokenizer, {"history": history})
     if ahead is not None:
         ahead.close()
+    if tools is not None:
+        tools.close()
     engine.close()
     final = run.finish(tokenizer)
     close_rewards(cfg.rewards)

@@ -22,7 +22,7 @@ from .core import group_advantages, zero_std_groups
 class Trajectory:
     input_ids: torch.Tensor              # [N, P+C] prompt (left-padded) then completion (right-padded)
     attention_mask: torch.Tensor         # [N, P+C]
-    completion_mask: torch.Tensor        # [N, C] 1 on the completion tokens that count in the loss
+    loss_mask: torch.Tensor              # [N, C] 1 on the completion tokens that count in the loss (sampled ones)
     group: torch.Tensor                  # [N] index of the prompt (within the step) each row answers
     rewards: dict[str, torch.Tensor]     # component -> [N], NaN where that reward gave no score
     total: torch.Tensor                  # [N] weighted total, NaN where no reward scored the row
@@ -36,7 +36,7 @@ class Trajectory:
     @property
     def completion_len(self) -> int:
         """C: completion positions per row (the last C of input_ids)."""
-        return self.completion_mask.shape[1]
+        return self.loss_mask.shape[1]
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -72,7 +72,8 @@ def build_trajectory(rollouts: Rollouts, total: torch.Tensor, rewards: dict[str,
     dropped      rows of groups the scorer skipped (`keep` False) and, with `drop_zero_std`, of groups whose
                  scored rewards are all equal; `drop_rows` takes them out of the batch, else (several processes,
                  which must do equal work) they stay with advantage 0 and no token in the loss
-    loss mask    the completion mask, minus truncated completions with `mask_truncated`
+    loss mask    the rollouts' loss mask (the sampled tokens; tool results stay in the attention mask only), minus
+                 truncated completions with `mask_truncated`
     routes       the engine's (`Rollouts.routes`) kept as sampler_routes, and replayed with
                  `replay_sampler_routes` (routing_replay=rollout)
     """
@@ -80,13 +81,13 @@ def build_trajectory(rollouts: Rollouts, total: torch.Tensor, rewards: dict[str,
     advantages = group_advantages(total, G, scale)                                  # [N]
     zero = zero_std_groups(total, G)                                                # [B]
     kept = keep & ~(zero.repeat_interleave(G) & drop_zero_std)                      # [N]
-    loss_mask = rollouts.completion_mask.clone()                                    # [N, C]
+    loss_mask = rollouts.loss_mask.clone()                                          # [N, C]
     if mask_truncated:
         loss_mask[rollouts.truncated] = 0
     traj = Trajectory(
         input_ids=torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1),     # [N, P+C]
         attention_mask=torch.cat([rollouts.prompt_mask, rollouts.completion_mask], 1),
-        completion_mask=loss_mask,
+        loss_mask=loss_mask,
         group=torch.arange(len(total)) // G,                                        # [N]
         rewards=rewards, total=total, advantages=advantages,
         sampling_logprobs=rollouts.sampling_logprobs, sampler_routes=rollouts.routes,
@@ -98,7 +99,7 @@ def build_trajectory(rollouts: Rollouts, total: torch.Tensor, rewards: dict[str,
     if drop_rows:
         return traj[kept.nonzero().squeeze(-1)], zero
     traj.advantages = torch.where(kept, advantages, torch.zeros_like(advantages))
-    traj.completion_mask = torch.where(kept[:, None], loss_mask, torch.zeros_like(loss_mask))
+    traj.loss_mask = torch.where(kept[:, None], loss_mask, torch.zeros_like(loss_mask))
     return traj, zero
 
 

@@ -5,6 +5,7 @@ An engine is a class with
     check(rollout, model_dtype, replay_routes)   classmethod: ConfigError naming the key it cannot serve here
     start(rollout, ctx) -> engine                classmethod: the engine, holding the policy's current weights
     generate(prompts, n, sampling) -> Rollouts   G completions per prompt (align/rollout/protocol.py)
+    generate_ids(ids, n, sampling) -> Rollouts   the same from token ids (multi-turn rollouts continue a sequence)
     sync_weights(model), last_sync_s             the policy's new weights after an update
     sync_metrics                                 metrics of the last sync (e.g. rollout/sync_max_abs_diff), may be {}
     close()                                      release what it holds (a server it started); idempotent

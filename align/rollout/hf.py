@@ -136,11 +136,25 @@ class HFEngine:
                              return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[dict]], n: int, sampling: SamplingConfig) -> Rollouts:
+        prompt_ids, prompt_mask = self.encode_prompts(prompts)                           # [B, P]
+        return self._generate(prompt_ids, prompt_mask, n, sampling)
+
+    def generate_ids(self, ids: list[list[int]], n: int, sampling: SamplingConfig) -> Rollouts:
+        """G = n completions for each prompt given as token ids (multi-turn rollouts continue a sequence)."""
+        P = max(len(i) for i in ids)
+        prompt_ids = torch.full((len(ids), P), self.tokenizer.pad_token_id, dtype=torch.long)   # [B, P] left-padded
+        prompt_mask = torch.zeros(len(ids), P, dtype=torch.long)                                # [B, P]
+        for b, row in enumerate(ids):
+            prompt_ids[b, P - len(row):] = torch.tensor(row, dtype=torch.long)
+            prompt_mask[b, P - len(row):] = 1
+        return self._generate(prompt_ids, prompt_mask, n, sampling)
+
+    @torch.no_grad()
+    def _generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int,
+                  sampling: SamplingConfig) -> Rollouts:
         tok, model = self.tokenizer, self.model
         device = next(model.parameters()).device
-        prompt_ids, prompt_mask = self.encode_prompts(prompts)                           # [B, P]
         prompt_ids = prompt_ids.repeat_interleave(n, dim=0)                              # [N, P]
         prompt_mask = prompt_mask.repeat_interleave(n, dim=0)                            # [N, P]
         stop_ids = stop_token_ids(tok)

@@ -4,9 +4,14 @@ Layout of a batch of B prompts x G samples, N = B*G rows, completions of prompt 
 
     prompt_ids        [N, P]  left-padded (prompt_mask 0 on padding)
     completion_ids    [N, C]  right-padded; the stop token, when generated, is included and masked in
-    completion_mask   [N, C]  1 on generated tokens up to and including the first stop token
+    completion_mask   [N, C]  1 on every completion token the model attends to: generated tokens up to and
+                              including the first stop token, and in multi-turn rollouts the tool results between
+                              turns (align/rollout/tools.py)
+    loss_mask         [N, C]  1 on the tokens the model sampled (each turn's stop token included), the ones the
+                              loss, the metrics and the importance weights count; 0 on tool results. Single-turn:
+                              the completion mask itself
     sampling_logprobs [N, C]  log-prob of each sampled token under the distribution it was drawn from (logits /
-                              temperature; with top_p < 1 the nucleus renormalised), 0 off the mask; may differ
+                              temperature; with top_p < 1 the nucleus renormalised), 0 off the loss mask; may differ
                               slightly from a training forward pass (kernels, precision): the loss uses the
                               trainer's own, and these only in the importance weights (grpo.core.tis_weights)
     truncated         [N]     True where max_new_tokens ran out before a stop token
@@ -120,6 +125,13 @@ class Rollouts:
     completions: list[str]            # N decoded completions (stop token removed)
     group_size: int                   # G
     routes: torch.Tensor | None = None  # [N, P+C, L, k] int16, the sampler's MoE routes (align/model/routing.py)
+    loss_mask: torch.Tensor | None = None  # [N, C] the sampled tokens (None: the completion mask, single-turn)
+    tool_stats: dict[str, float] | None = None  # multi-turn rollouts: tools/calls, tools/turns, tools/failures ...
+    columns: dict[str, list] | None = None  # per-completion values a rollout produced (an environment's reward)
+
+    def __post_init__(self) -> None:
+        if self.loss_mask is None:
+            self.loss_mask = self.completion_mask
 
     @property
     def num_prompts(self) -> int:
@@ -131,7 +143,8 @@ class Rollouts:
         return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
                         self.completion_mask[rows], self.sampling_logprobs[rows], self.truncated[rows],
                         [self.completions[i] for i in idx], self.group_size,
-                        None if self.routes is None else self.routes[rows])
+                        None if self.routes is None else self.routes[rows], self.loss_mask[rows], self.tool_stats,
+                        None if self.columns is None else {k: [v[i] for i in idx] for k, v in self.columns.items()})
 
 
 def pack_rollouts(rows: list[tuple[list[int], list[int], list[float], bool]], n: int, tokenizer) -> Rollouts:
@@ -162,6 +175,10 @@ class RolloutEngine(Protocol):
 
     def generate(self, prompts: list[list[dict]], n: int, sampling: SamplingConfig) -> Rollouts:
         """G = n completions for each chat prompt (a list of messages); rows grouped per prompt."""
+
+    def generate_ids(self, ids: list[list[int]], n: int, sampling: SamplingConfig) -> Rollouts:
+        """The same for prompts given as token ids (the chat template already applied): multi-turn rollouts
+        continue each sample's own sequence (align/rollout/tools.py)."""
 
     def sync_weights(self, model) -> None:
         """Make the engine sample from `model`'s current weights (after each optimizer step)."""

@@ -256,14 +256,17 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.last_sync_s = time.perf_counter() - t
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[dict]], n: int, sampling: SamplingConfig) -> Rollouts:
+        return self.generate_ids(self.tokenizer(prompt_texts(self.tokenizer, prompts), add_special_tokens=False)[
+            "input_ids"], n, sampling)
+
+    @torch.no_grad()
+    def generate_ids(self, ids: list[list[int]], n: int, sampling: SamplingConfig) -> Rollouts:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         tok = self.tokenizer
         self.wake()
-        ids = tok(prompt_texts(tok, prompts), add_special_tokens=False)["input_ids"]     # B lists of token ids
         greedy = sampling.temperature == 0
         params = SamplingParams(n=1 if greedy else n, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
                                 max_tokens=sampling.max_new_tokens, stop=sampling.stop or None,

@@ -395,8 +395,11 @@ class VLLMServerEngine:
 
     # -- generation
     def generate(self, prompts: list[list[dict]], n: int, sampling: SamplingConfig) -> Rollouts:
+        return self.generate_ids(self.tokenizer(prompt_texts(self.tokenizer, prompts), add_special_tokens=False)[
+            "input_ids"], n, sampling)
+
+    def generate_ids(self, ids: list[list[int]], n: int, sampling: SamplingConfig) -> Rollouts:
         tok = self.tokenizer
-        ids = tok(prompt_texts(tok, prompts), add_special_tokens=False)["input_ids"]     # B lists of token ids
         greedy = sampling.temperature == 0
         self.calls += 1
         body = {"model": self._served_model(), "n": 1 if greedy else n,  # vLLM refuses n > 1 when greedy
