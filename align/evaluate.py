@@ -78,8 +78,12 @@ class EvalConfig:
                 "here)", self.device)
 
 
-def _greedy(engine, rows: list[PromptRow], cfg: EvalConfig) -> list[str]:
+def _greedy(engine, rows: list[PromptRow], cfg: EvalConfig, sample=None) -> list[str]:
+    """Greedy completions; `sample(rows, n, sampling)` instead of one engine call where given (a GRPO run's tool
+    loop, so a run with tools is scored with them)."""
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    if sample is not None:
+        return sample(rows, 1, sampling).completions
     return engine.generate([r.messages for r in rows], n=1, sampling=sampling).completions
 
 
@@ -112,12 +116,12 @@ def _mean(scores: list[float | None]) -> float:
 
 
 def accuracy(engine, rows: list[PromptRow], max_new_tokens: int = 64, batch_size: int = 128,
-             reward: str = "exact_answer") -> dict:
-    """Greedy accuracy and rule pass rate on prompts with an `answer` column."""
+             reward: str = "exact_answer", sample=None) -> dict:
+    """Greedy accuracy and rule pass rate on prompts with an `answer` column (`sample`: see _greedy)."""
     from rewards.rules import answer_format
 
     answers = _column(rows, "answer", "to score against")
-    completions = _greedy(engine, rows, EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size))
+    completions = _greedy(engine, rows, EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), sample)
     scores = answer_scores(reward, completions, answers)
     return {"accuracy": _mean(scores), "rule_pass": sum(answer_format(None, completions)) / len(rows),
             "n": len(scores), "unscored": sum(s is None for s in scores), "examples": completions[:3]}

@@ -5,6 +5,8 @@ Writes, next to this file:
   arith/eval.jsonl               1000 held-out problems (heldout.jsonl's 200 first), for end-of-stage evaluation
   arith/rl_prompts.jsonl         addition prompts (no assistant turn) with `answer`, disjoint from train and
                                  held-out: the GRPO stage's prompts, as RL prompts in the paper are not SFT data
+  arith/tools_train.jsonl        300 of train.jsonl's sums worked by calling the python tool (a fenced block, its
+                                 output, the answer): recipes/quickstart-tools.yaml's SFT
   arith/rl_prompts_more.jsonl    2500 more such prompts, from pairs no other file uses (the quickstart's stage 1
                                  takes both files)
   helpful/{train,heldout}.jsonl  short helpful chats (facts, definitions, how-tos)
@@ -35,6 +37,7 @@ ARITH_HELDOUT = 200
 ARITH_RL = 500
 ARITH_TRAIN = 1500
 ARITH_EVAL = 1000  # arith/eval.jsonl: heldout.jsonl's problems and more unseen ones, for ±1.6-point resolution
+ARITH_TOOL_DEMOS = 300  # arith/tools_train.jsonl: sums worked by the python tool (recipes/quickstart-tools.yaml)
 ARITH_RL_MORE = 2500  # arith/rl_prompts_more.jsonl: with rl_prompts.jsonl, ~one pass of the quickstart's stage 1
 
 ARITH_PROMPTS = ["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "Calculate {a} plus {b}."]
@@ -127,7 +130,16 @@ def arithmetic(rng: random.Random) -> tuple[list[dict], list[dict]]:
     # 200 steps were learnt by heart (greedy 91% on them, 84% on eval.jsonl, from 65% / 68% after SFT)
     more, more_rng = unused[ARITH_EVAL - ARITH_HELDOUT:ARITH_EVAL - ARITH_HELDOUT + ARITH_RL_MORE], random.Random(2)
     write("arith/rl_prompts_more.jsonl", [prompt(a, b, more_rng) for a, b in more])
+    # tool-use demonstrations for recipes/quickstart-tools.yaml, on training pairs, phrased by an rng of their own
+    tool_rng = random.Random(3)
+    write("arith/tools_train.jsonl", [_chat(tool_rng.choice(ARITH_PROMPTS).format(a=a, b=b), tool_sum(a, b),
+                                            answer=str(a + b)) for a, b in train[:ARITH_TOOL_DEMOS]])
     return train_rows, held_rows
+
+
+def tool_sum(a: int, b: int) -> str:
+    """The sum by the python tool (tools.protocol=fence): the call, the sandbox's answer, the final answer."""
+    return f"```python\nprint({a} + {b})\n```\n```output\n{a + b}\n```\nAnswer: {a + b}"
 
 
 def worked_sum(a: int, b: int) -> str:

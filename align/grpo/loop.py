@@ -318,13 +318,13 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         print(f"grpo: {len(train_rows)} prompts, {cfg.steps} steps of {cfg.prompts_per_step} x G={G}"
               f"{f' over {world} processes' if world > 1 else ''}, "
               f"{'resuming at step ' + str(run.start) if run.resumed else 'new run'}", flush=True)
+    tools = ToolRollouts(engine, tokenizer, cfg.tools, toolbox(cfg.tools), cfg.model.path) if (
+        cfg.tools.enabled) else None  # multi-turn rollouts with tools (align/rollout/multiturn.py); held-out too
+    sample = tools or (lambda rows, n, sampling: engine.generate([r.messages for r in rows], n=n, sampling=sampling))
     if eval_rows and run.start == 0:
-        history["accuracy_start"] = accuracy(engine, eval_rows, cfg.eval_max_new_tokens)["accuracy"]
+        history["accuracy_start"] = accuracy(engine, eval_rows, cfg.eval_max_new_tokens, sample=tools)["accuracy"]
         run.log.log(0, {"eval/accuracy": history["accuracy_start"]})
 
-    tools = ToolRollouts(engine, tokenizer, cfg.tools, toolbox(cfg.tools), cfg.model.path) if (
-        cfg.tools.enabled) else None  # multi-turn rollouts with tools (align/rollout/multiturn.py)
-    sample = tools or (lambda rows, n, sampling: engine.generate([r.messages for r in rows], n=n, sampling=sampling))
     lag = cfg.rollout.max_off_policy_steps  # L > 0: a producer samples up to L versions ahead (grpo/ahead.py)
     ahead = RolloutsAhead(engine, lambda s: _step_prompts(train_rows, cfg, s, rank, world), run.start, cfg.steps,
                           lag, G, cfg.sampling, sample) if lag > 0 else None
@@ -398,7 +398,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         done = step + 1
         if eval_rows and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
             history["accuracy_last"] = metrics["eval/accuracy"] = accuracy(
-                engine, eval_rows, cfg.eval_max_new_tokens)["accuracy"]
+                engine, eval_rows, cfg.eval_max_new_tokens, sample=tools)["accuracy"]
         run.log.log(done, _mean_over_processes(metrics, world))
         run.save(done, cfg.steps, tokenizer, {"history": history})
     if ahead is not None:
