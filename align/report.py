@@ -236,9 +236,20 @@ def _grpo_section(run_dir: Path, name: str, rows: list[dict]) -> list[str]:
     steps = [r for r in rows if "perf/step_s" in r]
     if steps:
         lines += [f"{len(steps)} steps, {sum(r['perf/step_s'] for r in steps) / len(steps):.2f} s per step", ""]
+    tool_keys = ("tools/calls", "tools/used_frac", "tools/failures", "tools/turns")
+    tools = [r for r in rows if "tools/calls" in r]
+    if tools:  # multi-turn rollouts: did the policy call its tools more as it trained?
+        head, tail = tools[:max(len(tools) // 5, 1)], tools[-max(len(tools) // 5, 1):]
+        mean = lambda rs, k: sum(r.get(k, 0.0) for r in rs) / len(rs)  # noqa: E731
+        lines += ["tools per completion, first fifth of the steps -> last fifth: " + ", ".join(
+            f"{k[6:]} {mean(head, k):.2f} -> {mean(tail, k):.2f}" for k in tool_keys), ""]
+        plot_curves(run_dir / f"tools_{name}.png", {k[6:]: ([r["step"] for r in tools], [r.get(k, 0.0) for r in tools])
+                                                    for k in tool_keys}, f"{name}: tool use per completion")
     lines.append(f"![rewards](rewards_{name}.png)")
     if kl[0]:
         lines.append(f"![KL](kl_{name}.png)")
+    if tools:
+        lines.append(f"![tools](tools_{name}.png)")
     return lines
 
 

@@ -98,3 +98,14 @@ def test_reward_curves_show_the_raw_weighted_sum_in_normalize_mode():
              "reward/helpful_std": 0.1}]
     assert _reward_keys(rows) == ["reward/helpful", "reward/safety", "reward/weighted"]
     assert _reward_keys([{k: v for k, v in rows[0].items() if k != "reward/weighted"}])[-1] == "reward/total"
+
+
+def test_a_tools_stage_reports_tool_use_first_and_last_fifth(tmp_path):
+    from align.report import _grpo_section
+
+    rows = [{"step": s, "reward/exact_answer": 0.5, "tools/calls": s / 10, "tools/used_frac": s / 10,
+             "tools/failures": 0.0, "tools/turns": 1 + s / 10, "perf/step_s": 2.0} for s in range(1, 11)]
+    lines = _grpo_section(tmp_path, "tools", rows)
+    assert ("tools per completion, first fifth of the steps -> last fifth: calls 0.15 -> 0.95, used_frac 0.15 -> "
+            "0.95, failures 0.00 -> 0.00, turns 1.15 -> 1.95") in lines
+    assert "![tools](tools_tools.png)" in lines and (tmp_path / "tools_tools.png").stat().st_size > 5000
