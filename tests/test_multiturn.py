@@ -349,3 +349,36 @@ def test_grpo_runs_three_steps_with_fence_python_and_exact_answer(tiny_dir, tmp_
     assert len(steps) == 3
     assert all(r["tools/calls"] == 1 and r["tools/failures"] == 0 and r["tools/turns"] == 2 for r in steps)
     assert all(r["tools/answer_tokens"] > 0 for r in steps)
+
+
+def echo(x: str) -> str:
+    """Say x back."""
+    return f"ok {x}"
+
+
+def tool_rollouts_on_both(engine, hf, tokenizer, monkeypatch, prompts=("What is 12 + 34?", "hello", "What is 9 + 9?")):
+    """Greedy tool rollouts of `engine` and of the transformers engine `hf` on the same weights (tests/test_vllm.py,
+    tests/test_vllm_server.py), after asserting they agree: the same ids, masks, truncation and tool statistics,
+    sampler log-probs within 1e-5 on the sampled tokens. A random tiny model writes no fenced block, so the protocol
+    here calls a tool wherever a turn ends on a stop string (two from the model's own free text)."""
+    from align.rollout import multiturn
+
+    class EveryStop(multiturn.Fence):
+        stop = []
+
+        def calls(self, text, ended_by_stop_token):
+            return [] if ended_by_stop_token else [("echo", {"x": str(len(text))})]
+
+    monkeypatch.setitem(multiturn.PROTOCOLS, "fence", EveryStop)
+    rows = [_Row(q) for q in prompts]
+    free = hf.generate([r.messages for r in rows], n=1, sampling=SamplingConfig(temperature=0, max_new_tokens=12))
+    stops = [t[len(t) // 2:len(t) // 2 + 2] for t in free.completions if len(t) > 4][:2]
+    sampling = SamplingConfig(temperature=0, max_new_tokens=48, stop=stops)
+    cfg = ToolsConfig(protocol="fence", python=False, functions=[f"{__name__}:echo"], max_turns=3)
+    v = ToolRollouts(engine, tokenizer, cfg, toolbox(cfg), "tiny")(rows, 2, sampling)
+    h = ToolRollouts(hf, tokenizer, cfg, toolbox(cfg), "tiny")(rows, 2, sampling)
+    assert v.tool_stats["tools/calls"] > 0.5 and v.tool_stats == h.tool_stats
+    assert torch.equal(v.completion_ids, h.completion_ids) and torch.equal(v.loss_mask, h.loss_mask)
+    assert torch.equal(v.completion_mask, h.completion_mask) and torch.equal(v.truncated, h.truncated)
+    assert (v.sampling_logprobs - h.sampling_logprobs)[v.loss_mask.bool()].abs().max() < 1e-5
+    return v, h

@@ -253,43 +253,15 @@ def test_simulated_amx_cpu_gets_cpu_mla_and_parity(tiny_dir, tokenizer, monkeypa
     assert _gap(model, v) < TOL
 
 
-def echo(x: str) -> str:
-    """Say x back."""
-    return f"ok {x}"
-
 
 def test_tool_rollouts_give_the_same_ids_masks_and_logprobs_as_transformers(tiny_dir, tokenizer, engine, monkeypatch):
     """Multi-turn rollouts (align/rollout/multiturn.py) continue each sample from its token ids on either engine:
-    greedily the same ids and masks, sampler log-probs within 1e-5 on the sampled tokens. A random tiny model writes
-    no fenced block, so the test's protocol calls a tool wherever a turn ends on a stop string."""
+    greedily the same ids and masks, sampler log-probs within 1e-5 on the sampled tokens."""
     from align.model.policy import ModelConfig, load_policy
-    from align.rollout import multiturn
-    from align.rollout.tools import ToolsConfig, toolbox
 
-    class EveryStop(multiturn.Fence):
-        stop = []
+    from .test_multiturn import tool_rollouts_on_both
 
-        def calls(self, text, ended_by_stop_token):
-            return [] if ended_by_stop_token else [("echo", {"x": str(len(text))})]
-
-    monkeypatch.setitem(multiturn.PROTOCOLS, "fence", EveryStop)
     model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
-    hf = HFEngine(model, tokenizer)
-    free = hf.generate(PROMPTS, n=1, sampling=SamplingConfig(temperature=0, max_new_tokens=12))
-    stops = [t[len(t) // 2:len(t) // 2 + 2] for t in free.completions if len(t) > 4][:2]
-    sampling = SamplingConfig(temperature=0, max_new_tokens=48, stop=stops)
-    cfg = ToolsConfig(protocol="fence", python=False, functions=[f"{__name__}:echo"], max_turns=3)
-
-    class Row:
-        def __init__(self, messages):
-            self.messages, self.columns = messages, {"row": "t"}
-
-    rows = [Row(p) for p in PROMPTS]
-    v = multiturn.ToolRollouts(engine, tokenizer, cfg, toolbox(cfg), "tiny")(rows, 2, sampling)
-    h = multiturn.ToolRollouts(hf, tokenizer, cfg, toolbox(cfg), "tiny")(rows, 2, sampling)
-    assert v.tool_stats["tools/calls"] > 0.5 and v.tool_stats == h.tool_stats
-    assert torch.equal(v.completion_ids, h.completion_ids) and torch.equal(v.loss_mask, h.loss_mask)
-    assert torch.equal(v.completion_mask, h.completion_mask) and torch.equal(v.truncated, h.truncated)
-    assert (v.sampling_logprobs - h.sampling_logprobs)[v.loss_mask.bool()].abs().max() < 1e-5
+    v, h = tool_rollouts_on_both(engine, HFEngine(model, tokenizer), tokenizer, monkeypatch)
     gap = (_trainer_logprobs(model, v) - v.sampling_logprobs)[v.loss_mask.bool()].abs().max()
     assert gap < TOL  # the trainer's forward over the whole sequence (answers attended) agrees on sampled tokens

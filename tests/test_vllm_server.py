@@ -144,6 +144,18 @@ def test_server_rollouts_equal_the_colocated_engine(server, tiny_dir, tokenizer,
     eng.close()
 
 
+def test_tool_rollouts_through_the_server_equal_transformers(server, tiny_dir, tokenizer, tmp_path, monkeypatch):
+    """Multi-turn rollouts continue each sample by token ids through the server's completions API too."""
+    from align.rollout.hf import HFEngine
+
+    from .test_multiturn import tool_rollouts_on_both
+
+    model = _policy(tiny_dir)
+    eng = _engine(server, model, tokenizer, tmp_path)
+    tool_rollouts_on_both(eng, HFEngine(model, tokenizer), tokenizer, monkeypatch)
+    eng.close()
+
+
 def index_reward(prompts, completions, **columns):
     return [float(i % 3) for i in range(len(completions))]
 
