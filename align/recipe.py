@@ -13,9 +13,10 @@ with dots: `stages.sft.epochs=2`, `run_dir=/tmp/x`.
 
 Everything is validated before the first stage starts (unknown keys, types, values, data files that do not exist,
 unknown rewards, references to stages that do not come earlier), with the file, line and key named. Running the same
-command again skips finished stages and resumes an interrupted one from its last checkpoint. After each stage that
-makes a policy (or, where reward model stages follow it, after them, so it is scored once with those RMs),
-`align eval` runs (EvalConfig) and its figures go to RUN_DIR/<stage>/eval.json; at the end each
+command again skips finished stages and resumes an interrupted one from its last checkpoint. One `align run` at a
+time per run directory: it is locked before the first write (align/run/lock.py), as each stage locks its own.
+After each stage that makes a policy (or, where reward model stages follow it, after them, so it is scored once
+with those RMs), `align eval` runs (EvalConfig) and its figures go to RUN_DIR/<stage>/eval.json; at the end each
 component of the last GRPO stage's reward is scored on every policy's held-out helpful / harmful answers (stage 2 as
 the paper frames it: `reward_components` in eval.json), and RUN_DIR/report.md and its plots summarise the run. A
 reward model's eval.json gives its held-out pairs ranked right by the kind of rejected side (gibberish, off-topic, ...).
@@ -36,6 +37,7 @@ from .resources import data_dir, recipes_dir
 from .rollout.protocol import RolloutConfig
 from .run.checkpoint import atomic_write_text
 from .run.formats import check_source
+from .run.lock import lock_dir, unlock_dir
 from .run.metrics import strict_json
 
 _REF = re.compile(r"^@([A-Za-z0-9_\-]+)$")
@@ -275,7 +277,7 @@ def run_recipe(recipe: str, overrides: list[str] | None = None, rerun_from: str 
 
     run_dir, stages, eval_cfg, values = load_recipe(recipe, overrides)  # all validation before any work
     plan = plan_reruns(run_dir, stages, rerun_from)  # a finished stage with other settings: refused here
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_dir(run_dir, "run_dir")  # one `align run` per run directory (align/run/lock.py); creates it
     plan.move_aside(stages)
     atomic_write_text(run_dir / "recipe.json", json.dumps(values, indent=1, default=str))
     summary: dict = {"run_dir": str(run_dir), "stages": {}}
@@ -304,4 +306,5 @@ def run_recipe(recipe: str, overrides: list[str] | None = None, rerun_from: str 
             summary["stages"][stage.name] = json.loads(result_file.read_text())
     summary["report"] = str(write_report(run_dir, [(s.name, s.kind) for s in stages]))
     print(f"run: report at {summary['report']}", flush=True)
+    unlock_dir(run_dir)
     return summary

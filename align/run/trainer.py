@@ -7,7 +7,8 @@
     Run.apply   clip the gradients; the step's loss and gradient norm must be finite (else stop, or skip the
                 update: `on_nonfinite`); optimizer and scheduler step; clear the gradients
     Run.save    a checkpoint every `save_every` steps and at the last one
-    Run.finish  the final model as an ordinary HF directory (OUTPUT/final), the logger closed
+    Run.finish  the final model as an ordinary HF directory (OUTPUT/final), the logger closed, the directory's lock
+                released (align/run/lock.py: start_run took it, before any write)
 
 Every stage's config has output_dir, seed, lr, weight_decay, max_grad_norm, save_every, keep_last, tensorboard,
 resume and on_nonfinite with the same meaning; `min_lr_ratio`, `balance_alpha` and `freeze_router` where the stage
@@ -30,6 +31,7 @@ from ..model.precision import Precision, training_device, training_precision
 from . import checkpoint as ckpt
 from .allocator import keep_freed_memory
 from .finite import check_step
+from .lock import unlock_dir
 from .metrics import MetricsLogger
 from .optim import build_optimizer, warmup_cosine
 from .rundir import claim_all
@@ -88,6 +90,8 @@ class Run:
         final = ckpt.export_final(self.accelerator, self.model, tokenizer, Path(self.cfg.output_dir) / "final",
                                   dtype=self.precision.compute if self.precision.mixed else None)
         self.log.close()
+        if self.is_main:
+            unlock_dir(self.cfg.output_dir)  # the run is over (else the process's end releases it)
         return final
 
 
