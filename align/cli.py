@@ -38,9 +38,11 @@ def _stage(cls, train, args) -> int:
 
 
 def _cmd_tiny(args) -> int:
+    from .config import directory_path
     from .tiny import build_tiny
 
-    print(json.dumps(build_tiny(args.out_dir, preset=args.preset, seed=args.seed), indent=1))
+    out_dir = directory_path(args.out_dir, "OUT_DIR")
+    print(json.dumps(build_tiny(out_dir, preset=args.preset, seed=args.seed), indent=1))
     return 0
 
 

@@ -30,7 +30,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigError, build_config, merge_dicts, parse_overrides, read_yaml, where
+from .config import ConfigError, build_config, directory_path, merge_dicts, parse_overrides, read_yaml, where
 from .model.hub import hub_ref
 from .rerun import plan_reruns, portable_settings, write_record
 from .resources import data_dir, recipes_dir
@@ -40,7 +40,8 @@ from .run.formats import check_source
 from .run.lock import lock_dir, unlock_dir
 from .run.metrics import strict_json
 
-_REF = re.compile(r"^@([A-Za-z0-9_\-]+)$")
+_NAME = r"[A-Za-z0-9_\-]+"  # a stage's name: also its directory RUN_DIR/<name>, so never a path
+_REF = re.compile(rf"^@({_NAME})$")
 
 
 @dataclasses.dataclass
@@ -116,6 +117,19 @@ def _check_paths(cfg, stage_key: str, source: str, lines: dict[str, int], made: 
                                   f"{problem}")
 
 
+def _run_dir(values: dict, path: Path, source: str, lines: dict[str, int]) -> str:
+    """The recipe's run_dir (default runs/<recipe name>), `~` and variables expanded; an empty one is refused."""
+    if "run_dir" not in values:
+        return f"runs/{path.stem}"
+    value = values["run_dir"]
+    if not isinstance(value, str):
+        raise ConfigError(f"{where(source, lines, 'run_dir')}: key 'run_dir' must be a directory path, got {value!r}")
+    try:
+        return directory_path(value, "run_dir")
+    except ConfigError as e:
+        raise ConfigError(f"{where(source, lines, 'run_dir')}: {e}") from None
+
+
 def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, list[Stage], object, dict]:
     """Parse and validate a recipe; returns (run_dir, stages, eval config or None, raw values)."""
     from .evaluate import EvalConfig
@@ -135,12 +149,15 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, 
     stages_raw = values.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise ConfigError(f"{source}: key 'stages' must be a mapping of stage name -> settings")
-    run_dir = Path(values.get("run_dir") or f"runs/{path.stem}")
+    run_dir = Path(_run_dir(values, path, source, lines))
     data, kinds = str(data_dir()), _kinds()
     outputs: dict[str, Path] = {}
     stages = []
     for name, raw in stages_raw.items():
         key = f"stages.{name}"
+        if not isinstance(name, str) or not re.fullmatch(_NAME, name):
+            raise ConfigError(f"{where(source, lines, key)}: key '{key}': a stage name must be a plain name (letters, "
+                              f"digits, _ and -): it names the directory run_dir/<name>, got {name!r}")
         if not isinstance(raw, dict) or raw.get("kind") not in kinds:
             got = raw.get("kind") if isinstance(raw, dict) else raw
             raise ConfigError(f"{where(source, lines, key)}: key '{key}.kind' must be one of {sorted(kinds)}, "

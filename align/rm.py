@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .config import option, require
+from .config import directory_path, option, require
 from .model.hub import model_dir
 from .model.policy import check_model_dir, load_tokenizer, resolve_dtype
 from .model.precision import training_device, training_precision
@@ -52,6 +52,7 @@ class RMConfig:
     on_nonfinite: NonFinitePolicy = nonfinite_option("loss or gradient norm")
 
     def validate(self) -> None:
+        self.output_dir = directory_path(self.output_dir, "output_dir")
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)
         for key in ("max_length", "batch_size"):
             require(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))

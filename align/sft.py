@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .config import ConfigError, option, require
+from .config import ConfigError, directory_path, option, require
 from .model.logprobs import forward_logprobs
 from .model.moe import Router
 from .model.policy import ModelConfig, check_model_dir, load_tokenizer
@@ -62,6 +62,7 @@ class SFTConfig:
     on_nonfinite: NonFinitePolicy = nonfinite_option("loss or gradient norm")
 
     def validate(self) -> None:
+        self.output_dir = directory_path(self.output_dir, "output_dir")
         self.model.validate()
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)
         for key in ("max_length", "batch_size", "grad_accum", "logprob_chunk"):
