@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, rest) if args.command == "serve" else args.func(args)
     except (AlignError, RewardError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)  # 2, or 128 + N after a stop on signal N (align/run/stop.py)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from .model.policy import check_model_dir, load_tokenizer, resolve_dtype
 from .model.precision import training_device, training_precision
 from .run.data import DataError, as_messages, batch_indices, load_rows
 from .run.finite import NonFinitePolicy, nonfinite_option
-from .run.metrics import progress
 from .run.rundir import ResumeMode, resume_option
 from .run.trainer import start_run
 
@@ -125,7 +124,7 @@ def train_rm(cfg: RMConfig) -> dict:
     acc_start = run.state.get("pair_accuracy_start")
     if held and not run.resumed:
         acc_start = pair_accuracy(model, tokenizer, held, cfg.max_length, device)
-    for step in progress(range(run.start, steps), steps, run.start, "rm", run.is_main):
+    for step in run.steps(steps):  # a SIGTERM stops between two steps, checkpointed
         batch = [train[i] for i in batch_indices(len(train), cfg.batch_size, step, cfg.seed)]
         r = _rewards(model, tokenizer, [c for c, _ in batch] + [x for _, x in batch], cfg.max_length, device)
         margin = r[:len(batch)] - r[len(batch):]                                        # [B]
