@@ -38,9 +38,11 @@ def _stage(cls, train, args) -> int:
 
 
 def _cmd_tiny(args) -> int:
+    from .config import directory_path
     from .tiny import build_tiny
 
-    print(json.dumps(build_tiny(args.out_dir, preset=args.preset, seed=args.seed), indent=1))
+    out_dir = directory_path(args.out_dir, "OUT_DIR")
+    print(json.dumps(build_tiny(out_dir, preset=args.preset, seed=args.seed), indent=1))
     return 0
 
 
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, rest) if args.command == "serve" else args.func(args)
     except (AlignError, RewardError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)  # 2, or 128 + N after a stop on signal N (align/run/stop.py)
 
 
 if __name__ == "__main__":

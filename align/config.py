@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -267,6 +269,28 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         out.append(f"  {prefix}{f.name} = {default!r}\n      {_help(f)}")
     return out
+
+
+_VARIABLE = re.compile(r"\$(?:\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def directory_path(value: str, key: str) -> str:
+    """A run directory as a config gives it, with `~` and `$VAR` / `${VAR}` expanded as a shell would have done had
+    the value not been quoted (else `~/runs/x` would become a directory named `~` under the working directory).
+    Refused naming `key`: an empty path (which would write into the working directory), an unset variable, an
+    unknown `~user`."""
+    if not value.strip():
+        raise ConfigError(f"key '{key}' must be a directory path, got {value!r}")
+    unset = [a or b for a, b in _VARIABLE.findall(value) if (a or b) not in os.environ]
+    if unset:
+        raise ConfigError(f"key '{key}': {value!r} uses the environment variable ${unset[0]}, which is not set; set "
+                          "it or write the path out")
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    if expanded.startswith("~"):
+        raise ConfigError(f"key '{key}': {value!r} names the home of an unknown user ({expanded.split('/')[0]})")
+    if not expanded.strip():
+        raise ConfigError(f"key '{key}': {value!r} expands to an empty path")
+    return expanded
 
 
 def require(cond: bool, key: str, expected: str, value: Any) -> None:

@@ -13,9 +13,10 @@ with dots: `stages.sft.epochs=2`, `run_dir=/tmp/x`.
 
 Everything is validated before the first stage starts (unknown keys, types, values, data files that do not exist,
 unknown rewards, references to stages that do not come earlier), with the file, line and key named. Running the same
-command again skips finished stages and resumes an interrupted one from its last checkpoint. After each stage that
-makes a policy (or, where reward model stages follow it, after them, so it is scored once with those RMs),
-`align eval` runs (EvalConfig) and its figures go to RUN_DIR/<stage>/eval.json; at the end each
+command again skips finished stages and resumes an interrupted one from its last checkpoint. One `align run` at a
+time per run directory: it is locked before the first write (align/run/lock.py), as each stage locks its own.
+After each stage that makes a policy (or, where reward model stages follow it, after them, so it is scored once
+with those RMs), `align eval` runs (EvalConfig) and its figures go to RUN_DIR/<stage>/eval.json; at the end each
 component of the last GRPO stage's reward is scored on every policy's held-out helpful / harmful answers (stage 2 as
 the paper frames it: `reward_components` in eval.json), and RUN_DIR/report.md and its plots summarise the run. A
 reward model's eval.json gives its held-out pairs ranked right by the kind of rejected side (gibberish, off-topic, ...).
@@ -29,16 +30,18 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigError, build_config, merge_dicts, parse_overrides, read_yaml, where
+from .config import ConfigError, build_config, directory_path, merge_dicts, parse_overrides, read_yaml, where
 from .model.hub import hub_ref
 from .rerun import plan_reruns, portable_settings, write_record
 from .resources import data_dir, recipes_dir
 from .rollout.protocol import RolloutConfig
 from .run.checkpoint import atomic_write_text
 from .run.formats import check_source
+from .run.lock import lock_dir, unlock_dir
 from .run.metrics import strict_json
 
-_REF = re.compile(r"^@([A-Za-z0-9_\-]+)$")
+_NAME = r"[A-Za-z0-9_\-]+"  # a stage's name: also its directory RUN_DIR/<name>, so never a path
+_REF = re.compile(rf"^@({_NAME})$")
 
 
 @dataclasses.dataclass
@@ -114,6 +117,19 @@ def _check_paths(cfg, stage_key: str, source: str, lines: dict[str, int], made: 
                                   f"{problem}")
 
 
+def _run_dir(values: dict, path: Path, source: str, lines: dict[str, int]) -> str:
+    """The recipe's run_dir (default runs/<recipe name>), `~` and variables expanded; an empty one is refused."""
+    if "run_dir" not in values:
+        return f"runs/{path.stem}"
+    value = values["run_dir"]
+    if not isinstance(value, str):
+        raise ConfigError(f"{where(source, lines, 'run_dir')}: key 'run_dir' must be a directory path, got {value!r}")
+    try:
+        return directory_path(value, "run_dir")
+    except ConfigError as e:
+        raise ConfigError(f"{where(source, lines, 'run_dir')}: {e}") from None
+
+
 def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, list[Stage], object, dict]:
     """Parse and validate a recipe; returns (run_dir, stages, eval config or None, raw values)."""
     from .evaluate import EvalConfig
@@ -133,12 +149,15 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, 
     stages_raw = values.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise ConfigError(f"{source}: key 'stages' must be a mapping of stage name -> settings")
-    run_dir = Path(values.get("run_dir") or f"runs/{path.stem}")
+    run_dir = Path(_run_dir(values, path, source, lines))
     data, kinds = str(data_dir()), _kinds()
     outputs: dict[str, Path] = {}
     stages = []
     for name, raw in stages_raw.items():
         key = f"stages.{name}"
+        if not isinstance(name, str) or not re.fullmatch(_NAME, name):
+            raise ConfigError(f"{where(source, lines, key)}: key '{key}': a stage name must be a plain name (letters, "
+                              f"digits, _ and -): it names the directory run_dir/<name>, got {name!r}")
         if not isinstance(raw, dict) or raw.get("kind") not in kinds:
             got = raw.get("kind") if isinstance(raw, dict) else raw
             raise ConfigError(f"{where(source, lines, key)}: key '{key}.kind' must be one of {sorted(kinds)}, "
@@ -275,7 +294,7 @@ def run_recipe(recipe: str, overrides: list[str] | None = None, rerun_from: str 
 
     run_dir, stages, eval_cfg, values = load_recipe(recipe, overrides)  # all validation before any work
     plan = plan_reruns(run_dir, stages, rerun_from)  # a finished stage with other settings: refused here
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_dir(run_dir, "run_dir")  # one `align run` per run directory (align/run/lock.py); creates it
     plan.move_aside(stages)
     atomic_write_text(run_dir / "recipe.json", json.dumps(values, indent=1, default=str))
     summary: dict = {"run_dir": str(run_dir), "stages": {}}
@@ -304,4 +323,5 @@ def run_recipe(recipe: str, overrides: list[str] | None = None, rerun_from: str 
             summary["stages"][stage.name] = json.loads(result_file.read_text())
     summary["report"] = str(write_report(run_dir, [(s.name, s.kind) for s in stages]))
     print(f"run: report at {summary['report']}", flush=True)
+    unlock_dir(run_dir)
     return summary

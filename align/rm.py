@@ -19,13 +19,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .config import option, require
+from .config import directory_path, option, require
 from .model.hub import model_dir
 from .model.policy import check_model_dir, load_tokenizer, resolve_dtype
 from .model.precision import training_device, training_precision
 from .run.data import DataError, as_messages, batch_indices, load_rows
 from .run.finite import NonFinitePolicy, nonfinite_option
-from .run.metrics import progress
 from .run.rundir import ResumeMode, resume_option
 from .run.trainer import start_run
 
@@ -52,6 +51,7 @@ class RMConfig:
     on_nonfinite: NonFinitePolicy = nonfinite_option("loss or gradient norm")
 
     def validate(self) -> None:
+        self.output_dir = directory_path(self.output_dir, "output_dir")
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)
         for key in ("max_length", "batch_size"):
             require(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))
@@ -124,7 +124,7 @@ def train_rm(cfg: RMConfig) -> dict:
     acc_start = run.state.get("pair_accuracy_start")
     if held and not run.resumed:
         acc_start = pair_accuracy(model, tokenizer, held, cfg.max_length, device)
-    for step in progress(range(run.start, steps), steps, run.start, "rm", run.is_main):
+    for step in run.steps(steps):  # a SIGTERM stops between two steps, checkpointed
         batch = [train[i] for i in batch_indices(len(train), cfg.batch_size, step, cfg.seed)]
         r = _rewards(model, tokenizer, [c for c, _ in batch] + [x for _, x in batch], cfg.max_length, device)
         margin = r[:len(batch)] - r[len(batch):]                                        # [B]

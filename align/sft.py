@@ -22,13 +22,12 @@ import time
 
 import torch
 
-from .config import ConfigError, option, require
+from .config import ConfigError, directory_path, option, require
 from .model.logprobs import forward_logprobs
 from .model.moe import Router
 from .model.policy import ModelConfig, check_model_dir, load_tokenizer
 from .run.data import IGNORE, batch_indices, collate, collate_packed, load_chats, pack, tokenize_chats
 from .run.finite import NonFinitePolicy, nonfinite_option
-from .run.metrics import progress
 from .run.rundir import ResumeMode, resume_option
 from .run.trainer import start_run, world_size
 
@@ -62,6 +61,7 @@ class SFTConfig:
     on_nonfinite: NonFinitePolicy = nonfinite_option("loss or gradient norm")
 
     def validate(self) -> None:
+        self.output_dir = directory_path(self.output_dir, "output_dir")
         self.model.validate()
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)
         for key in ("max_length", "batch_size", "grad_accum", "logprob_chunk"):
@@ -149,7 +149,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         heldout["start"] = heldout_loss(run.model, held_rows, cfg, pad_id, run.device)
         run.log.log(0, {"eval/loss": heldout["start"]})
     t0, skipped = time.time(), 0
-    for step in progress(range(run.start, total_steps), total_steps, run.start, "sft", run.is_main):
+    for step in run.steps(total_steps):  # a SIGTERM stops between two steps, checkpointed
         # -- this process's micro-batches of global batch `step`
         idx = batch_indices(len(train_rows), global_batch, step, cfg.seed)
         mine = idx[rank * cfg.batch_size * cfg.grad_accum:(rank + 1) * cfg.batch_size * cfg.grad_accum]

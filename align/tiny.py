@@ -28,9 +28,10 @@ class TinyConfig:
     seed: int = option(0, "Seed of the random weights.")
 
     def validate(self) -> None:
-        from .config import require
+        from .config import directory_path, require
         from .model.presets import PRESETS
 
+        self.output_dir = directory_path(self.output_dir, "output_dir")
         require(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}", self.preset)
 
 

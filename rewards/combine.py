@@ -12,8 +12,9 @@ apply: left out of that component's statistics, never counted as 0). A None for 
 apply to that prompt) adds nothing to any of its totals. A completion that a component left unscored while it scored
 others of the same group (an unparsed judge reply, a check that timed out) gets no total: its sum would lack a term
 its siblings have, so it is left out of its group's statistics (advantage 0), counted in `reward/partially_scored`.
-A reward that raises, returns the wrong number of scores or a non-finite value, or needs a column a row lacks, is a
-`RewardError` naming the reward and the row. With `on_error="skip"` the batch is re-scored one prompt group at a time
+A reward that raises, exits (`sys.exit`, in process or in its isolated worker), returns the wrong number of scores or
+a non-finite value, or needs a column a row lacks, is a `RewardError` naming the reward and the row (a
+KeyboardInterrupt is the user's and goes on). With `on_error="skip"` the batch is re-scored one prompt group at a time
 and the groups that fail are dropped (counted in `reward/skipped_groups`, the last error per reward in
 `Scores.errors`) instead of stopping the run.
 """
@@ -147,6 +148,9 @@ def _run_one(spec: RewardSpec, prompts, completions, columns, rows) -> tuple[lis
         raise e if "batch from" in str(e) or " for " in str(e) else RewardError(f"{e} (batch from {rows[0]})")
     except Exception as e:
         raise RewardError(f"reward '{spec.key}' raised {type(e).__name__}: {e} (batch from {rows[0]})") from e
+    except SystemExit as e:  # else the run would end as the reward chose, exit 0 with no message and no final/
+        raise RewardError(f"reward '{spec.key}' exited the process (sys.exit({e.code!r})) on the batch from "
+                          f"{rows[0]}; a reward must return its scores (or raise)") from None
     metrics = {}
     if isinstance(raw, RewardResult):
         raw, metrics = raw.scores, raw.metrics

@@ -122,3 +122,33 @@ def test_skip_records_the_last_error_per_reward():
               group_size=2, on_error="skip")
     assert not s.keep.any() and s.extra["reward/skipped_groups"] == 2.0
     assert "refused the connection" in s.errors["judge"]
+
+
+def exits(prompts, completions, **_):
+    import sys
+
+    sys.exit(0)
+
+
+def interrupted(prompts, completions, **_):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["in_process", "isolated"])
+def test_a_reward_that_exits_the_process_is_an_error_naming_it(isolate):
+    spec = RewardSpec(f"{__name__}:exits", label="grader", isolate=isolate)
+    try:
+        with pytest.raises(RewardError, match=r"reward 'grader' exited the process \(sys.exit\(0\)\) on the batch from "
+                                              r"data.jsonl:row 1"):
+            score([spec], ["p", "p"], ["a", "b"], {}, ["data.jsonl:row 1", "data.jsonl:row 2"])
+        s = score([spec], ["p"] * 4, ["a"] * 4, {}, ["r"] * 4, group_size=2, on_error="skip")
+        assert s.extra["reward/skipped_groups"] == 2.0 and "exited the process" in s.errors["grader"]
+    finally:
+        from rewards.combine import close_rewards
+
+        close_rewards([spec])
+
+
+def test_ctrl_c_inside_a_reward_is_not_turned_into_a_reward_error():
+    with pytest.raises(KeyboardInterrupt):
+        score([RewardSpec(f"{__name__}:interrupted")], ["p"], ["a"], {}, ["r"])

@@ -7,7 +7,7 @@ from typing import Literal
 
 from rewards.combine import RewardSpec
 
-from ..config import ConfigError, option, require
+from ..config import ConfigError, directory_path, option, require
 from ..model.policy import ModelConfig
 from ..rollout.engines import check_engine
 from ..rollout.protocol import RolloutConfig, SamplingConfig
@@ -88,6 +88,7 @@ class GRPOConfig:
     on_nonfinite: NonFinitePolicy = nonfinite_option("reward total, loss or gradient norm")
 
     def validate(self) -> None:
+        self.output_dir = directory_path(self.output_dir, "output_dir")
         self.model.validate()
         self.sampling.validate()
         self.rollout.validate()

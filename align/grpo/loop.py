@@ -58,7 +58,6 @@ from ..rollout.protocol import RolloutEngine
 from ..rollout.tools import toolbox
 from ..run.data import PromptRow, batch_indices, load_prompts
 from ..run.finite import check_step
-from ..run.metrics import progress
 from ..run.offload import offloaded
 from ..run.trainer import Run, start_run, world_size
 from .ahead import RolloutsAhead
@@ -328,7 +327,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     lag = cfg.rollout.max_off_policy_steps  # L > 0: a producer samples up to L versions ahead (grpo/ahead.py)
     ahead = RolloutsAhead(engine, lambda s: _step_prompts(train_rows, cfg, s, rank, world), run.start, cfg.steps,
                           lag, G, cfg.sampling, sample) if lag > 0 else None
-    for step in progress(range(run.start, cfg.steps), cfg.steps, run.start, "grpo", run.is_main):
+    for step in run.steps(cfg.steps):  # a SIGTERM stops between two steps, checkpointed (align/run/stop.py)
         t0 = time.time()
         # 1. rollouts: G completions per prompt from the current policy (or, ahead, from one at most L versions old)
         if ahead is None:

@@ -71,14 +71,29 @@ def _load_safetensors(path: Path) -> dict:
     return load_file(str(path))
 
 
+def _ended(pid: str) -> bool:
+    """Whether the process that named a temporary file `.NAME.tmp-PID` has ended (or is this one, which is not
+    writing it now: the run claims its directory before it writes)."""
+    from .lock import pid_alive
+
+    return int(pid) == os.getpid() or not pid_alive(int(pid))
+
+
 def clean_leftovers(output_dir: str | Path) -> list[Path]:
-    """Remove the temporary directories a killed run left (align's own names only); returns what was removed."""
+    """Remove what a killed run left (align's own names only): temporary directories (`.NAME.tmp-PID`,
+    `.NAME.old-PID`), and temporary files (a kill inside `atomic_write_text`) whose process has ended; returns what
+    was removed. Called with the directory locked (align/run/lock.py)."""
     removed = []
     for parent in (Path(output_dir), Path(output_dir) / CHECKPOINTS):
         if parent.is_dir():
             for p in parent.iterdir():
-                if p.is_dir() and p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                if not (p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)):
+                    continue
+                if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+                elif p.is_file() and p.name.rpartition("-")[2].isdigit() and _ended(p.name.rpartition("-")[2]):
+                    p.unlink(missing_ok=True)
                     removed.append(p)
     return removed
 

@@ -12,20 +12,27 @@ At its start, before any write, every stage (sft, grpo, rm) claims its `output_d
     the other way out;
   * holding files but no manifest: refused, naming some of them: align writes only into directories it claimed,
     so a user's `final/thesis.tex` or another tool's `metrics.jsonl` is never replaced or truncated.
-Leftover temporary directories of a killed run (align's own `.NAME.tmp-PID` names) are removed once claimed.
+Before any of this, the directory is locked for this process (align/run/lock.py: one run per directory, a second
+is refused naming the first's pid and host). The lock file and align's own temporary names (`.NAME.tmp-PID`,
+`.NAME.old-PID`) are never taken for another's files: a kill inside the manifest's write leaves
+`.align-run.json.tmp-PID`, and the same command must still run. Such leftovers of a process that has ended are
+removed once the directory is claimed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
 from ..config import ConfigError, config_to_dict, option
 from ..model.hub import resolve_model
+from .lock import LOCK, check_unlocked, lock_dir
 
 MANIFEST = "align-run.json"
+_OWN_TEMP = re.compile(r"^\..+\.(tmp|old)-(\d+)$")  # atomic_write_text / atomic_dir's names: .NAME.tmp-PID
 ResumeMode = Literal["auto", "force"]
 
 
@@ -84,7 +91,8 @@ def claim(output_dir: str | Path, kind: str, cfg, force: bool = False, write: bo
     manifest = out / MANIFEST
     if out.exists() and not out.is_dir():
         raise ConfigError(f"key 'output_dir': {out} exists and is not a directory")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    check_unlocked(out)  # another run's directory is named as such, whatever it holds
+    entries = sorted(p.name for p in out.iterdir() if not is_own_scratch(p.name)) if out.is_dir() else []
     resumed = False
     if manifest.is_file():
         try:
@@ -102,7 +110,7 @@ def claim(output_dir: str | Path, kind: str, cfg, force: bool = False, write: bo
         raise ConfigError(f"key 'output_dir': {out} already holds files align did not write ({shown}); choose an "
                           "empty or new directory (align never replaces or deletes what it did not write)")
     if write:
-        out.mkdir(parents=True, exist_ok=True)
+        lock_dir(out)  # (already held under claim_all) creates the directory
         if not resumed:
             from .checkpoint import atomic_write_text
 
@@ -110,6 +118,12 @@ def claim(output_dir: str | Path, kind: str, cfg, force: bool = False, write: bo
         for p in clean_leftovers(out):
             print(f"{kind}: removed {p} (left by an interrupted run)", flush=True)
     return resumed
+
+
+def is_own_scratch(name: str) -> bool:
+    """Whether a directory entry is align's own bookkeeping (the lock file, a temporary `.NAME.tmp-PID`), never a
+    sign that someone else wrote there."""
+    return name == LOCK or _OWN_TEMP.match(name) is not None
 
 
 def _differences(theirs: dict, mine: dict) -> list[tuple[str, object, object]]:
@@ -125,10 +139,23 @@ def _differences(theirs: dict, mine: dict) -> list[tuple[str, object, object]]:
 
 def claim_all(accelerator, output_dir: str | Path, kind: str, cfg) -> None:
     """`claim` under several processes: every process checks the directory first (so none sees a half-written
-    manifest), then the main one writes."""
+    manifest), then the main one locks it (lock.py: the lock is the job's, one per directory) and writes. A refused
+    lock is every process's error, so none waits for a main process that stopped."""
+    from accelerate.utils import broadcast_object_list
+
     force = cfg.resume == "force"
     claim(output_dir, kind, cfg, force=force, write=False)
     accelerator.wait_for_everyone()
+    refused = [None]
+    if accelerator.is_main_process:
+        try:
+            lock_dir(output_dir)
+        except ConfigError as e:
+            refused = [str(e)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refused)
+    if refused[0] is not None:
+        raise ConfigError(refused[0])
     if accelerator.is_main_process:
         claim(output_dir, kind, cfg, force=force)
     accelerator.wait_for_everyone()

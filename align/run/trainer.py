@@ -6,8 +6,11 @@
                 metrics logger, cut back to the resumed step
     Run.apply   clip the gradients; the step's loss and gradient norm must be finite (else stop, or skip the
                 update: `on_nonfinite`); optimizer and scheduler step; clear the gradients
+    Run.steps   the steps still to run, under a progress bar; a SIGTERM stops the run between two steps, the finished
+                one checkpointed (align/run/stop.py)
     Run.save    a checkpoint every `save_every` steps and at the last one
-    Run.finish  the final model as an ordinary HF directory (OUTPUT/final), the logger closed
+    Run.finish  the final model as an ordinary HF directory (OUTPUT/final), the logger closed, the directory's lock
+                released (align/run/lock.py: start_run took it, before any write)
 
 Every stage's config has output_dir, seed, lr, weight_decay, max_grad_norm, save_every, keep_last, tensorboard,
 resume and on_nonfinite with the same meaning; `min_lr_ratio`, `balance_alpha` and `freeze_router` where the stage
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,9 +34,11 @@ from ..model.precision import Precision, training_device, training_precision
 from . import checkpoint as ckpt
 from .allocator import keep_freed_memory
 from .finite import check_step
-from .metrics import MetricsLogger
+from .lock import unlock_dir
+from .metrics import MetricsLogger, progress
 from .optim import build_optimizer, warmup_cosine
 from .rundir import claim_all
+from .stop import Stopped, stop_signal
 
 
 @dataclasses.dataclass
@@ -51,6 +57,8 @@ class Run:
     state: dict                # what the resumed checkpoint saved besides weights ({} for a new run)
     resumed: bool
     precision: Precision = Precision(torch.float32, torch.float32)  # weights' and compute dtype (align.model.precision)
+    saved: int = -1            # the last step checkpointed by this process's run (-1: none yet)
+    offered: tuple | None = None  # the last (step, tokenizer, state) given to `save`, due or not: what a stop saves
 
     @property
     def device(self) -> torch.device:
@@ -73,21 +81,53 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         return applied, math.nan if norm is None else norm
 
+    def steps(self, total: int):
+        """`range(start, total)` under a progress bar; between two steps, when a SIGTERM came during the last one
+        (on any process), the finished step is checkpointed (if `save` did not just do it) and `Stopped` raised."""
+        with stop_signal(self.stage) as received:
+            for step in progress(range(self.start, total), total, self.start, self.stage, self.is_main):
+                yield step
+                if self._stop_agreed(received):
+                    raise self._stop(step + 1, total, received[0] if received else signal.SIGTERM)
+
+    def _stop_agreed(self, received: list[int]) -> bool:
+        """Whether any process received a stop signal: all of them stop at the same step, or the others would wait
+        in the next collective for ever."""
+        if self.accelerator.num_processes == 1:
+            return bool(received)
+        flag = torch.tensor([float(bool(received))], device=self.device)
+        return self.accelerator.reduce(flag, reduction="sum").item() > 0
+
+    def _stop(self, done: int, total: int, signum: int) -> Stopped:
+        if self.saved != done and self.offered is not None and self.offered[0] == done:
+            self._write(*self.offered)
+        where = (f"checkpoint {ckpt.checkpoint_path(self.cfg.output_dir, done)} saved; the same command resumes "
+                 "from it") if self.saved == done else "no checkpoint of it was offered"
+        return Stopped(f"{self.stage}: stopped by {signal.Signals(signum).name} after step {done} of {total}; "
+                       f"{where}", signum)
+
     def save(self, done: int, total: int, tokenizer, state: dict) -> None:
         """Checkpoint step `done` when it is due (every `save_every`, and the last step); `state` is saved with it
         (with the config) and comes back as `Run.state` on resume."""
+        self.offered = (done, tokenizer, state)
         if (self.cfg.save_every and done % self.cfg.save_every == 0) or done == total:
-            from ..model.hub import resolve_model
+            self._write(done, tokenizer, state)
 
-            start = getattr(self.cfg.model, "path", self.cfg.model)  # the model the stage started from
-            state = {**state, "config": config_to_dict(self.cfg), "model_revision": resolve_model(start).commit}
-            ckpt.save_training_checkpoint(self.accelerator, self.model, tokenizer, self.cfg.output_dir, done,
-                                          self.optimizer, self.scheduler, state, self.cfg.keep_last)
+    def _write(self, done: int, tokenizer, state: dict) -> None:
+        from ..model.hub import resolve_model
+
+        start = getattr(self.cfg.model, "path", self.cfg.model)  # the model the stage started from
+        state = {**state, "config": config_to_dict(self.cfg), "model_revision": resolve_model(start).commit}
+        ckpt.save_training_checkpoint(self.accelerator, self.model, tokenizer, self.cfg.output_dir, done,
+                                      self.optimizer, self.scheduler, state, self.cfg.keep_last)
+        self.saved = done
 
     def finish(self, tokenizer) -> Path:
         final = ckpt.export_final(self.accelerator, self.model, tokenizer, Path(self.cfg.output_dir) / "final",
                                   dtype=self.precision.compute if self.precision.mixed else None)
         self.log.close()
+        if self.is_main:
+            unlock_dir(self.cfg.output_dir)  # the run is over (else the process's end releases it)
         return final
 
 
