@@ -349,6 +349,10 @@ def test_grpo_runs_three_steps_with_fence_python_and_exact_answer(tiny_dir, tmp_
     assert len(steps) == 3
     assert all(r["tools/calls"] == 1 and r["tools/failures"] == 0 and r["tools/turns"] == 2 for r in steps)
     assert all(r["tools/answer_tokens"] > 0 for r in steps)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * 2 * 2  # log_completions=2 prompts x G=2, each step
+    assert all("```output\n5\n```" in r["completion"] and r["sampled"] < 1 for r in samples)
+    assert {r["step"] for r in samples} == {1, 2, 3} and all("exact_answer" in r["rewards"] for r in samples)
 
 
 def echo(x: str) -> str:

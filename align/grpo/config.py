@@ -77,6 +77,8 @@ class GRPOConfig:
                                         "measurement costs up to three no-grad forwards (+35% step time on the tiny "
                                         "model), so the default measures every 10th step; 1 measures every step.")
     ref_offload: bool = option(False, "Keep the frozen reference on CPU between uses (full fine-tuning only).")
+    log_completions: int = option(2, "Each step, this many prompts' G completions with their rewards and "
+                                  "advantages go to OUTPUT/samples.jsonl (and TensorBoard text); 0: off.")
     eval_every: int = option(10, "Steps between held-out accuracy evaluations (0: start and end only).")
     eval_max_new_tokens: int = option(64, "Completion length for held-out evaluation.")
     save_every: int = option(10, "Steps between checkpoints (0: only at the end).")
@@ -153,7 +155,8 @@ class GRPOConfig:
                         "method", spec.name)
         keys = [spec.key for spec in self.rewards]
         require(len(set(keys)) == len(keys), "rewards", "uniquely named (give repeated rewards a label)", keys)
-        for key in ("eval_every", "save_every", "keep_last", "warmup_steps", "max_grad_norm", "routing_metrics_every"):
+        for key in ("eval_every", "save_every", "keep_last", "warmup_steps", "max_grad_norm", "routing_metrics_every",
+                    "log_completions"):
             require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
 
     def loss_settings(self) -> LossSettings:

@@ -64,6 +64,7 @@ from .ahead import RolloutsAhead
 from .config import GRPOConfig
 from .core import (
     LossSettings,
+    group_advantages,
     grpo_loss,
     loss_denominator,
     mismatch_stats,
@@ -72,6 +73,7 @@ from .core import (
     weighted_sum,
 )
 from .reference import Reference
+from .samples import sample_rows, write_samples
 from .trajectory import PolicyForward, Trajectory, build_trajectory
 
 
@@ -361,6 +363,10 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                                       scale=cfg.scale_rewards, drop_zero_std=cfg.drop_zero_std_groups,
                                       mask_truncated=cfg.mask_truncated, drop_rows=world == 1,
                                       replay_sampler_routes=cfg.routing_replay == "rollout")
+        if cfg.log_completions and run.is_main:  # what the policy wrote (samples.jsonl)
+            write_samples(cfg.output_dir, sample_rows(step + 1, prompts, rollouts, scores.total, scores.components,
+                                                      group_advantages(scores.total, n, cfg.scale_rewards),
+                                                      cfg.log_completions), run.log.tensorboard)
         metrics = {**scores.metrics(), "reward/zero_std_frac": zero.float().mean().item(),
                    "rollout/completion_len": rollouts.loss_mask.sum(1).float().mean().item(),
                    "rollout/truncated_frac": rollouts.truncated.float().mean().item(), **(rollouts.tool_stats or {})}

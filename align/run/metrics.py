@@ -36,6 +36,11 @@ class MetricsLogger:
             except ImportError:
                 self._tb = None
 
+    @property
+    def tensorboard(self):
+        """The TensorBoard writer (None when off), for what is not a scalar (align/grpo/samples.py)."""
+        return self._tb
+
     def truncate_after(self, step: int) -> None:
         """On resume from the checkpoint of `step`: drop rows of later steps (they will be logged again)."""
         if not self.enabled or not self.path.is_file():
