@@ -79,7 +79,7 @@ def _cmd_eval(args) -> int:
         "safety": args.safety or str(data_dir() / "safety" / "heldout.jsonl"),
         "reward_models": {k: v for k, v in (("helpful", args.rm_helpful), ("safety", args.rm_safety)) if v},
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "limit": args.limit,
-        "device": args.device, "dtype": args.dtype},
+        "device": args.device, "dtype": args.dtype, "predictions": args.predictions or ""},
         "<command line>")
     print(strict_json(evaluate(args.model, cfg), indent=1))
     return 0
@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the policy's and reward models' dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    e.add_argument("--predictions", help="write every prompt's completion, answer and score to this new JSONL file")
     e.set_defaults(func=_cmd_eval)
 
     r = sub.add_parser("run", help="run a recipe's stages (resumes where it stopped)")

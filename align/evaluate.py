@@ -22,8 +22,10 @@ past its limit, or too large to parse, is wrong, as in training (rewards/math.py
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -60,6 +62,8 @@ class EvalConfig:
     limit: int = option(0, "Use only the first N prompts of each source (0: all).")
     device: str = option("auto", "Where the policy and reward models run: auto = the GPU when there is one, else "
                                  "cpu; or a torch device (cuda:1).")
+    predictions: str = option("", "Also write one JSON row per prompt (source, row id, prompt, completion, answer, "
+                                  "score) to this new JSONL file; an existing file is refused, never overwritten.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "The policy's and reward models' dtype: auto = bfloat16 on GPU, float32 on CPU (a recipe evaluates "
                 "each stage in the dtype it trained with).")
@@ -76,6 +80,11 @@ class EvalConfig:
             raise ConfigError(f"key 'device': {e}") from None
         require(device.type != "cuda" or torch.cuda.is_available(), "device", "a device this machine has (no GPU "
                 "here)", self.device)
+        if self.predictions:
+            path = Path(self.predictions).expanduser()
+            require(not path.exists(), "predictions", "a new file (align never overwrites one it did not write)",
+                    self.predictions)
+            require(path.parent.is_dir(), "predictions", "a file in an existing directory", self.predictions)
 
 
 def _greedy(engine, rows: list[PromptRow], cfg: EvalConfig, sample=None) -> list[str]:
@@ -124,7 +133,8 @@ def accuracy(engine, rows: list[PromptRow], max_new_tokens: int = 64, batch_size
     completions = _greedy(engine, rows, EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), sample)
     scores = answer_scores(reward, completions, answers)
     return {"accuracy": _mean(scores), "rule_pass": sum(answer_format(None, completions)) / len(rows),
-            "n": len(scores), "unscored": sum(s is None for s in scores), "examples": completions[:3]}
+            "n": len(scores), "unscored": sum(s is None for s in scores), "examples": completions[:3],
+            "completions": completions, "scores": scores}
 
 
 def code_scorer(settings: dict):
@@ -144,7 +154,7 @@ def pass_at_1(scorer, completions: list[str], tests: list) -> dict:
     scored = [s for s in scores if s is not None]
     return {"pass@1": sum(s == 1.0 for s in scored) / len(scored) if scored else math.nan,
             "tests_passed": _mean(scores), "n": len(scores), "unscored": len(scores) - len(scored),
-            "timeouts": int(result.metrics.get("timeouts", 0))}
+            "timeouts": int(result.metrics.get("timeouts", 0)), "scores": scores}
 
 
 def reasoning_reward(cfg: EvalConfig) -> str:
@@ -201,15 +211,19 @@ def evaluate(model_dir: str, cfg: EvalConfig) -> dict:
     engine = make_engine(RolloutConfig(engine="hf"), ctx)  # greedy, on the policy just loaded
     out: dict = {"model": model_dir, "device": str(device), "dtype": str(next(policy.parameters()).dtype)[6:]}
     counts = {kind: len(r) for kind, r in rows.items()}
+    predictions: list[dict] = []  # --predictions: one row per prompt
     if "reasoning" in rows:
         acc = accuracy(engine, rows["reasoning"], cfg.max_new_tokens, cfg.batch_size, reasoning_reward(cfg))
         out.update({"eval/accuracy": acc["accuracy"], "eval/rule_pass": acc["rule_pass"]})
         if acc["unscored"]:
             counts["reasoning_unscored"] = acc["unscored"]
+        predictions += _predictions("reasoning", rows["reasoning"], acc["completions"], acc["scores"], "answer")
     if "code" in rows:
-        code = pass_at_1(scorer, _greedy(engine, rows["code"], cfg), tests)
+        completions = _greedy(engine, rows["code"], cfg)
+        code = pass_at_1(scorer, completions, tests)
         out.update({"eval/pass@1": code["pass@1"], "eval/code_tests_passed": code["tests_passed"]})
         counts["code_timeouts"] = code["timeouts"]
+        predictions += _predictions("code", rows["code"], completions, code["scores"], None)
     answers = {kind: _greedy(engine, rows[kind], cfg) for kind in ("helpful", "safety") if kind in rows}
     del engine, policy  # the reward models get the device to themselves
     free_device_memory()
@@ -217,5 +231,17 @@ def evaluate(model_dir: str, cfg: EvalConfig) -> dict:
         out[f"eval/{kind}_rm"] = _rm_mean(cfg.reward_models[kind], rows[kind], completions, cfg)
         out["eval/refusal_rate" if kind == "safety" else "eval/over_refusal_rate"] = refusal_rate(completions)
         out.setdefault("completions", {})[kind] = completions
+        predictions += _predictions(kind, rows[kind], completions, [None] * len(completions), None)
     out["counts"] = counts
+    if cfg.predictions:
+        with open(Path(cfg.predictions).expanduser(), "x", encoding="utf-8") as f:
+            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+        out["predictions"] = cfg.predictions
     return out
+
+
+def _predictions(source: str, rows: list[PromptRow], completions: list[str], scores: list, answer: str | None):
+    """--predictions rows of one source: what was asked, what the model answered, and how it scored."""
+    return [{"source": source, "row": r.columns.get("row"), "prompt": r.messages[-1]["content"], "completion": c,
+             **({"answer": r.columns.get(answer)} if answer else {}), "score": s}
+            for r, c, s in zip(rows, completions, scores)]

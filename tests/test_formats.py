@@ -345,6 +345,19 @@ def test_eval_math_and_mbpp(tiny_dir, tmp_path, capsys):
     assert 0.0 <= out["eval/accuracy"] <= 1.0 and 0.0 <= out["eval/pass@1"] <= 1.0
 
 
+def test_eval_writes_per_problem_predictions_and_never_overwrites(tiny_dir, tmp_path, capsys):
+    code = _write(tmp_path / "mbpp.jsonl", MBPP)
+    preds = tmp_path / "preds.jsonl"
+    out = _eval(capsys, str(tiny_dir), "--code", f"{code}#format=mbpp", "--predictions", str(preds))
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert out["predictions"] == str(preds) and len(rows) == 4 + out["counts"]["code"]  # arithmetic is the default
+    assert {r["source"] for r in rows} == {"reasoning", "code"} and all("completion" in r for r in rows)
+    assert all(r["score"] in (0.0, 1.0) for r in rows) and "answer" in rows[0] and rows[0]["row"]
+    before = preds.read_text()
+    assert main(["eval", str(tiny_dir), "--predictions", str(preds)]) == 2
+    assert "key 'predictions' must be a new file" in capsys.readouterr().err and preds.read_text() == before
+
+
 def test_eval_refuses_sources_without_the_needed_column(tiny_dir, tmp_path, capsys):
     path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}])
     assert main(["eval", str(tiny_dir), "--code", str(path)]) == 2
