@@ -109,3 +109,15 @@ def test_a_tools_stage_reports_tool_use_first_and_last_fifth(tmp_path):
     assert ("tools per completion, first fifth of the steps -> last fifth: calls 0.15 -> 0.95, used_frac 0.15 -> "
             "0.95, failures 0.00 -> 0.00, turns 1.15 -> 1.95") in lines
     assert "![tools](tools_tools.png)" in lines and (tmp_path / "tools_tools.png").stat().st_size > 5000
+
+
+def test_the_console_line_shows_step_of_total_elapsed_eta_and_a_short_set():
+    from align.run.metrics import console_line
+
+    metrics = {"reward/total": 0.5, "reward/math": 0.5, "reward/math_std": 0.1, "loss/policy": 0.01, "moe/load_cv": 0.2,
+               "eval/accuracy": 0.7, "perf/ref_s": 1.0}
+    line = console_line("grpo ", 12, metrics, (2, 202, 1000.0), now=1060.0)
+    assert line == ("grpo step 12/202 [1m00s<19m00s]: reward/total=0.5 reward/math=0.5 loss/policy=0.01 "
+                    "eval/accuracy=0.7 (+3 in metrics.jsonl)")
+    assert console_line("sft ", 0, {"eval/loss": 7.0}, (0, 10, 5.0), now=6.0) == "sft step 0/10 [0m01s<?]: eval/loss=7"
+    assert console_line("rm ", 3, {"loss/bt": 0.25}, None) == "rm step 3: loss/bt=0.25"

@@ -20,6 +20,7 @@ class MetricsLogger:
         self.prefix = prefix
         self.start = time.time()
         self._tb = self._wandb = None
+        self.span: tuple[int, int, float] | None = None  # (first step, last step, start time) of the running loop
         if enabled and os.environ.get("WANDB_PROJECT"):
             try:
                 import wandb
@@ -68,16 +69,46 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         if echo:
-            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             from tqdm.auto import tqdm
 
-            tqdm.write(f"{self.prefix}step {step}: {shown}")
+            tqdm.write(console_line(self.prefix, step, metrics, self.span))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+CONSOLE = ("loss/sft", "loss/bt", "loss/policy", "loss/kl", "reward/total", "reward/weighted", "rm/train_accuracy",
+           "rollout/completion_len", "tools/used_frac", "train/grad_norm", "perf/step_s")
+
+
+def _shown(key: str) -> bool:
+    """The console's short set: the main losses and rewards, each reward component, every eval metric."""
+    component = key.startswith("reward/") and key.count("/") == 1 and not key.endswith(("_std", "_applies", "_frac"))
+    return key in CONSOLE or component or key.startswith("eval/")
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def console_line(prefix: str, step: int, metrics: dict, span: tuple[int, int, float] | None,
+                 now: float | None = None) -> str:
+    """`grpo step 12/200 [1m03s<16m27s] reward/total=0.42 ... (+31 in metrics.jsonl)`: the step of the loop's
+    total, elapsed and estimated time left, the short set of metrics; the rest only in the files."""
+    where = f"{prefix}step {step}"
+    if span is not None:
+        first, total, started = span
+        elapsed = (time.time() if now is None else now) - started
+        left = elapsed / (step - first) * (total - step) if step > first else None
+        where += f"/{total} [{_clock(elapsed)}<{_clock(left) if left is not None else '?'}]"
+    shown = {k: v for k, v in metrics.items() if _shown(k)}
+    text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+    more = len(metrics) - len(shown)
+    return f"{where}: {text}" + (f" (+{more} in metrics.jsonl)" if more else "")
 
 
 def progress(iterable, total: int, initial: int, desc: str, enabled: bool = True):

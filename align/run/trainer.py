@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ class Run:
     def steps(self, total: int):
         """`range(start, total)` under a progress bar; between two steps, when a SIGTERM came during the last one
         (on any process), the finished step is checkpointed (if `save` did not just do it) and `Stopped` raised."""
+        self.log.span = (self.start, total, time.time())  # the console's step k/N, elapsed and time left
         with stop_signal(self.stage) as received:
             for step in progress(range(self.start, total), total, self.start, self.stage, self.is_main):
                 yield step
