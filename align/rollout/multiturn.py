@@ -22,6 +22,7 @@ loss_mask 1 on the sampled tokens only (each turn's stop token included), sampli
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import re
@@ -175,6 +176,14 @@ class ToolRollouts:
         prompts = [self.protocol.prompt_ids(tok, r.messages, self.box) for r in rows]
         samples = [Sample(p, self.box.new_environment(r.columns)) for r, p in zip(rows, prompts) for _ in range(n)]
         turn_sampling = dataclasses.replace(sampling, stop=[*sampling.stop, *self.protocol.stop])
+        with getattr(self.engine, "awake", contextlib.nullcontext)():  # colocated vLLM: no sleep between turns
+            max_turns_hit = self._turns(samples, prompts, n, turn_sampling, budget)
+        return self._pack(samples, n, max_turns_hit)
+
+    def _turns(self, samples: list[Sample], prompts: list[list[int]], n: int, turn_sampling: SamplingConfig,
+               budget: int) -> int:
+        """Generate, parse, call and append until every sample is done; returns how many hit max_turns."""
+        tok, cfg = self.tokenizer, self.cfg
         max_turns_hit = 0
         for turn in range(cfg.max_turns):
             active = [s for s in samples if not s.done]
@@ -219,7 +228,7 @@ class ToolRollouts:
                 s.ids += ids
                 s.loss += [0] * len(ids)
                 s.logps += [0.0] * len(ids)
-        return self._pack(samples, n, max_turns_hit)
+        return max_turns_hit
 
     def _run(self, item) -> list[tuple[str, str, bool]]:
         s, found, _ = item

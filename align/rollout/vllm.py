@@ -30,6 +30,7 @@ would starve the colocated trainer, so threads are left unbound and the torch th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -230,12 +231,13 @@ class VLLMEngine:
             set_threads(threads)
             torch.set_num_threads = set_threads
         self.asleep = False
+        self.held = False  # inside awake(): generate calls leave it awake
         self.last_sync_s = 0.0
         self.sync_metrics: dict[str, float] = {}
 
     # -- memory phases (GPU only)
     def sleep(self) -> None:
-        if self.cfg.sleep and not self.on_cpu and not self.asleep:
+        if self.cfg.sleep and not self.on_cpu and not self.asleep and not self.held:
             self.llm.sleep(level=1)
             self.asleep = True
 
@@ -243,6 +245,17 @@ class VLLMEngine:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
+
+    @contextlib.contextmanager
+    def awake(self):
+        """vLLM stays awake across the generate calls inside (a multi-turn rollout's turns), and sleeps after."""
+        self.wake()
+        self.held = True
+        try:
+            yield
+        finally:
+            self.held = False
+            self.sleep()
 
     def close(self) -> None:
         pass  # the process's vllm.LLM stays for the next engine of the same architecture (_shared_llm)
