@@ -26,6 +26,7 @@ from .model.precision import training_device, training_precision
 from .run.data import DataError, as_messages, batch_indices, load_rows
 from .run.finite import NonFinitePolicy, nonfinite_option
 from .run.rundir import ResumeMode, resume_option
+from .run.tracking import WandbConfig
 from .run.trainer import start_run
 
 
@@ -46,11 +47,14 @@ class RMConfig:
     save_every: int = option(0, "Steps between checkpoints (0: only at the end).")
     keep_last: int = option(1, "Checkpoints kept (0: all).")
     tensorboard: bool = option(True, "Also write TensorBoard event files (when installed).")
+    wandb: WandbConfig = option(factory=WandbConfig,
+                                help="Weights & Biases: {project, name, tags} (align/run/tracking.py).")
     seed: int = option(0, "Seed for the pair order.")
     resume: ResumeMode = resume_option()
     on_nonfinite: NonFinitePolicy = nonfinite_option("loss or gradient norm")
 
     def validate(self) -> None:
+        self.wandb.validate()
         self.output_dir = directory_path(self.output_dir, "output_dir")
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)
         for key in ("max_length", "batch_size"):

@@ -29,6 +29,7 @@ from .model.policy import ModelConfig, check_model_dir, load_tokenizer
 from .run.data import IGNORE, batch_indices, collate, collate_packed, load_chats, pack, tokenize_chats
 from .run.finite import NonFinitePolicy, nonfinite_option
 from .run.rundir import ResumeMode, resume_option
+from .run.tracking import WandbConfig
 from .run.trainer import start_run, world_size
 
 
@@ -56,11 +57,14 @@ class SFTConfig:
     log_every: int = option(10, help="Steps between console log lines.")
     logprob_chunk: int = option(1024, help="Tokens per LM-head chunk (logits are never materialised in full).")
     tensorboard: bool = option(True, help="Also write TensorBoard event files (when tensorboard is installed).")
+    wandb: WandbConfig = option(factory=WandbConfig,
+                                help="Weights & Biases: {project, name, tags} (align/run/tracking.py).")
     seed: int = option(0, help="Seed for data order and initialisation.")
     resume: ResumeMode = resume_option()
     on_nonfinite: NonFinitePolicy = nonfinite_option("loss or gradient norm")
 
     def validate(self) -> None:
+        self.wandb.validate()
         self.output_dir = directory_path(self.output_dir, "output_dir")
         self.model.validate()
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)

@@ -14,6 +14,7 @@ from ..rollout.protocol import RolloutConfig, SamplingConfig
 from ..rollout.tools import ToolsConfig
 from ..run.finite import NonFinitePolicy, nonfinite_option
 from ..run.rundir import ResumeMode, resume_option
+from ..run.tracking import WandbConfig
 from .core import AGGREGATIONS, CLIP_DEFAULTS, POLICY_LOSSES, LossSettings
 
 
@@ -85,11 +86,14 @@ class GRPOConfig:
     keep_last: int = option(2, "Checkpoints kept (0: all).")
     logprob_chunk: int = option(1024, "Tokens per LM-head chunk.")
     tensorboard: bool = option(True, help="Also write TensorBoard event files (when tensorboard is installed).")
+    wandb: WandbConfig = option(factory=WandbConfig,
+                                help="Weights & Biases: {project, name, tags} (align/run/tracking.py).")
     seed: int = option(0, "Seed for prompt order and sampling.")
     resume: ResumeMode = resume_option()
     on_nonfinite: NonFinitePolicy = nonfinite_option("reward total, loss or gradient norm")
 
     def validate(self) -> None:
+        self.wandb.validate()
         self.output_dir = directory_path(self.output_dir, "output_dir")
         self.model.validate()
         self.sampling.validate()

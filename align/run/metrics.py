@@ -1,6 +1,6 @@
 """Metrics: one JSON object per line in OUTPUT/metrics.jsonl (appended, so a resumed run continues the file), a short
-console line, TensorBoard event files when `tensorboard` is installed, and Weights & Biases when `wandb` is installed
-and WANDB_PROJECT is set (the run is named after the output directory). Names are namespaced: `loss/sft`,
+console line, TensorBoard event files when `tensorboard` is installed, and Weights & Biases when the stage's `wandb`
+settings (or WANDB_PROJECT) ask for it (align/run/tracking.py). Names are namespaced: `loss/sft`,
 `reward/helpful`, `moe/load_max`. The file is strict JSON: a non-finite value (a NaN mean of nothing scored) is
 written as null, and `read_metrics` gives it back as NaN."""
 
@@ -14,21 +14,20 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True, prefix: str = ""):
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True, prefix: str = "",
+                 wandb=None, settings: dict | None = None, resumed: bool = False):
+        """`wandb`: the stage's WandbConfig (align/run/tracking.py), `settings` its config as the W&B run's config;
+        `resumed`: align resumes this run (the W&B run continues)."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.prefix = prefix
         self.start = time.time()
         self._tb = self._wandb = None
         self.span: tuple[int, int, float] | None = None  # (first step, last step, start time) of the running loop
-        if enabled and os.environ.get("WANDB_PROJECT"):
-            try:
-                import wandb
+        if enabled and wandb is not None:
+            from .tracking import start_wandb
 
-                self._wandb = wandb.init(project=os.environ["WANDB_PROJECT"], name=str(output_dir), resume="allow",
-                                         id=str(output_dir).strip("/").replace("/", "-")[-64:])
-            except ImportError:
-                self._wandb = None
+            self._wandb = start_wandb(wandb, output_dir, settings or {}, resumed)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

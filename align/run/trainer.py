@@ -189,7 +189,8 @@ def start_run(cfg, stage: str, *, total_updates: int, warmup_steps: int, seed_pe
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     log = MetricsLogger(cfg.output_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard,
-                        prefix=f"{stage} ")
+                        prefix=f"{stage} ", wandb=getattr(cfg, "wandb", None), settings=config_to_dict(cfg),
+                        resumed=resume is not None)
     start = state.get("step", 0)
     log.truncate_after(start)
     return Run(stage, cfg, accelerator, model, optimizer, scheduler, log, router, start, state, resume is not None,
