@@ -125,7 +125,8 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(tmp_path):
         prompts = load_prompts(source)
         tests = [p.columns["tests"] for p in prompts]
         right = pass_at_1(scorer, [c[-1]["content"] for c in chats], tests)
-        assert right == {"pass@1": 1.0, "tests_passed": 1.0, "n": len(rows), "unscored": 0, "timeouts": 0}
+        assert right == {"pass@1": 1.0, "tests_passed": 1.0, "n": len(rows), "unscored": 0, "timeouts": 0,
+                         "scores": [1.0] * len(rows)}
         wrong_code = ("```python\ndef add(a, b):\n    return 0\ndef evens(xs):\n    return xs\n"
                       "def area(r):\n    return -1\n```")
         wrong = pass_at_1(scorer, [wrong_code] * len(rows), tests)
