@@ -12,7 +12,7 @@ import concurrent.futures as cf
 import multiprocessing as mp
 from concurrent.futures.process import BrokenProcessPool
 
-from .calling import RewardError, build_reward, call_reward, required_columns
+from .calling import RewardError, RewardTimeout, build_reward, call_reward, required_columns
 from .registry import get_reward
 
 _BUILT: dict = {}
@@ -99,14 +99,20 @@ class IsolatedReward:
             self._kill()
 
     def __call__(self, prompts, completions, **columns):
+        return self.call(prompts, completions, columns, self.timeout_s)
+
+    def call(self, prompts, completions, columns: dict, timeout_s: float):
+        """The reward's output on a batch, scored in the worker within timeout_s (<= 0: no limit); past it the
+        worker is killed and RewardTimeout raised."""
         if self._pool is None:  # cold: start and build outside this call's timeout
             self._build()
         future = self._submit(_score_in_worker, self.spec, prompts, completions, columns)
         try:
-            return future.result(timeout=self.timeout_s or None)
+            return future.result(timeout=timeout_s if timeout_s > 0 else None)
         except cf.TimeoutError:
             self._kill()
-            raise RewardError(f"reward '{self.label}' timed out after {self.timeout_s} s (its worker was stopped)")
+            raise RewardTimeout(f"reward '{self.label}' timed out after {timeout_s} s (its worker was stopped)") \
+                from None
         except BrokenProcessPool:
             self._kill()
             raise RewardError(f"reward '{self.label}' crashed its worker process")
