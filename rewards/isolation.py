@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing as mp
+import os
+import signal
+import threading
 from concurrent.futures.process import BrokenProcessPool
 
 from .calling import RewardError, RewardTimeout, build_reward, call_reward, required_columns
 from .registry import get_reward
+from .workers import watch_parent
 
 _BUILT: dict = {}
 BUILD_TIMEOUT_S = 300.0  # starting a worker and building a factory reward in it (imports, a reward model)
@@ -33,6 +37,14 @@ def _built(spec: dict):
     if key not in _BUILT:
         _BUILT[key] = build_reward(spec["name"], spec.get("args", {}))
     return _BUILT[key]
+
+
+def _init_worker(parent: int) -> None:
+    """In the worker: Ctrl-C, which a terminal sends to the whole process group, is the trainer's to act on (it stops
+    at a step boundary and then ends this worker), so the worker ignores it, and ends by itself once the trainer is
+    gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=watch_parent, args=(parent,), daemon=True).start()
 
 
 def _score_in_worker(spec: dict, prompts, completions, columns):
@@ -62,7 +74,8 @@ class IsolatedReward:
 
     def _submit(self, fn, *args):
         if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+            self._pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                                initargs=(os.getpid(),))
         return self._pool.submit(fn, *args)
 
     @property
