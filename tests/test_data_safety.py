@@ -54,6 +54,34 @@ def test_another_runs_state_is_refused_naming_the_keys_and_taken_over_only_with_
     assert manifest["identity"]["lr"] == 1e-6
 
 
+def test_force_never_resumes_another_models_checkpoint(tiny_dir, tmp_path):
+    """resume=force over a run of model A that holds a checkpoint, started with model B: refused before any write,
+    naming both models; with no checkpoint there (a run that failed before its first save) force takes over."""
+    from align.run.lock import unlock_dir
+    from align.run.rundir import MANIFEST, claim
+
+    out = tmp_path / "run"
+    assert claim(out, "sft", _cfg(tiny_dir, out)) is False  # model A's manifest, no training
+    unlock_dir(out)
+    step = checkpoint_path(out, 2)
+    step.mkdir(parents=True)
+    (step / "state.json").write_text('{"step": 2}')
+    other = tmp_path / "model-b"
+    shutil.copytree(tiny_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "initializer_range": 0.05}))
+    before = _tree(out)
+    with pytest.raises(ConfigError, match=rf"key 'resume': resume=force would resume {step}, the state of sft of "
+                                          rf"model '{tiny_dir}' \(config.json sha256 \w+\), as a run of sft of model "
+                                          rf"'{other}' \(config.json sha256 \w+\); .* new output_dir"):
+        train_sft(_cfg(other, out, "resume=force"))
+    assert _tree(out) == before
+    shutil.rmtree(out / "checkpoints")
+    assert claim(out, "sft", _cfg(other, out, "resume=force"), force=True) is False
+    unlock_dir(out)
+    assert json.loads((out / MANIFEST).read_text())["identity"]["model.path"] == str(other)
+
+
 def test_the_same_command_resumes_and_more_steps_continue(tiny_dir, tmp_path):
     out = tmp_path / "run"
     train_sft(_cfg(tiny_dir, out, "max_steps=2"))
