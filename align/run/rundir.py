@@ -55,6 +55,8 @@ IDENTITY_KEYS = {
 }
 
 
+RUN_ONLY_REWARD_KEYS = ("timeout_s", "isolate")  # how a reward runs; left out when identities are compared
+
 # Identity keys that say which model a run's checkpoints are of ("model" is rm's; resume=force never crosses them).
 MODEL_KEYS = ("model.path", "model", "model.config_sha256", "model.revision")
 
@@ -163,11 +165,22 @@ def _differences(theirs: dict, mine: dict) -> list[tuple[str, object, object]]:
     diff = []
     if theirs.get("kind") != mine["kind"]:
         diff.append(("kind", theirs.get("kind"), mine["kind"]))
-    a, b = theirs.get("identity", {}), mine["identity"]
+    a, b = comparable(theirs.get("identity", {})), comparable(mine["identity"])
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             diff.append((key, a.get(key), b.get(key)))
     return diff
+
+
+def comparable(settings: dict) -> dict:
+    """An identity (or a stage's recorded settings) without the reward keys that say how a reward is run, not what
+    it scores (`timeout_s`, `isolate`): a run resumes, and a finished stage is reused, after they change, and after
+    their defaults did (timeout_s was 0 before issue 40)."""
+    rewards = settings.get("rewards")
+    if not isinstance(rewards, list):
+        return settings
+    return {**settings, "rewards": [{k: v for k, v in r.items() if k not in RUN_ONLY_REWARD_KEYS}
+                                 if isinstance(r, dict) else r for r in rewards]}
 
 
 def claim_all(accelerator, output_dir: str | Path, kind: str, cfg) -> None:
