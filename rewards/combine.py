@@ -13,11 +13,11 @@ apply to that prompt) adds nothing to any of its totals. A completion that a com
 others of the same group (an unparsed judge reply, a check that timed out) gets no total: its sum would lack a term
 its siblings have, so it is left out of its group's statistics (advantage 0), counted in `reward/partially_scored`.
 A reward that raises, exits (`sys.exit`, in process or in its isolated worker), runs past its `timeout_s` (every
-call has one, 300 s unless set; 0 only when set), returns the wrong number of scores or a non-finite value, or needs
-a column a row lacks, is a `RewardError` naming the reward and the row (a KeyboardInterrupt is the user's and goes
-on). With `on_error="skip"` the batch is re-scored one prompt group at a time
-and the groups that fail are dropped (counted in `reward/skipped_groups`, the last error per reward in
-`Scores.errors`) instead of stopping the run.
+call has one: 300 s unless a recipe sets another, or 0 for none), returns the wrong number of scores or a non-finite
+value, or needs a column a row lacks, is a `RewardError` naming the reward and the row (a KeyboardInterrupt is the
+user's and goes on). With `on_error="skip"` the batch is re-scored one prompt group at a time and the groups that
+fail are dropped (counted in `reward/skipped_groups`, the last error per reward in `Scores.errors`) instead of
+stopping the run.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ class RewardSpec:
     args: dict = dataclasses.field(default_factory=dict)
     isolate: bool = False        # score in a separate worker process (survives hangs and crashes)
     timeout_s: float = dataclasses.field(default=DEFAULT_TIMEOUT_S, metadata={"help": (
-        "Seconds one call (a batch) may take before it is a RewardError naming the reward (default 300; 0: no "
-        "limit, only when set so). In process a late call is abandoned on its thread; with isolate its worker is "
-        "killed.")})
+        "Seconds one call (a batch) may take; a later one is a RewardError naming the reward. Default 300; 0 "
+        "turns the limit off. In process a late sync call is abandoned on its thread (an async one cancelled); "
+        "with isolate its worker is killed.")})
 
     @property
     def key(self) -> str:
