@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from .config import build_config, describe, load_config
@@ -206,17 +207,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rewards.combine import RewardError
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args, rest = build_parser().parse_known_args(argv)
     if rest and args.command != "serve":  # only serve passes unknown flags on (to vLLM)
         build_parser().parse_args(argv)
     try:
+        return _run(args, rest)
+    except KeyboardInterrupt:  # Ctrl-C outside a stage's steps (loading, saving, eval), or a second one within them
+        print(f"\n{_interrupted(args.command)}", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _run(args, rest: list[str]) -> int:
+    """The command's exit status; a refusal or a stop on a signal is printed as one line."""
+    from rewards.combine import RewardError  # imports torch: a Ctrl-C during it is main's to report
+
+    try:
         return args.func(args, rest) if args.command == "serve" else args.func(args)
     except (AlignError, RewardError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_status", 2)  # 2, or 128 + N after a stop on signal N (align/run/stop.py)
+
+
+def _interrupted(command: str) -> str:
+    """The one line a Ctrl-C that ended `align COMMAND` prints, instead of the traceback of wherever it landed."""
+    if command in ("sft", "grpo", "rm", "run"):
+        return (f"align {command}: interrupted (Ctrl-C); the work since the last checkpoint is lost, and the same "
+                "command resumes from that checkpoint, if there is one")
+    return f"align {command}: interrupted (Ctrl-C)"
 
 
 if __name__ == "__main__":

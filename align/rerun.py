@@ -4,7 +4,7 @@ the same outputs of the stages it reads.
 When a stage of `align run` finishes, RUN_DIR/<stage>/align-stage.json records
   * its resolved settings: the stage's whole config, with the bundled data directory written {data} and the run
     directory {run_dir}, without the keys that do not change what it makes (IGNORED: resume, logging, checkpoint
-    cadence, held-out evaluation cadence);
+    cadence, held-out evaluation cadence; rewards' timeout_s and isolate are left out when records are compared);
   * the stamps of the earlier stages whose outputs it reads ("@stage" references), and its own stamp (new at
     every finish).
 On the next run, before any work or write (`plan_reruns`):
@@ -29,6 +29,7 @@ from pathlib import Path
 from .config import ConfigError, config_to_dict
 from .resources import data_dir
 from .run.checkpoint import atomic_write_text
+from .run.rundir import comparable
 
 RECORD = "align-stage.json"
 REPLACED = ".replaced"
@@ -140,8 +141,8 @@ def _legacy_differences(stage) -> list[tuple[str, object, object]]:
     manifest = stage_dir(stage) / MANIFEST
     if stage.kind not in IDENTITY_KEYS or not manifest.is_file():
         return []
-    then = json.loads(manifest.read_text()).get("identity", {})
-    now = identity(stage.kind, stage.config)
+    then = comparable(json.loads(manifest.read_text()).get("identity", {}))
+    now = comparable(identity(stage.kind, stage.config))
     return [(k, then.get(k), now.get(k)) for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
 
 
@@ -161,7 +162,8 @@ def plan_reruns(run_dir: Path, stages: list, rerun_from: str | None = None) -> R
             diff = _legacy_differences(stage)
             reasons = [f"{k}: {a!r} then, {b!r} now" for k, a, b in diff[:6]]
         else:
-            then, now = _flat(record.get("settings", {})), _flat(stage_settings(stage, run_dir))
+            then = _flat(comparable(record.get("settings", {})))
+            now = _flat(comparable(stage_settings(stage, run_dir)))
             diff = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
             reasons = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in diff[:6]]
             for up in upstream(stage, stages[:i]):

@@ -128,7 +128,7 @@ def train_rm(cfg: RMConfig) -> dict:
     acc_start = run.state.get("pair_accuracy_start")
     if held and not run.resumed:
         acc_start = pair_accuracy(model, tokenizer, held, cfg.max_length, device)
-    for step in run.steps(steps):  # a SIGTERM stops between two steps, checkpointed
+    for step in run.steps(steps):  # a SIGTERM / SIGINT stops between two steps, checkpointed
         batch = [train[i] for i in batch_indices(len(train), cfg.batch_size, step, cfg.seed)]
         r = _rewards(model, tokenizer, [c for c, _ in batch] + [x for _, x in batch], cfg.max_length, device)
         margin = r[:len(batch)] - r[len(batch):]                                        # [B]

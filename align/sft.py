@@ -153,7 +153,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         heldout["start"] = heldout_loss(run.model, held_rows, cfg, pad_id, run.device)
         run.log.log(0, {"eval/loss": heldout["start"]})
     t0, skipped = time.time(), 0
-    for step in run.steps(total_steps):  # a SIGTERM stops between two steps, checkpointed
+    for step in run.steps(total_steps):  # a SIGTERM / SIGINT stops between two steps, checkpointed
         # -- this process's micro-batches of global batch `step`
         idx = batch_indices(len(train_rows), global_batch, step, cfg.seed)
         mine = idx[rank * cfg.batch_size * cfg.grad_accum:(rank + 1) * cfg.batch_size * cfg.grad_accum]

@@ -12,11 +12,12 @@ apply: left out of that component's statistics, never counted as 0). A None for 
 apply to that prompt) adds nothing to any of its totals. A completion that a component left unscored while it scored
 others of the same group (an unparsed judge reply, a check that timed out) gets no total: its sum would lack a term
 its siblings have, so it is left out of its group's statistics (advantage 0), counted in `reward/partially_scored`.
-A reward that raises, exits (`sys.exit`, in process or in its isolated worker), returns the wrong number of scores or
-a non-finite value, or needs a column a row lacks, is a `RewardError` naming the reward and the row (a
-KeyboardInterrupt is the user's and goes on). With `on_error="skip"` the batch is re-scored one prompt group at a time
-and the groups that fail are dropped (counted in `reward/skipped_groups`, the last error per reward in
-`Scores.errors`) instead of stopping the run.
+A reward that raises, exits (`sys.exit`, in process or in its isolated worker), runs past its `timeout_s` (every
+call has one: 300 s unless a recipe sets another, or 0 for none), returns the wrong number of scores or a non-finite
+value, or needs a column a row lacks, is a `RewardError` naming the reward and the row (a KeyboardInterrupt is the
+user's and goes on). With `on_error="skip"` the batch is re-scored one prompt group at a time and the groups that
+fail are dropped (counted in `reward/skipped_groups`, the last error per reward in `Scores.errors`) instead of
+stopping the run.
 """
 
 from __future__ import annotations
@@ -24,14 +25,17 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import time
 
 import torch
 
-from .calling import RewardError, build_reward, call_reward, required_columns
+from .calling import RewardError, RewardTimeout, build_reward, call_with_deadline, required_columns
 from .isolation import IsolatedReward
 from .registry import RewardResult, get_reward
 
 __all__ = ["RewardError", "RewardSpec", "Scores", "check_columns", "close_rewards", "score"]
+
+DEFAULT_TIMEOUT_S = 300.0  # every call has a deadline unless a recipe says timeout_s: 0
 
 
 @dataclasses.dataclass
@@ -41,7 +45,10 @@ class RewardSpec:
     label: str = ""
     args: dict = dataclasses.field(default_factory=dict)
     isolate: bool = False        # score in a separate worker process (survives hangs and crashes)
-    timeout_s: float = 0.0       # with isolate: stop a call that takes longer (0 = no limit)
+    timeout_s: float = dataclasses.field(default=DEFAULT_TIMEOUT_S, metadata={"help": (
+        "Seconds one call (a batch) may take; a later one is a RewardError naming the reward. Default 300; 0 "
+        "turns the limit off. In process a late sync call is abandoned on its thread (an async one cancelled); "
+        "with isolate its worker is killed.")})
 
     @property
     def key(self) -> str:
@@ -64,7 +71,7 @@ class RewardSpec:
         cached = getattr(self, "_fn", None)
         if cached is not None:
             return cached
-        if self.isolate or self.timeout_s:
+        if self.isolate:
             self.check()
             fn = IsolatedReward({"name": self.name, "args": self.args}, self.key, self.timeout_s)
         else:
@@ -135,7 +142,16 @@ def _check_output(name: str, values, n: int, rows: list[str]) -> list[float | No
     return out
 
 
-def _run_one(spec: RewardSpec, prompts, completions, columns, rows) -> tuple[list, dict]:
+def _call(spec: RewardSpec, fn, prompts, completions, columns, timeout_s: float):
+    """fn's raw output within timeout_s: in its worker (isolate) or on a thread of this process."""
+    if isinstance(fn, IsolatedReward):
+        return fn.call(prompts, completions, columns, timeout_s)
+    return call_with_deadline(fn, prompts, completions, columns, timeout_s, spec.key)
+
+
+def _run_one(spec: RewardSpec, prompts, completions, columns, rows, timeout_s: float | None = None) \
+        -> tuple[list, dict]:
+    """One reward's checked scores and metrics on a batch, within timeout_s (None: the spec's)."""
     fn = spec.load()
     for col in required_columns(fn):
         values = columns.get(col)
@@ -143,9 +159,9 @@ def _run_one(spec: RewardSpec, prompts, completions, columns, rows) -> tuple[lis
         for i in missing:
             raise RewardError(f"reward '{spec.key}' needs column '{col}', which {rows[i]} does not have")
     try:
-        raw = call_reward(fn, prompts, completions, columns)
+        raw = _call(spec, fn, prompts, completions, columns, spec.timeout_s if timeout_s is None else timeout_s)
     except RewardError as e:
-        raise e if "batch from" in str(e) or " for " in str(e) else RewardError(f"{e} (batch from {rows[0]})")
+        raise e if "batch from" in str(e) or " for " in str(e) else type(e)(f"{e} (batch from {rows[0]})")
     except Exception as e:
         raise RewardError(f"reward '{spec.key}' raised {type(e).__name__}: {e} (batch from {rows[0]})") from e
     except SystemExit as e:  # else the run would end as the reward chose, exit 0 with no message and no final/
@@ -155,6 +171,30 @@ def _run_one(spec: RewardSpec, prompts, completions, columns, rows) -> tuple[lis
     if isinstance(raw, RewardResult):
         raw, metrics = raw.scores, raw.metrics
     return _check_output(spec.key, raw, len(completions), rows), metrics
+
+
+def _rescore_groups(spec: RewardSpec, prompts, completions, columns, rows, group_size: int, timed_out: bool,
+                    values: list, keep: torch.Tensor, errors: dict) -> None:
+    """After a failed batch (on_error=skip): score it again one prompt group at a time, filling `values` for the
+    groups that score and clearing `keep` for those that fail. After a batch that timed out, the groups share one
+    more timeout_s, and those left when it is spent are skipped uncalled: a reward that hangs costs a step at most
+    twice its timeout_s, never timeout_s per group."""
+    end = time.monotonic() + spec.timeout_s if timed_out and spec.timeout_s > 0 else None
+    for s in range(0, len(completions), group_size):
+        sl = slice(s, s + group_size)
+        left = None if end is None else end - time.monotonic()
+        if left is not None and left <= 0:
+            keep[sl] = False
+            errors[spec.key] = (f"reward '{spec.key}' timed out on the batch, and re-scoring it group by group used "
+                                f"up one more timeout_s={spec.timeout_s} s; the group of {rows[s]} was skipped "
+                                f"uncalled")
+            continue
+        try:
+            values[sl], _ = _run_one(spec, prompts[sl], completions[sl], {k: v[sl] for k, v in columns.items()},
+                                     rows[sl], left)
+        except RewardError as e:
+            keep[sl] = False
+            errors[spec.key] = str(e)
 
 
 def score(specs: list[RewardSpec], prompts: list, completions: list[str], columns: dict[str, list],
@@ -173,15 +213,8 @@ def score(specs: list[RewardSpec], prompts: list, completions: list[str], column
                 raise
             values, metrics = [None] * n, {}
             errors[spec.key] = str(e)
-            for s in range(0, n, group_size):  # find the groups that fail, keep the others
-                sl = slice(s, s + group_size)
-                try:
-                    part, _ = _run_one(spec, prompts[sl], completions[sl], {k: v[sl] for k, v in columns.items()},
-                                       rows[sl])
-                    values[sl] = part
-                except RewardError as e:
-                    keep[sl] = False
-                    errors[spec.key] = str(e)
+            _rescore_groups(spec, prompts, completions, columns, rows, group_size, isinstance(e, RewardTimeout),
+                            values, keep, errors)
         components[spec.key] = values
         extra.update({f"reward/{spec.key}/{k}": v for k, v in metrics.items()})
     comps = {k: torch.tensor([math.nan if v is None else v for v in vals], dtype=torch.float)

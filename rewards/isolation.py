@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing as mp
+import os
+import signal
+import threading
 from concurrent.futures.process import BrokenProcessPool
 
-from .calling import RewardError, build_reward, call_reward, required_columns
+from .calling import RewardError, RewardTimeout, build_reward, call_reward, required_columns
 from .registry import get_reward
+from .workers import watch_parent
 
 _BUILT: dict = {}
 BUILD_TIMEOUT_S = 300.0  # starting a worker and building a factory reward in it (imports, a reward model)
@@ -33,6 +37,14 @@ def _built(spec: dict):
     if key not in _BUILT:
         _BUILT[key] = build_reward(spec["name"], spec.get("args", {}))
     return _BUILT[key]
+
+
+def _init_worker(parent: int) -> None:
+    """In the worker: Ctrl-C, which a terminal sends to the whole process group, is the trainer's to act on (it stops
+    at a step boundary and then ends this worker), so the worker ignores it, and ends by itself once the trainer is
+    gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=watch_parent, args=(parent,), daemon=True).start()
 
 
 def _score_in_worker(spec: dict, prompts, completions, columns):
@@ -62,7 +74,8 @@ class IsolatedReward:
 
     def _submit(self, fn, *args):
         if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+            self._pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                                initargs=(os.getpid(),))
         return self._pool.submit(fn, *args)
 
     @property
@@ -99,14 +112,20 @@ class IsolatedReward:
             self._kill()
 
     def __call__(self, prompts, completions, **columns):
+        return self.call(prompts, completions, columns, self.timeout_s)
+
+    def call(self, prompts, completions, columns: dict, timeout_s: float):
+        """The reward's output on a batch, scored in the worker within timeout_s (<= 0: no limit); past it the
+        worker is killed and RewardTimeout raised."""
         if self._pool is None:  # cold: start and build outside this call's timeout
             self._build()
         future = self._submit(_score_in_worker, self.spec, prompts, completions, columns)
         try:
-            return future.result(timeout=self.timeout_s or None)
+            return future.result(timeout=timeout_s if timeout_s > 0 else None)
         except cf.TimeoutError:
             self._kill()
-            raise RewardError(f"reward '{self.label}' timed out after {self.timeout_s} s (its worker was stopped)")
+            raise RewardTimeout(f"reward '{self.label}' timed out after {timeout_s} s (its worker was stopped)") \
+                from None
         except BrokenProcessPool:
             self._kill()
             raise RewardError(f"reward '{self.label}' crashed its worker process")

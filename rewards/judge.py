@@ -229,9 +229,11 @@ def _auth_headers(headers: dict | None, api_key_env: str | None) -> dict:
 @reward_factory("judge")
 def judge(url: str, model: str, template: str = DEFAULT_TEMPLATE, system: str | None = None,
           score: dict | None = None, temperature: float = 0.0, max_tokens: int | None = 256, concurrency: int = 8,
-          timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.5, headers: dict | None = None,
+          timeout_s: float = 20.0, retries: int = 2, backoff_s: float = 0.5, headers: dict | None = None,
           api_key_env: str | None = None):
-    """Score with an LLM judge behind an OpenAI-compatible chat-completions endpoint (see the module docstring)."""
+    """Score with an LLM judge behind an OpenAI-compatible chat-completions endpoint (see the module docstring).
+    The defaults notice a judge that accepts and never answers within a step: 3 attempts of 20 s, ~62 s a batch
+    (its requests run concurrently; a slow judge model takes a larger timeout_s)."""
     endpoint = chat_url(url)
     rule = score_rule(DEFAULT_SCORE if score is None else score)
     columns_needed = template_columns(template)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -94,8 +95,9 @@ def _resolve(ref):
     return pickle.loads(ref[1])
 
 
-def _watch_parent(parent: int) -> None:
-    while True:  # a hung check does not read its pipe: end it when the parent is gone
+def watch_parent(parent: int) -> None:
+    """In a worker (on a daemon thread): exit once `parent` is gone, as a hung task never reads its pipe's EOF."""
+    while True:
         time.sleep(1.0)
         if os.getppid() != parent:
             os._exit(1)
@@ -103,7 +105,8 @@ def _watch_parent(parent: int) -> None:
 
 def _serve(fd: int) -> None:
     conn = Connection(fd)
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C (sent to the whole terminal group) is the trainer's to act on
+    threading.Thread(target=watch_parent, args=(os.getppid(),), daemon=True).start()
     try:
         setup = conn.recv()
         sys.path[:] = setup["path"]

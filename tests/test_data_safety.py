@@ -54,6 +54,59 @@ def test_another_runs_state_is_refused_naming_the_keys_and_taken_over_only_with_
     assert manifest["identity"]["lr"] == 1e-6
 
 
+def test_force_never_resumes_another_models_checkpoint(tiny_dir, tmp_path):
+    """resume=force over a run of model A that holds a checkpoint, started with model B: refused before any write,
+    naming both models; with no checkpoint there (a run that failed before its first save) force takes over."""
+    from align.run.lock import unlock_dir
+    from align.run.rundir import MANIFEST, claim
+
+    out = tmp_path / "run"
+    assert claim(out, "sft", _cfg(tiny_dir, out)) is False  # model A's manifest, no training
+    unlock_dir(out)
+    step = checkpoint_path(out, 2)
+    step.mkdir(parents=True)
+    (step / "state.json").write_text('{"step": 2}')
+    other = tmp_path / "model-b"
+    shutil.copytree(tiny_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "initializer_range": 0.05}))
+    before = _tree(out)
+    with pytest.raises(ConfigError, match=rf"key 'resume': resume=force would resume {step}, the state of sft of "
+                                          rf"model '{tiny_dir}' \(config.json sha256 \w+\), as a run of sft of model "
+                                          rf"'{other}' \(config.json sha256 \w+\); .* new output_dir"):
+        train_sft(_cfg(other, out, "resume=force"))
+    assert _tree(out) == before
+    shutil.rmtree(out / "checkpoints")
+    assert claim(out, "sft", _cfg(other, out, "resume=force"), force=True) is False
+    unlock_dir(out)
+    assert json.loads((out / MANIFEST).read_text())["identity"]["model.path"] == str(other)
+
+
+def test_a_grpo_run_resumes_after_a_rewards_timeout_or_isolation_changed(tiny_dir, tmp_path):
+    """timeout_s / isolate say how a reward runs, not what it scores: a manifest written when timeout_s defaulted
+    to 0 still names the same run; a changed reward weight does not."""
+    from align.grpo.config import GRPOConfig
+    from align.run.lock import unlock_dir
+    from align.run.rundir import MANIFEST, claim
+
+    out = tmp_path / "run"
+
+    def cfg(reward):
+        return load_config(GRPOConfig, None, [f"model.path={tiny_dir}", f"output_dir={out}",
+                                              f"train_data=[{DATA}/arith/rl_prompts.jsonl]", f"rewards=[{reward}]"])
+
+    assert claim(out, "grpo", cfg("{name: exact_answer}")) is False
+    unlock_dir(out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["identity"]["rewards"][0]["timeout_s"] == 300.0
+    manifest["identity"]["rewards"][0].update(timeout_s=0.0, isolate=True)  # as an older align recorded it
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    assert claim(out, "grpo", cfg("{name: exact_answer, timeout_s: 60}")) is True
+    unlock_dir(out)
+    with pytest.raises(ConfigError, match=r"holds another run \(rewards: "):
+        claim(out, "grpo", cfg("{name: exact_answer, weight: 2}"))
+
+
 def test_the_same_command_resumes_and_more_steps_continue(tiny_dir, tmp_path):
     out = tmp_path / "run"
     train_sft(_cfg(tiny_dir, out, "max_steps=2"))

@@ -92,3 +92,24 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_dir, tmp_path, monk
     load_policy(ModelConfig(path=str(first)), trainable=False)  # still loads
     cfg.steps = 2
     assert train_grpo(cfg)["steps"] == 2  # and the run resumes from it
+
+
+def test_the_step_0_row_is_logged_once_after_a_restart(tmp_path):
+    """The start evaluation's step-0 row of an attempt killed before its first checkpoint (ALIGN_FAULT=generation:1)
+    is not kept beside the restarted run's own; a resumed run keeps the rows its checkpoint covers, step 0's
+    included. No training: the logger as start_run drives it."""
+    from align.run.metrics import MetricsLogger
+
+    killed = MetricsLogger(tmp_path, tensorboard=False)
+    killed.log(0, {"eval/accuracy": 0.25}, echo=False)  # then SIGKILL in step 1: no checkpoint
+    restarted = MetricsLogger(tmp_path, tensorboard=False)
+    restarted.truncate_after(0)  # start_run: no checkpoint, start = 0
+    restarted.log(0, {"eval/accuracy": 0.25}, echo=False)
+    for step in (1, 2, 3):
+        restarted.log(step, {"loss/grpo": 0.1 * step}, echo=False)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
+
+    resumed = MetricsLogger(tmp_path, tensorboard=False)
+    resumed.truncate_after(2)  # killed after step 3's row, before its checkpoint: resumes from step 2's
+    resumed.log(3, {"loss/grpo": 0.3}, echo=False)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]

@@ -248,3 +248,26 @@ def test_eval_device_and_dtype_reach_the_models(tiny_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="key 'device'"):
         ev.EvalConfig(device="cuda").validate()
+
+
+def test_a_finished_grpo_stage_is_reused_after_a_rewards_timeout_default_changed(tmp_path):
+    """A stage recorded when rewards' timeout_s defaulted to 0 (and isolate false) is the same stage now that it is
+    300 s: how a reward runs is not what the stage made. A changed reward weight still is."""
+    from align.rerun import RECORD, plan_reruns, stage_dir, write_record
+
+    run_dir, stages, _, _ = load_recipe("quickstart", [f"run_dir={tmp_path / 'run'}"])
+    stage = next(s for s in stages if s.kind == "grpo")
+    stage.output.mkdir(parents=True)
+    (stage.output / "config.json").write_text("{}")  # finished
+    write_record(stage, run_dir, [])
+    path = stage_dir(stage) / RECORD
+    record = json.loads(path.read_text())
+    for reward in record["settings"]["rewards"]:
+        assert reward["timeout_s"] == 300.0
+        reward.update(timeout_s=0.0, isolate=True)  # as an older align recorded it
+    path.write_text(json.dumps(record))
+    assert plan_reruns(run_dir, [stage]).rerun == []
+    record["settings"]["rewards"][0]["weight"] = 123.0
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=rf"stage '{stage.name}' finished with other settings \(rewards: "):
+        plan_reruns(run_dir, [stage])

@@ -351,7 +351,7 @@ def hangs_on_slow(prompts, completions, **_):
 
 
 def test_isolated_reward_that_hangs_is_skipped_and_the_others_still_score():
-    specs = [RewardSpec(f"{__name__}:hangs_on_slow", timeout_s=3.0), RewardSpec("answer_format")]
+    specs = [RewardSpec(f"{__name__}:hangs_on_slow", isolate=True, timeout_s=3.0), RewardSpec("answer_format")]
     t = time.time()
     s = score(specs, ["p"] * 4, ["Answer: 1", "x", "slow", "Answer: 2"], {}, [f"r{i}" for i in range(4)],
               group_size=2, on_error="skip")

@@ -152,3 +152,47 @@ def test_a_reward_that_exits_the_process_is_an_error_naming_it(isolate):
 def test_ctrl_c_inside_a_reward_is_not_turned_into_a_reward_error():
     with pytest.raises(KeyboardInterrupt):
         score([RewardSpec(f"{__name__}:interrupted")], ["p"], ["a"], {}, ["r"])
+
+
+def sleeps(prompts, completions, **_):
+    import time
+
+    time.sleep(30)  # past any test's timeout_s; the abandoned thread is a daemon
+    return [1.0] * len(completions)
+
+
+async def never_resolves(prompts, completions, **_):
+    import asyncio
+
+    await asyncio.get_running_loop().create_future()
+
+
+async def resolves(prompts, completions, **_):
+    return [0.5] * len(completions)
+
+
+def test_reward_timeout_has_a_finite_default():
+    assert RewardSpec("exact_answer").timeout_s == 300.0
+
+
+@pytest.mark.parametrize("fn", ["sleeps", "never_resolves"])
+def test_a_reward_past_its_timeout_is_an_error_naming_it(fn):
+    """In process, sync or async: a call past timeout_s ends within about that time, naming the reward, its limit
+    and the batch; with on_error=skip the groups are a counted skip, and the re-scoring shares one more timeout_s."""
+    import time
+
+    spec = RewardSpec(f"{__name__}:{fn}", label="grader", timeout_s=1)
+    t = time.monotonic()
+    with pytest.raises(RewardError, match=r"reward 'grader' timed out after 1 s .*batch from data.jsonl:row 1"):
+        score([spec], ["p", "p"], ["a", "b"], {}, ["data.jsonl:row 1", "data.jsonl:row 2"])
+    assert time.monotonic() - t < 2.0
+    t = time.monotonic()
+    s = score([spec, RewardSpec(f"{__name__}:resolves", label="ok")], ["p"] * 6, ["a"] * 6, {}, ["r"] * 6,
+              group_size=2, on_error="skip")
+    assert time.monotonic() - t < 3.5  # batch 1 s + re-scoring 1 s in all, not 1 s per group
+    assert s.extra["reward/skipped_groups"] == 3.0 and "'grader'" in s.errors["grader"]
+    assert s.components["ok"].tolist() == [0.5] * 6
+
+
+def test_an_async_reward_within_its_timeout_scores():
+    assert score([RewardSpec(f"{__name__}:resolves", timeout_s=5)], ["p"], ["a"], {}, ["r"]).total.tolist() == [0.5]

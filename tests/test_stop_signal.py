@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -87,3 +88,65 @@ def test_the_handler_is_only_there_while_steps_run():
         time.sleep(0.1)
         assert received == [signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _wait_for_step(proc, out, step):
+    deadline = time.time() + 120
+    while step not in _steps_logged(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_a_second_one_aborts_with_one_line(tiny_dir, tmp_path):
+    """SIGINT (Ctrl-C) as SIGTERM: the finished step checkpointed, exit 130 with a one-line message, no traceback;
+    the resumed run's second Ctrl-C in a row aborts at once (KeyboardInterrupt, printed as one line, exit 130)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(tiny_dir, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    _wait_for_step(proc, out, 1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
+    assert "sft: received SIGINT: stopping after the current step (checkpointed); Ctrl-C again aborts now" in stderr
+    (ckpt,) = list_checkpoints(out)
+    done = read_state(ckpt)["step"]
+    assert f"error: sft: stopped by SIGINT after step {done} of {STEPS}; checkpoint {ckpt} saved" in stderr
+
+    proc = subprocess.Popen(_cmd(tiny_dir, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    lines: list[str] = []
+
+    def read_stderr():
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    _wait_for_step(proc, out, done + 1)
+    proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 30
+    while not any("received SIGINT" in line for line in lines) and time.time() < deadline:
+        time.sleep(0.01)  # the first one is handled: the second is a second, not one coalesced with it
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    stderr = "".join(lines)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.rstrip().splitlines()[-1] == ("align sft: interrupted (Ctrl-C); the work since the last checkpoint "
+                                                "is lost, and the same command resumes from that checkpoint, if "
+                                                "there is one")
+    assert not (out / "final").exists()
+
+
+def test_a_ctrl_c_outside_the_steps_is_one_line_and_exit_130(monkeypatch, capsys):
+    """A KeyboardInterrupt that escapes a command (loading a model, evaluating) is printed as one line, exit 130."""
+    from align import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_tiny", interrupted)
+    assert cli.main(["tiny", "somewhere"]) == 130
+    assert capsys.readouterr().err.strip() == "align tiny: interrupted (Ctrl-C)"

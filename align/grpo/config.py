@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from rewards.combine import RewardSpec
@@ -24,7 +25,9 @@ class GRPOConfig:
     output_dir: str = option(help="Run directory: checkpoints/, final/, metrics.jsonl.")
     train_data: list[str] = option(help="Prompt files: rows with `prompt` (or `messages`) + columns for rewards.")
     rewards: list[RewardSpec] = option(help="Rewards: [{name: exact_answer, weight: 1, label: ..., args: {...}}]; "
-                                       "name is registered, module:function, or an align.rewards entry point.")
+                                       "name is registered, module:function, or an align.rewards entry point; "
+                                       "timeout_s (default 300, 0: no limit) bounds each call, isolate: true runs "
+                                       "it in a worker process.")
     reward_mode: Literal["sum", "normalize"] = option(
         "sum", "sum: Σ c_k r_k, then group-normalise; normalize: group-normalise each component, then Σ c_k z_k.")
     on_reward_error: Literal["fail", "skip"] = option(
@@ -150,6 +153,8 @@ class GRPOConfig:
                 spec.check()
             except KeyError as e:
                 raise ConfigError(f"key 'rewards[{i}].name': {e.args[0]}") from None
+            require(isinstance(spec.timeout_s, (int, float)) and 0 <= spec.timeout_s < math.inf,
+                    f"rewards[{i}].timeout_s", "seconds >= 0 (0: no limit)", spec.timeout_s)
         for i, spec in enumerate(self.rewards):
             if spec.name == "environment":
                 from ..rollout.tools import toolbox

@@ -1,6 +1,7 @@
-"""Metrics: one JSON object per line in OUTPUT/metrics.jsonl (appended, so a resumed run continues the file), a short
-console line, TensorBoard event files when `tensorboard` is installed, and Weights & Biases when the stage's `wandb`
-settings (or WANDB_PROJECT) ask for it (align/run/tracking.py). Names are namespaced: `loss/sft`,
+"""Metrics: one JSON object per line in OUTPUT/metrics.jsonl (appended, so a resumed run continues the file; one row
+per step however often the run was killed and restarted: `MetricsLogger.truncate_after`), a short console line,
+TensorBoard event files when `tensorboard` is installed, and Weights & Biases when the stage's `wandb` settings (or
+WANDB_PROJECT) ask for it (align/run/tracking.py). Names are namespaced: `loss/sft`,
 `reward/helpful`, `moe/load_max`. The file is strict JSON: a non-finite value (a NaN mean of nothing scored) is
 written as null, and `read_metrics` gives it back as NaN."""
 
@@ -42,14 +43,19 @@ class MetricsLogger:
         return self._tb
 
     def truncate_after(self, step: int) -> None:
-        """On resume from the checkpoint of `step`: drop rows of later steps (they will be logged again)."""
+        """At the start of a run from the checkpoint of `step` (0: none, the run starts over): keep only the rows
+        that checkpoint covers, so metrics.jsonl stays one row per step when the steps after it are logged again.
+        Resumed at step > 0, the rows of steps up to it stay (the start evaluation's step-0 row included: a resumed
+        run does not log it again); started at 0, no row stays, since every row, step 0's too, is of an attempt
+        whose state is gone and the new run logs its start evaluation again (a GRPO run killed in step 1 logged
+        step 0 twice)."""
         if not self.enabled or not self.path.is_file():
             return
         from .checkpoint import atomic_write_text
 
         lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
         rows = _parse(self.path, lines)
-        kept = [line for line, row in zip(lines, rows) if row["step"] <= step]
+        kept = [line for line, row in zip(lines, rows) if 0 < step and row["step"] <= step]
         if len(kept) != len(lines):
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 

@@ -9,7 +9,10 @@ At its start, before any write, every stage (sft, grpo, rm) claims its `output_d
   * holding a manifest with the same kind and identity: the run resumes (the same command, rerun);
   * holding a manifest that differs: refused, naming each differing key and both values, before anything is read
     or written; `resume=force` takes the directory over (the newer settings are recorded), a new `output_dir` is
-    the other way out;
+    the other way out. Force never resumes another model's state: when the model (path, config.json hash, hub
+    revision) or the stage kind differs and the directory holds a checkpoint, force is refused too, naming both
+    models (resuming would train that checkpoint, and its optimizer and lr schedule, under the new model's name);
+    without a checkpoint (a run that failed before its first save) there is no state to mix, and force takes over;
   * holding files but no manifest: refused, naming some of them: align writes only into directories it claimed,
     so a user's `final/thesis.tex` or another tool's `metrics.jsonl` is never replaced or truncated.
 Before any of this, the directory is locked for this process (align/run/lock.py: one run per directory, a second
@@ -39,7 +42,8 @@ ResumeMode = Literal["auto", "force"]
 def resume_option():
     """The `resume` config field of every stage."""
     return option("auto", "auto: resume output_dir only when it holds this same run (align-run.json); force: take "
-                          "over a directory another align run wrote, with these settings.")
+                          "over a directory another align run wrote, with these settings (never one holding "
+                          "checkpoints of another model).")
 
 # Dotted config keys that give a stage's saved state its meaning (changing `steps`, logging or checkpoint cadence
 # does not: a rerun with more steps continues the run).
@@ -49,6 +53,12 @@ IDENTITY_KEYS = {
              "reward_mode", "aggregation", "inner_epochs", "minibatches", "prompts_per_step"),
     "rm": ("model", "train_data", "lr", "seed", "epochs"),
 }
+
+
+RUN_ONLY_REWARD_KEYS = ("timeout_s", "isolate")  # how a reward runs; left out when identities are compared
+
+# Identity keys that say which model a run's checkpoints are of ("model" is rm's; resume=force never crosses them).
+MODEL_KEYS = ("model.path", "model", "model.config_sha256", "model.revision")
 
 
 def _get(tree: dict, dotted: str):
@@ -100,6 +110,8 @@ def claim(output_dir: str | Path, kind: str, cfg, force: bool = False, write: bo
         except ValueError:
             raise ConfigError(f"{manifest}: unreadable; not resuming a run directory align cannot identify") from None
         diff = _differences(theirs, mine)
+        if diff and force:
+            _refuse_foreign_state(out, theirs, mine, diff)
         if diff and not force:
             shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:6])
             raise ConfigError(f"key 'output_dir': {out} holds another run ({shown}). Rerun with resume=force to "
@@ -120,6 +132,29 @@ def claim(output_dir: str | Path, kind: str, cfg, force: bool = False, write: bo
     return resumed
 
 
+def _refuse_foreign_state(out: Path, theirs: dict, mine: dict, diff: list[tuple[str, object, object]]) -> None:
+    """resume=force over a run of another model (or stage kind) whose checkpoint a resume would load: ConfigError
+    naming both models, before anything is read or written."""
+    if not any(key == "kind" or key in MODEL_KEYS for key, _, _ in diff):
+        return
+    from .checkpoint import list_checkpoints
+
+    held = list_checkpoints(out)
+    if held:
+        raise ConfigError(f"key 'resume': resume=force would resume {held[-1]}, the state of {_model_of(theirs)}, "
+                          f"as a run of {_model_of(mine)}; a run never continues another model's state. Choose a "
+                          "new output_dir for this one")
+
+
+def _model_of(manifest: dict) -> str:
+    """'sft of model PATH (config.json sha256 …)' from a manifest, for messages."""
+    ident = manifest.get("identity") or {}
+    path = ident.get("model.path", ident.get("model"))
+    sha, rev = ident.get("model.config_sha256"), ident.get("model.revision")
+    return (f"{manifest.get('kind') or 'a run'} of model {path!r}" + (f" at revision {rev}" if rev else "") +
+            (f" (config.json sha256 {sha})" if sha else ""))
+
+
 def is_own_scratch(name: str) -> bool:
     """Whether a directory entry is align's own bookkeeping (the lock file, a temporary `.NAME.tmp-PID`), never a
     sign that someone else wrote there."""
@@ -130,11 +165,22 @@ def _differences(theirs: dict, mine: dict) -> list[tuple[str, object, object]]:
     diff = []
     if theirs.get("kind") != mine["kind"]:
         diff.append(("kind", theirs.get("kind"), mine["kind"]))
-    a, b = theirs.get("identity", {}), mine["identity"]
+    a, b = comparable(theirs.get("identity", {})), comparable(mine["identity"])
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             diff.append((key, a.get(key), b.get(key)))
     return diff
+
+
+def comparable(settings: dict) -> dict:
+    """An identity (or a stage's recorded settings) without the reward keys that say how a reward is run, not what
+    it scores (`timeout_s`, `isolate`): a run resumes, and a finished stage is reused, after they change, and after
+    their defaults did (timeout_s was 0 before issue 40)."""
+    rewards = settings.get("rewards")
+    if not isinstance(rewards, list):
+        return settings
+    return {**settings, "rewards": [{k: v for k, v in r.items() if k not in RUN_ONLY_REWARD_KEYS}
+                                 if isinstance(r, dict) else r for r in rewards]}
 
 
 def claim_all(accelerator, output_dir: str | Path, kind: str, cfg) -> None:

@@ -1,11 +1,14 @@
-"""SIGTERM (a scheduler's preemption, `kill PID`) stops a training loop at its next step boundary, not mid-step.
+"""SIGTERM (a scheduler's preemption, `kill PID`) and SIGINT (Ctrl-C) stop a training loop at its next step
+boundary, not mid-step.
 
 Without a handler the process dies wherever it is: the last step's work since the previous checkpoint is lost and
-nothing says why the run ended. With one (`stop_signal`, around a stage's steps: `Run.steps`), the signal only records
-that it came; once the current step is done (metrics logged), the run checkpoints that step if it was not due a
-checkpoint anyway and raises `Stopped`, which `align` prints as a message and exits with 128 + the signal's number
-(143), as a process killed by it would. The same command then resumes from that step: data order, RNG and
-optimizer state come back with the checkpoint, so the resumed run matches an uninterrupted one.
+nothing says why the run ended (SIGTERM), or a KeyboardInterrupt unwinds through the training code in a screenful of
+traceback (SIGINT). With one (`stop_signal`, around a stage's steps: `Run.steps`), the signal only records that it
+came; once the current step is done (metrics logged), the run checkpoints that step if it was not due a checkpoint
+anyway and raises `Stopped`, which `align` prints as a message and exits with 128 + the signal's number (143, 130),
+as a process killed by it would. The same command then resumes from that step: data order, RNG and optimizer state
+come back with the checkpoint, so the resumed run matches an uninterrupted one. A second Ctrl-C is a user who will not
+wait for the step to end: it raises KeyboardInterrupt at once (nothing more is saved), which `align` prints as one line.
 """
 
 from __future__ import annotations
@@ -29,19 +32,22 @@ class Stopped(AlignError):
 
 
 @contextlib.contextmanager
-def stop_signal(stage: str, signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[list[int]]:
+def stop_signal(stage: str, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[list[int]]:
     """Within the block, the `signals` only append their number to the yielded list (the loop reads it between
-    steps); the previous handlers come back after. Outside the main thread (where Python cannot set handlers) the
-    list stays empty and the signals keep their handlers."""
+    steps), except a second SIGINT, which raises KeyboardInterrupt; the previous handlers come back after. Outside
+    the main thread (where Python cannot set handlers) the list stays empty and the signals keep their handlers."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
 
     def record(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in received:
+            raise KeyboardInterrupt  # the second Ctrl-C: abort now
         if not received:
-            print(f"{stage}: received {signal.Signals(signum).name}: stopping after the current step (checkpointed)",
-                  file=sys.stderr, flush=True)
+            again = "; Ctrl-C again aborts now, unsaved" if signum == signal.SIGINT else ""
+            print(f"{stage}: received {signal.Signals(signum).name}: stopping after the current step "
+                  f"(checkpointed){again}", file=sys.stderr, flush=True)
         received.append(signum)
 
     previous = {s: signal.signal(s, record) for s in signals}

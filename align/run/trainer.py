@@ -6,8 +6,8 @@
                 metrics logger, cut back to the resumed step
     Run.apply   clip the gradients; the step's loss and gradient norm must be finite (else stop, or skip the
                 update: `on_nonfinite`); optimizer and scheduler step; clear the gradients
-    Run.steps   the steps still to run, under a progress bar; a SIGTERM stops the run between two steps, the finished
-                one checkpointed (align/run/stop.py)
+    Run.steps   the steps still to run, under a progress bar; a SIGTERM or SIGINT stops the run between two steps, the
+                finished one checkpointed (align/run/stop.py)
     Run.save    a checkpoint every `save_every` steps and at the last one
     Run.finish  the final model as an ordinary HF directory (OUTPUT/final), the logger closed, the directory's lock
                 released (align/run/lock.py: start_run took it, before any write)
@@ -83,8 +83,8 @@ class Run:
         return applied, math.nan if norm is None else norm
 
     def steps(self, total: int):
-        """`range(start, total)` under a progress bar; between two steps, when a SIGTERM came during the last one
-        (on any process), the finished step is checkpointed (if `save` did not just do it) and `Stopped` raised."""
+        """`range(start, total)` under a progress bar; between two steps, when a SIGTERM / SIGINT came during the last
+        one (on any process), the finished step is checkpointed (if `save` did not just do it) and `Stopped` raised."""
         self.log.span = (self.start, total, time.time())  # the console's step k/N, elapsed and time left
         with stop_signal(self.stage) as received:
             for step in progress(range(self.start, total), total, self.start, self.stage, self.is_main):
