@@ -5,7 +5,7 @@ Writes, next to this file:
   arith/eval.jsonl               1000 held-out problems (heldout.jsonl's 200 first), for end-of-stage evaluation
   arith/rl_prompts.jsonl         addition prompts (no assistant turn) with `answer`, disjoint from train and
                                  held-out: the GRPO stage's prompts, as RL prompts in the paper are not SFT data
-  arith/tools_train.jsonl        train.jsonl's sums worked by calling the python tool (a fenced block, its
+  arith/tools_train.jsonl        300 of train.jsonl's sums worked by calling the python tool (a fenced block, its
                                  output, the answer): recipes/quickstart-tools.yaml's SFT
   arith/rl_prompts_more.jsonl    2500 more such prompts, from pairs no other file uses (the quickstart's stage 1
                                  takes both files)
@@ -37,7 +37,7 @@ ARITH_HELDOUT = 200
 ARITH_RL = 500
 ARITH_TRAIN = 1500
 ARITH_EVAL = 1000  # arith/eval.jsonl: heldout.jsonl's problems and more unseen ones, for ±1.6-point resolution
-ARITH_TOOL_DEMOS = 1500  # arith/tools_train.jsonl: train.jsonl's sums worked by the python tool (recipes/quickstart-tools.yaml)
+ARITH_TOOL_DEMOS = 300  # arith/tools_train.jsonl: sums worked by the python tool (recipes/quickstart-tools.yaml)
 ARITH_RL_MORE = 2500  # arith/rl_prompts_more.jsonl: with rl_prompts.jsonl, ~one pass of the quickstart's stage 1
 
 ARITH_PROMPTS = ["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "Calculate {a} plus {b}."]
