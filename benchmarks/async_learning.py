@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -24,16 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stage1(sft: Path, out: Path, seed: int, lag: int, steps: int) -> dict:
     from align.config import load_config
     from align.grpo.config import GRPOConfig
     from align.grpo.loop import train_grpo
+    from align.rollout.server_client import _free_port
     from align.run.metrics import read_metrics
 
     data = ROOT / "data" / "arith"
@@ -44,7 +38,7 @@ def stage1(sft: Path, out: Path, seed: int, lag: int, steps: int) -> dict:
         "lr=5.0e-5", "beta=0.04", "sampling.temperature=0.5", "sampling.max_new_tokens=48",
         "drop_zero_std_groups=true", "eval_max_new_tokens=48", "micro_batch_size=128", "eval_every=0",
         "save_every=0", "routing_metrics_every=0", "rollout.engine=vllm_server", "rollout.server.launch=true",
-        f"rollout.server.port={_port()}", f"rollout.max_off_policy_steps={lag}"])
+        f"rollout.server.port={_free_port()}", f"rollout.max_off_policy_steps={lag}"])
     summary = train_grpo(cfg)
     rows = read_metrics(out)[1:]
     mean = lambda k: statistics.fmean(r[k] for r in rows if k in r) if any(k in r for r in rows) else None  # noqa: E731
