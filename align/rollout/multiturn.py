@@ -86,7 +86,7 @@ class Fence:
 
     def answer_ids(self, tokenizer, answers: list[tuple[str, str]], last_token: int) -> list[int]:
         text = "".join(f"```output\n{a.rstrip(chr(10))}\n```\n" for _, a in answers)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return _plain_ids(tokenizer, text)
 
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
@@ -140,11 +140,24 @@ class Chat:
         return gap + after[len(before):]
 
     def answer_ids(self, tokenizer, answers: list[tuple[str, str]], last_token: int) -> list[int]:
-        last = tokenizer.decode([last_token])
-        return tokenizer(self._answer_text(tokenizer, answers, last), add_special_tokens=False)["input_ids"]
+        """The template's own tokens as special tokens; the answers' text never (see _plain_ids)."""
+        marks = [f"\x00answer{i}\x00" for i in range(len(answers))]
+        text = self._answer_text(tokenizer, [(n, m) for (n, _), m in zip(answers, marks)],
+                                 tokenizer.decode([last_token]))
+        ids: list[int] = []
+        for mark, (_, answer) in zip(marks, answers):
+            before, _, text = text.partition(mark)
+            ids += tokenizer(before, add_special_tokens=False)["input_ids"] + _plain_ids(tokenizer, answer)
+        return ids + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 PROTOCOLS = {"fence": Fence, "chat": Chat}
+
+
+def _plain_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a tool's answer with special-token strings as plain text: a program that prints
+    "<｜end▁of▁sentence｜>User: ..." must not end the turn or forge a user message in the model's context."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def capped(tokenizer, text: str, limit: int) -> str:
@@ -162,6 +175,10 @@ class ToolRollouts:
 
     def __init__(self, engine, tokenizer, cfg: ToolsConfig, box: Toolbox, model_path: str):
         self.engine, self.tokenizer, self.cfg, self.box = engine, tokenizer, cfg, box
+        if getattr(engine, "synced", False):  # FSDP / ZeRO-3 generate in lock-step; samples' turns differ per process
+            raise ConfigError("key 'tools.protocol': multi-turn rollouts with rollout.engine=hf over several processes "
+                              "(sharded weights generate in lock-step, and each process's samples take their own "
+                              "number of turns); use rollout.engine=vllm or vllm_server")
         self.protocol = PROTOCOLS[cfg.protocol]()
         self.protocol.check(tokenizer, box, model_path)
         self.stop_ids = set(stop_token_ids(tokenizer))
