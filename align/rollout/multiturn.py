@@ -33,7 +33,7 @@ import torch
 from ..config import ConfigError
 from ..run.data import stop_token_ids
 from .hf import prompt_texts
-from .protocol import Rollouts, SamplingConfig
+from .protocol import Rollouts, SamplingConfig, pack_rollouts
 from .tools import Toolbox, ToolsConfig, call_tool
 
 
@@ -259,29 +259,19 @@ class ToolRollouts:
         return out
 
     def _pack(self, samples: list[Sample], n: int, max_turns_hit: int) -> Rollouts:
-        tok, N = self.tokenizer, len(samples)
-        P, C = max(len(s.prompt) for s in samples), max(max(len(s.ids) for s in samples), 1)
-        prompt_ids = torch.full((N, P), tok.pad_token_id, dtype=torch.long)             # [N, P] left-padded
-        prompt_mask = torch.zeros(N, P, dtype=torch.long)                               # [N, P]
-        completion_ids = torch.full((N, C), tok.pad_token_id, dtype=torch.long)         # [N, C] right-padded
-        completion_mask = torch.zeros(N, C, dtype=torch.long)                           # [N, C] turns + answers
-        loss_mask = torch.zeros(N, C, dtype=torch.long)                                 # [N, C] sampled tokens
-        sampling_logprobs = torch.zeros(N, C)                                           # [N, C]
+        """The protocol's layout (pack_rollouts: completion_mask 1 on turns and answers), plus the loss mask, the
+        tool statistics and the environments."""
+        out = pack_rollouts([(s.prompt, s.ids, s.logps, s.truncated) for s in samples], n, self.tokenizer)
+        loss_mask = torch.zeros_like(out.completion_mask)                               # [N, C] sampled tokens
         for i, s in enumerate(samples):
-            prompt_ids[i, P - len(s.prompt):] = torch.tensor(s.prompt, dtype=torch.long)
-            prompt_mask[i, P - len(s.prompt):] = 1
-            completion_ids[i, :len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
-            completion_mask[i, :len(s.ids)] = 1
-            loss_mask[i, :len(s.ids)] = torch.tensor(s.loss, dtype=torch.long)
-            sampling_logprobs[i, :len(s.ids)] = torch.tensor(s.logps, dtype=torch.float32)
-        truncated = torch.tensor([s.truncated for s in samples], dtype=torch.bool)      # [N]
-        texts = [tok.decode(s.ids, skip_special_tokens=True) for s in samples]
+            loss_mask[i, :len(s.loss)] = torch.tensor(s.loss, dtype=torch.long)
+        N = len(samples)
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
         stats = {"tools/calls": mean([s.calls for s in samples]), "tools/turns": mean([s.turns for s in samples]),
                  "tools/failures": mean([s.failures for s in samples]),
                  "tools/used_frac": mean([s.calls > 0 for s in samples]),
                  "tools/answer_tokens": mean([len(s.loss) - sum(s.loss) for s in samples]),
                  "tools/max_turns_hit": max_turns_hit / N}
-        columns = {"environment": [s.env for s in samples]} if self.box.environment is not None else None
-        return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, truncated, texts,
-                        n, loss_mask=loss_mask, tool_stats=stats, columns=columns)
+        out.loss_mask, out.tool_stats = loss_mask, stats
+        out.columns = {"environment": [s.env for s in samples]} if self.box.environment is not None else None
+        return out
