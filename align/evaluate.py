@@ -16,7 +16,8 @@
 Every source is a data source of `align.run.formats` (a file, a hub dataset id, a sidecar), read and checked before the
 model loads. `counts` gives the rows scored per measurement (after `limit`), the code timeouts and, where the
 math-verify checker itself crashed, the unscored rows, which are left out of the accuracy. An answer whose check runs
-past its limit, or too large to parse, is wrong, as in training (rewards/math.py).
+past its limits (counted: reasoning_timeouts), or too large to parse, is wrong, as in training (rewards/math.py); the
+math checks run MATH_BATCH completions per call, each call with the reward's batch deadline.
 """
 
 from __future__ import annotations
@@ -105,17 +106,27 @@ def _column(rows: list[PromptRow], name: str, what: str) -> list:
     return values
 
 
-def answer_scores(reward: str, completions: list[str], answers: list) -> list[float | None]:
-    """Per completion 1.0 / 0.0 for the `exact_answer` or `math` reward, None where the math checker crashed."""
+MATH_BATCH = 256  # completions per `math` call in evaluation: each gets the reward's batch deadline, as in training
+
+
+def answer_scores(reward: str, completions: list[str], answers: list) -> tuple[list[float | None], int]:
+    """Per completion 1.0 / 0.0 for the `exact_answer` or `math` reward (the rules of training: an unbounded answer,
+    or a check past its limits, is wrong), None where the math checker crashed; and the math checks past a limit."""
     from rewards.math import exact_answer, math_reward
 
     if reward == "exact_answer":
-        return exact_answer(None, completions, answers)
+        return exact_answer(None, completions, answers), 0
     score = math_reward()
+    scores: list[float | None] = []
+    timeouts = 0
     try:
-        return score(None, completions, [str(a) for a in answers]).scores
+        for s in range(0, len(completions), MATH_BATCH):
+            result = score(None, completions[s:s + MATH_BATCH], [str(a) for a in answers[s:s + MATH_BATCH]])
+            scores += result.scores
+            timeouts += int(result.metrics["timeouts"])
     finally:
         score.close()
+    return scores, timeouts
 
 
 def _mean(scores: list[float | None]) -> float:
@@ -131,9 +142,10 @@ def accuracy(engine, rows: list[PromptRow], max_new_tokens: int = 64, batch_size
 
     answers = _column(rows, "answer", "to score against")
     completions = _greedy(engine, rows, EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), sample)
-    scores = answer_scores(reward, completions, answers)
+    scores, timeouts = answer_scores(reward, completions, answers)
     return {"accuracy": _mean(scores), "rule_pass": sum(answer_format(None, completions)) / len(rows),
-            "n": len(scores), "unscored": sum(s is None for s in scores), "examples": completions[:3],
+            "n": len(scores), "unscored": sum(s is None for s in scores), "timeouts": timeouts,
+            "examples": completions[:3],
             "completions": completions, "scores": scores}
 
 
@@ -217,6 +229,8 @@ def evaluate(model_dir: str, cfg: EvalConfig) -> dict:
         out.update({"eval/accuracy": acc["accuracy"], "eval/rule_pass": acc["rule_pass"]})
         if acc["unscored"]:
             counts["reasoning_unscored"] = acc["unscored"]
+        if acc["timeouts"]:
+            counts["reasoning_timeouts"] = acc["timeouts"]
         predictions += _predictions("reasoning", rows["reasoning"], acc["completions"], acc["scores"], "answer")
     if "code" in rows:
         completions = _greedy(engine, rows["code"], cfg)

@@ -30,3 +30,15 @@ def odd_check(predicted: str, gold: str) -> bool:
 
 def torch_imported(predicted: str, gold: str) -> bool:
     return "torch" in sys.modules
+
+
+def starts_while_no_flag() -> None:
+    """Starts unless the file named by $ALIGN_TEST_NO_START exists (a replacement worker that cannot start)."""
+    flag = os.environ.get("ALIGN_TEST_NO_START")
+    if flag and os.path.exists(flag):
+        raise ImportError("no module named 'gone'")
+
+
+def allocate(predicted: str, gold: str) -> bool:
+    """Builds a `predicted`-GiB bytes object (a number that escaped the bounds would build one like it): non-empty?"""
+    return len(bytes(int(predicted) << 30)) > 0

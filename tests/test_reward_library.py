@@ -55,18 +55,15 @@ def test_math_reward_works_from_threads(math_fn):
     assert out.scores == [e for _, _, e in MATH_CASES]
 
 
-def sleepy_check(predicted, gold):
-    time.sleep(30)
-    return True
-
-
 def test_math_timeout_scores_as_wrong_and_is_counted():
     """A prediction whose check runs past the limit scores 0 as a wrong answer does: an unscored (None) one would get
     advantage 0, above a wrong one, and the policy would be paid to write answers that hang the checker."""
+    from .math_worker_helpers import odd_check
+
     fn = math_reward(timeout_s=1, workers=1)
-    fn.verifier.check_fn = sleepy_check
+    fn.verifier.check_fn = odd_check  # the worker's check gets the completion: "hang" never returns
     t = time.time()
-    out = fn(["q", "q"], ["\\boxed{\\frac{1}{2}}", "Answer: 3"], answer=["0.5", "3"])
+    out = fn(["q", "q"], ["hang", "3"], answer=["0.5", "3"])
     assert out.scores == [0.0, 1.0] and out.metrics["timeouts"] == 1.0 and time.time() - t < 15
     fn.close()
 
@@ -76,19 +73,19 @@ def test_math_checker_crash_is_none_and_counted():
 
     fn = math_reward(timeout_s=20, workers=1)
     fn.verifier.check_fn = odd_check
-    out = fn(["q"] * 2, ["\\boxed{crash}", "\\boxed{\\frac{1}{2}}"], answer=["x", "y"])
-    assert out.scores[0] is None and out.metrics["crashes"] == 1.0
+    out = fn(["q"] * 2, ["crash", "\\boxed{\\frac{1}{2}}"], answer=["x", "y"])
+    assert out.scores == [None, 0.0] and out.metrics["crashes"] == 1.0
     fn.close()
 
 
 @pytest.mark.parametrize("answer", ["1e100000000", "-2.5E+99999999", "7" * 300])
-def test_unbounded_answers_are_wrong_before_any_arithmetic(answer):
+def test_unbounded_answers_are_wrong_before_any_arithmetic(math_fn, answer):
     from rewards.math import exact_answer
 
+    math_fn(["q"], ["Answer: 5"], answer=["5"])  # the worker is warm
     t = time.time()
-    fn = math_reward(timeout_s=20, workers=1)
-    out = fn(["q"], [f"\\boxed{{{answer}}}"], answer=["5"])
-    assert out.scores == [0.0] and fn.verifier._pool is None  # decided here, no check sent to a worker
+    out = math_fn(["q"], [f"\\boxed{{{answer}}}"], answer=["5"])
+    assert out.scores == [0.0] and out.metrics["timeouts"] == 0.0  # refused by the bounds, not by the limit
     assert exact_answer(None, [f"Answer: {answer}"], ["5"]) == [0.0] and time.time() - t < 5
 
 
