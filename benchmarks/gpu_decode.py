@@ -3,9 +3,11 @@
     python benchmarks/gpu_decode.py [--preset deepseek-v2-lite] [--rows 256] [--new-tokens 64] [--json OUT]
 
 Builds the preset with random weights on the GPU in bf16 and times `HFEngine.generate` of --rows completions of
-exactly --new-tokens tokens (EOS suppressed) with align's decode paths on (absorbed MLA, reserved cache and shared
-prefill) and off (transformers' own attention and cache), at --rows and at a quarter of it; then profiles a short
-generate with the paths on and prints the operators that take the most GPU and CPU time. Seconds per decode step =
+exactly --new-tokens tokens (EOS suppressed), at --rows and at a quarter of it, in three settings: align's decode
+paths on (absorbed MLA, reserved cache and shared prefill, the experts kernel kept: `moe.decode_experts_kernel`);
+the same with transformers' decode-time switch of grouped_mm to batched_mm left in place; every path off
+(transformers' own attention, cache and switch). Then profiles a short generate with the paths on and prints the
+operators that take the most GPU and CPU time. Seconds per decode step =
 generate time / new tokens (prefill included: it is one step of many).
 """
 
@@ -55,11 +57,17 @@ def main() -> None:
     rows = [json.loads(x) for x in (ROOT / "data" / "arith" / "rl_prompts.jsonl").read_text().splitlines()]
     res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu"}
 
-    def run(n_rows: int, new_tokens: int, paths_on: bool) -> float:
+    import contextlib
+
+    import align.rollout.hf as hf
+
+    def run(n_rows: int, new_tokens: int, paths_on: bool, keep_kernel: bool = True) -> float:
         prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows[:max(1, n_rows // 16)]]
         sampling = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens, batch_size=n_rows)
         real = fastpaths.active
-        with mock.patch.object(fastpaths, "active", real if paths_on else (lambda name: False)):
+        kernel = hf.decode_experts_kernel if paths_on and keep_kernel else (lambda m, r: contextlib.nullcontext())
+        with mock.patch.object(fastpaths, "active", real if paths_on else (lambda name: False)), \
+                mock.patch.object(hf, "decode_experts_kernel", kernel):
             sync()
             t = time.perf_counter()
             engine.generate(prompts, n=16, sampling=sampling)
@@ -68,11 +76,13 @@ def main() -> None:
 
     run(16, 4, True)  # warm-up: kernels, the fast paths' checks
     for n_rows in (args.rows, args.rows // 4):
-        for on in (True, False):
-            s = run(n_rows, args.new_tokens, on)
-            key = f"rows{n_rows}_paths_{'on' if on else 'off'}"
+        for on, keep, what in ((True, True, "align's decode paths on"),
+                               (True, False, "paths on, transformers' batched_mm decode switch"),
+                               (False, False, "every path off")):
+            s = run(n_rows, args.new_tokens, on, keep)
+            key = f"rows{n_rows}_" + ("on" if keep else "switch" if on else "off")
             res[key] = {"s": s, "s_per_step": s / args.new_tokens, "tokens_s": n_rows * args.new_tokens / s}
-            print(f"{n_rows} rows x {args.new_tokens} tokens, align's decode paths {'on' if on else 'off'}: "
+            print(f"{n_rows} rows x {args.new_tokens} tokens, {what}: "
                   f"{s:.1f} s, {s / args.new_tokens * 1e3:.0f} ms per step, {n_rows * args.new_tokens / s:,.0f} tok/s",
                   flush=True)
             if args.json:
