@@ -80,7 +80,9 @@ def _cmd_eval(args) -> int:
         "safety": args.safety or str(data_dir() / "safety" / "heldout.jsonl"),
         "reward_models": {k: v for k, v in (("helpful", args.rm_helpful), ("safety", args.rm_safety)) if v},
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "limit": args.limit,
-        "device": args.device, "dtype": args.dtype, "predictions": args.predictions or ""},
+        "device": args.device, "dtype": args.dtype, "predictions": args.predictions or "",
+        "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty, "seed": args.seed},
         "<command line>")
     print(strict_json(evaluate(args.model, cfg), indent=1))
     return 0
@@ -173,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the policy's and reward models' dtype (auto: bfloat16 on GPU, float32 on CPU)")
     e.add_argument("--predictions", help="write every prompt's completion, answer and score to this new JSONL file")
+    e.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: one sampled completion "
+                                                                  "per prompt, seeded by --seed")
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--top-k", type=int, default=0, help="0: off")
+    e.add_argument("--min-p", type=float, default=0.0, help="0: off")
+    e.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off (applies to greedy too)")
+    e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_cmd_eval)
 
     r = sub.add_parser("run", help="run a recipe's stages (resumes where it stopped)")

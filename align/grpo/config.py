@@ -133,10 +133,13 @@ class GRPOConfig:
         require(self.clip_eps_high >= 0, "clip_eps_high", ">= 0", self.clip_eps_high)
         require(self.aggregation in AGGREGATIONS, "aggregation", f"one of {sorted(AGGREGATIONS)}", self.aggregation)
         require(self.tis_cap >= 0, "tis_cap", ">= 0 (0: off)", self.tis_cap)
-        require(self.sampling.top_p == 1.0, "sampling.top_p", "1.0 for GRPO training: the trainer's log-probs (π_old, "
-                "π_θ, the KL) are of the whole distribution, so completions drawn from a nucleus would bias every "
-                "step, synchronous or not, and no weight can correct for tokens the nucleus never samples (top_p "
-                "stays available to evaluation)", self.sampling.top_p)
+        changed = self.sampling.truncated()
+        require(not changed, changed[0].split("=")[0] if changed else "sampling",
+                "off for GRPO training (top_p 1, top_k 0, min_p 0, repetition_penalty 1): the trainer's log-probs "
+                "(π_old, π_θ, the KL) are of softmax(logits / temperature), so completions drawn from a truncated or "
+                "penalised distribution would bias every step, synchronous or not, and no weight can correct for "
+                "tokens it never samples (these settings stay available to evaluation: eval.top_p, ...)",
+                ", ".join(changed))
         lag = self.rollout.max_off_policy_steps
         if lag > 0:
             from ..rollout.engines import engine_class

@@ -254,7 +254,7 @@ def _checked_inputs(cfg: GRPOConfig, world: int):
         if used and model_json.get("model_type") != "deepseek_v2":
             raise ConfigError(f"key '{key}': {cfg.model.path} is {model_json.get('model_type')!r}, not a DeepSeek-V2 "
                               "MoE model (it has no router)")
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.chat_template)
     train_rows = [r for path in cfg.train_data for r in load_prompts(path)]
     longest = 0
     tools = toolbox(cfg.tools).schemas() if cfg.tools.protocol == "chat" else None

@@ -1,8 +1,8 @@
 """Rollouts with transformers `generate` on the policy itself (no copy; weight sync is a no-op).
 
 Prompts are rendered with the tokenizer's chat template plus the generation prompt, left-padded, each repeated G
-times. Sampling log-probs are those of the distribution each token was drawn from (logits / temperature, and with
-top_p < 1 the nucleus renormalised), as vLLM reports them.
+times. Sampling log-probs are those of the distribution each token was drawn from (after the repetition penalty,
+temperature, top-k, top-p and min-p, what was kept renormalised), as vLLM reports them (`processed_logprobs`).
 
 The draw itself happens in a logits processor (`Sampler`), after align's temperature / top-p warpers: it takes
 the log-softmax it needs for the log-prob anyway, draws the token by inverse CDF (one uniform per row and a
@@ -20,7 +20,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from ..model import fastpaths
 from ..model.compat import CACHE_KW
@@ -73,6 +80,24 @@ class Sampler:
         """[b, c] log-probs of the c generated tokens."""
         c = new_tokens.shape[1]
         return torch.stack(self.steps, dim=1)[:, :c] if self.steps else new_tokens.float()[:, :0]
+
+
+def processors(sampling: SamplingConfig) -> list:
+    """The logits processors ahead of the `Sampler`, in vLLM's order: repetition penalty on the raw logits (greedy
+    too), then temperature, top-k, top-p, min-p (sampling only)."""
+    out = []
+    if sampling.repetition_penalty != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+    if sampling.temperature == 0:
+        return out
+    out.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k > 0:
+        out.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1:
+        out.append(TopPLogitsWarper(sampling.top_p))
+    if sampling.min_p > 0:
+        out.append(MinPLogitsWarper(sampling.min_p))
+    return out
 
 
 def stop_string_end(tokenizer, ids: list[int], stops: list[str]) -> int | None:
@@ -167,9 +192,7 @@ class HFEngine:
             mask = prompt_mask[s:s + sampling.batch_size].to(device)
             greedy = sampling.temperature == 0
             sampler = Sampler(greedy)
-            warpers = [] if greedy else [TemperatureLogitsWarper(sampling.temperature)]
-            if not greedy and sampling.top_p < 1:
-                warpers.append(TopPLogitsWarper(sampling.top_p))
+            warpers = processors(sampling)
             # our warpers, then the sampler; generate runs greedy on the sampler's choice. temperature, top_p and
             # top_k are passed as None so generate adds no processors of its own (nor its default top-k of 50)
             room = sampling.max_new_tokens + 1
