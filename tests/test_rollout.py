@@ -163,13 +163,17 @@ def test_top_k_min_p_and_repetition_penalty(tiny_dir, tokenizer):
     for row in penalised.completion_ids[penalised.completion_mask.bool().all(1)]:  # a huge penalty: no repeats
         assert len(set(row.tolist())) == len(row)
     names = [type(p).__name__ for p in processors(SamplingConfig(temperature=0.5, top_k=3, top_p=0.9, min_p=0.1,
-                                                                 repetition_penalty=1.2))]
-    assert names == ["RepetitionPenaltyLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper",
+                                                                 repetition_penalty=1.2), torch.ones(1, 2))]
+    assert names == ["RepetitionPenalty", "TemperatureLogitsWarper", "TopKLogitsWarper",
                      "TopPLogitsWarper", "MinPLogitsWarper"]                      # vLLM's order
     assert vllm_sampling(SamplingConfig(temperature=0.5, top_k=3, top_p=0.9, min_p=0.1, repetition_penalty=1.2)) == \
         {"top_p": 0.9, "top_k": 3, "min_p": 0.1, "repetition_penalty": 1.2}
     assert vllm_sampling(SamplingConfig(temperature=0, top_k=3, top_p=0.9, min_p=0.1)) == \
         {"top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+    # hand-checked: seen tokens 1 (prompt) and 2 (completion); token 3 sits in the padding; 2.0 / 2, -1.0 * 2
+    penalty = processors(SamplingConfig(temperature=0, repetition_penalty=2.0), torch.tensor([[0, 1]]))[0]
+    scores = torch.tensor([[0.5, 3.0, -1.0, 4.0]])
+    assert torch.equal(penalty(torch.tensor([[3, 1, 2]]), scores), torch.tensor([[0.5, 1.5, -2.0, 4.0]]))
 
 
 def test_sampling_settings_are_checked_by_key():

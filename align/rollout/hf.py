@@ -23,7 +23,6 @@ import torch
 from transformers import (
     LogitsProcessorList,
     MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -82,12 +81,30 @@ class Sampler:
         return torch.stack(self.steps, dim=1)[:, :c] if self.steps else new_tokens.float()[:, :0]
 
 
-def processors(sampling: SamplingConfig) -> list:
+class RepetitionPenalty:
+    """vLLM's / CTRL's repetition penalty over the prompt's real tokens and the completion so far: a seen token's
+    logit is divided by `penalty` when positive, multiplied when negative. transformers' own processor would also
+    count the left padding (the pad token, often EOS: a padded row would be kept from stopping)."""
+
+    def __init__(self, penalty: float, prompt_mask: torch.Tensor):
+        self.penalty = penalty
+        self.prompt_mask = prompt_mask.bool()                                           # [b, P]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        real = torch.ones_like(input_ids, dtype=torch.long)                             # [b, P + t]
+        real[:, :self.prompt_mask.shape[1]] = self.prompt_mask.long()
+        seen = torch.zeros_like(scores, dtype=torch.long).scatter_add_(1, input_ids, real) > 0  # [b, V]
+        penalised = torch.where(scores > 0, scores / self.penalty, scores * self.penalty)
+        return torch.where(seen, penalised, scores)
+
+
+def processors(sampling: SamplingConfig, prompt_mask: torch.Tensor) -> list:
     """The logits processors ahead of the `Sampler`, in vLLM's order: repetition penalty on the raw logits (greedy
-    too), then temperature, top-k, top-p, min-p (sampling only)."""
+    too; `prompt_mask` [b, P] tells the prompt's real tokens from its padding), then temperature, top-k, top-p,
+    min-p (sampling only)."""
     out = []
     if sampling.repetition_penalty != 1.0:
-        out.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+        out.append(RepetitionPenalty(sampling.repetition_penalty, prompt_mask))
     if sampling.temperature == 0:
         return out
     out.append(TemperatureLogitsWarper(sampling.temperature))
@@ -192,7 +209,7 @@ class HFEngine:
             mask = prompt_mask[s:s + sampling.batch_size].to(device)
             greedy = sampling.temperature == 0
             sampler = Sampler(greedy)
-            warpers = processors(sampling)
+            warpers = processors(sampling, mask)
             # our warpers, then the sampler; generate runs greedy on the sampler's choice. temperature, top_p and
             # top_k are passed as None so generate adds no processors of its own (nor its default top-k of 50)
             room = sampling.max_new_tokens + 1
