@@ -122,3 +122,186 @@ def test_bad_tool_rows_are_named(tmp_path, messages, expected):
     path = write_jsonl(tmp_path / "t.jsonl", [{"messages": TOOL_CHAT}, {"messages": messages}])
     with pytest.raises(DataError, match=rf"t.jsonl:row 2: {expected}"):
         load_chats(path)
+
+
+# ------------------------------------------------------------------------------------------- #format= hints
+
+
+@pytest.mark.parametrize("row,hint", [
+    ({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}, "'#format=gsm8k'"),
+    ({"problem": "2 + 3?", "solution": "\\boxed{5}"}, "'#format=math'"),
+    ({"text": "Add.", "test_list": ["assert f() == 1"], "code": "def f(): return 1"}, "'#format=mbpp'"),
+    ({"prompt": "def f():", "test": "def check(c): pass", "entry_point": "f"}, "'#format=humaneval'"),
+    ({"prompt": "a", "chosen": "b", "rejected": "c"}, "a preference pair's: pairs train a reward model (align rm)"),
+])
+def test_rows_shaped_like_a_known_dataset_name_the_format(tmp_path, row, hint):
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError, match=r"d.jsonl:row 1: (missing field 'messages'|field 'completion' is missing)") as e:
+        load_chats(path)
+    assert hint in str(e.value)
+
+
+def test_prompt_rows_shaped_like_gsm8k_name_the_format_and_others_get_no_hint(tmp_path):
+    from align.run.data import load_prompts
+
+    with pytest.raises(DataError, match=r"missing field 'prompt' \(or 'messages'\); its fields answer, question are "
+                                        r"those of gsm8k rows: read the source with '#format=gsm8k'"):
+        load_prompts(write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "a\n#### 1"}]))
+    with pytest.raises(DataError) as e:
+        load_chats(write_jsonl(tmp_path / "t.jsonl", [{"text": "hi"}]))
+    assert str(e.value).endswith("missing field 'messages' (or 'prompt' + 'completion')")  # nothing to suggest
+
+
+# ------------------------------------------------------------------------------------ preference pairs (rm)
+
+U = {"role": "user", "content": "What is 2 + 3?"}
+SYS = {"role": "system", "content": "Be brief."}
+
+
+def _a(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_implicit_prompt_pairs_are_the_shared_prefix(tmp_path, tokenizer):
+    from align.rm import load_pairs
+
+    rows = [{"chosen": [SYS, U, _a("5")], "rejected": [SYS, U, _a("6")]},                  # TRL implicit prompt
+            {"prompt": U["content"], "chosen": [U, _a("5")], "rejected": [U, _a("6")]},  # ultrafeedback-binarized
+            {"prompt": [U], "chosen": "5", "rejected": "6"}]                               # explicit, as before
+    pairs = load_pairs(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer)
+    bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    assert pairs[0] == (f"{bos}Be brief.\n\nUser: What is 2 + 3?\n\nAssistant: 5{eos}",
+                        f"{bos}Be brief.\n\nUser: What is 2 + 3?\n\nAssistant: 6{eos}")
+    assert pairs[1] == pairs[2] == (f"{bos}User: What is 2 + 3?\n\nAssistant: 5{eos}",
+                                    f"{bos}User: What is 2 + 3?\n\nAssistant: 6{eos}")
+
+
+@pytest.mark.parametrize("row,expected", [
+    ({"chosen": [U, _a("5")], "rejected": [SYS, U, _a("6")]},
+     r"fields 'chosen' and 'rejected' begin with different messages, so there is no implicit prompt"),
+    ({"chosen": [U, _a("5")], "rejected": [U]}, r"field 'rejected' has nothing after the prompt it shares"),
+    ({"prompt": "Another question?", "chosen": [U, _a("5")], "rejected": [U, _a("6")]},
+     r"field 'prompt' is not the end of the messages 'chosen' and 'rejected' begin with"),
+    ({"chosen": "5", "rejected": "6"}, r"missing field 'prompt' \(without it, 'chosen' and 'rejected' must be whole"),
+    ({"messages": [U, _a("5")]}, r"missing field 'chosen'"),
+])
+def test_bad_preference_rows_are_refused_by_row(tmp_path, tokenizer, row, expected):
+    from align.rm import load_pairs
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"chosen": [U, _a("5")], "rejected": [U, _a("6")]}, row])
+    with pytest.raises(DataError, match=rf"p.jsonl:row 2: {expected}"):
+        load_pairs(path, tokenizer)
+
+
+def test_rm_takes_model_path_and_refuses_model_naming_it(tmp_path):
+    from align.config import ConfigError, load_config
+    from align.rm import RMConfig
+
+    base = [f"output_dir={tmp_path}/o", "train_data=[p.jsonl]"]
+    assert load_config(RMConfig, None, ["model.path=/m", "model.dtype=bfloat16", *base]).model.path == "/m"
+    with pytest.raises(ConfigError, match=r"key 'model' is a mapping \(path, dtype\); write model.path=/m "):
+        load_config(RMConfig, None, ["model=/m", *base])
+
+
+def test_rm_runs_recorded_with_the_old_model_key_still_match():
+    from align.run.rundir import comparable
+
+    assert comparable({"model": "/m", "model.config_sha256": "h", "lr": 1.0}) == {
+        "model.path": "/m", "model.config_sha256": "h", "lr": 1.0}          # an identity (align-run.json)
+    assert comparable({"model": "/m", "lr": 1.0}) == {"model": {"path": "/m", "dtype": "auto"}, "lr": 1.0}  # a record
+
+
+# --------------------------------------------------------------------------------- over-long GRPO prompts
+
+
+def _grpo(tiny_dir, tmp_path, *extra):
+    from align.config import load_config
+    from align.grpo.config import GRPOConfig
+
+    return load_config(GRPOConfig, None, [f"model.path={tiny_dir}", f"output_dir={tmp_path}/o", "train_data=[p]",
+                                          "rewards=[{name: exact_answer}]", "sampling.max_new_tokens=8", *extra])
+
+
+def _row(*messages):
+    from align.run.data import PromptRow
+
+    return PromptRow(list(messages), {"row": "p.jsonl:row 1"})
+
+
+def test_truncate_keeps_the_end_of_the_prompt(tokenizer):
+    from align.grpo.loop import _prompt_tokens, truncate_prompt
+
+    overhead = _prompt_tokens(tokenizer, _row({"role": "user", "content": "9"})) - 1
+    digits = {"role": "user", "content": "0123456789"}
+    assert _prompt_tokens(tokenizer, _row(digits)) == overhead + 10  # one token per digit
+    cut = truncate_prompt(tokenizer, _row(SYS, digits), overhead + 4)
+    assert cut.messages == [{"role": "user", "content": "6789"}]  # the system message left out, the question's end kept
+    assert truncate_prompt(tokenizer, _row(digits), overhead) is None  # no room for any content
+
+
+@pytest.mark.parametrize("mode,kept,counts", [("drop", 2, (1, 0)), ("truncate", 3, (0, 1))])
+def test_overlong_prompts_drop_or_truncate_with_a_count(tiny_dir, tmp_path, tokenizer, mode, kept, counts):
+    from align.grpo.loop import _fit_prompts, _prompt_tokens
+
+    rows = [_row({"role": "user", "content": "1 + 1?"}), _row({"role": "user", "content": "7" * 600}),
+            _row({"role": "user", "content": "2 + 2?"})]
+    fitted, n, longest = _fit_prompts(_grpo(tiny_dir, tmp_path, f"overlong_prompts={mode}"), tokenizer, rows, 512,
+                                      None)
+    assert len(fitted) == kept and (n["data/prompts_dropped"], n["data/prompts_truncated"]) == counts
+    if mode == "truncate":  # cut to exactly the room left: 512 - 8 new tokens
+        assert _prompt_tokens(tokenizer, fitted[1]) == longest == 504 and fitted[1].messages[0]["content"] == "7" * (
+            504 - (_prompt_tokens(tokenizer, rows[1]) - 600))
+
+
+def test_overlong_prompts_refuse_names_the_row_and_the_key(tiny_dir, tmp_path, tokenizer):
+    from align.config import ConfigError
+    from align.grpo.loop import _fit_prompts
+
+    with pytest.raises(ConfigError, match=r"p.jsonl:row 1: prompt of \d+ tokens \+ sampling.max_new_tokens=8 exceeds "
+                                          r"the model's context of 512 tokens \(overlong_prompts=refuse; drop or"):
+        _fit_prompts(_grpo(tiny_dir, tmp_path), tokenizer, [_row({"role": "user", "content": "7" * 600})], 512, None)
+    with pytest.raises(ConfigError, match=r"key 'overlong_prompts' must be one of \['refuse', 'drop', 'truncate'\]"):
+        _grpo(tiny_dir, tmp_path, "overlong_prompts=filter")
+
+
+# ----------------------------------------------------------------------- rewards from the working directory
+
+
+def test_module_function_rewards_are_found_in_the_working_directory(tmp_path, monkeypatch):
+    import sys
+
+    from rewards.registry import get_reward
+
+    (tmp_path / "f39_cwd_rewards.py").write_text("def length(prompts, completions, **kw):\n"
+                                                 "    return [float(len(c)) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "f39_cwd_rewards", raising=False)
+    fn = get_reward("f39_cwd_rewards:length")
+    assert fn(["p"], ["abc"]) == [3.0] and sys.path[-1] == str(tmp_path)  # appended: never shadows an install
+    with pytest.raises(KeyError, match=rf"cannot import 'nope' from 'f39_missing_mod' .*working directory {tmp_path}"):
+        get_reward("f39_missing_mod:nope")
+    sys.modules.pop("f39_cwd_rewards", None)
+
+
+# ------------------------------------------------------------------------------ a classifier is not a policy
+
+
+def test_a_reward_model_directory_is_refused_as_a_policy(tiny_dir, tmp_path, capsys):
+    from align.cli import main
+    from align.config import ConfigError
+    from align.model.policy import check_model_dir
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps({**cfg, "architectures": ["DeepseekV2ForSequenceClassification"]}))
+    (rm / "model.safetensors").write_bytes(b"")  # never read: refused from config.json alone
+    assert check_model_dir(rm)["architectures"] == ["DeepseekV2ForSequenceClassification"]  # fine as a reward model
+    with pytest.raises(ConfigError, match=r"is a classifier \(DeepseekV2ForSequenceClassification in its config.json "
+                                          r"architectures\), such as a reward model from align rm, not a policy"):
+        check_model_dir(rm, policy=True)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [U, _a("5")]}])
+    assert main(["sft", f"model.path={rm}", f"output_dir={tmp_path}/out", f"train_data=[{data}]"]) == 2
+    assert "is a classifier" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert check_model_dir(tiny_dir, policy=True)["architectures"] == ["DeepseekV2ForCausalLM"]
