@@ -117,8 +117,8 @@ def _load_rm(cfg: RMConfig, tokenizer):
     def load(resume, device, dtype):
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(resume or model_dir(cfg.model.path)), num_labels=1,
-                                                                   dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(str(resume or model_dir(cfg.model.path)),
+                                                                   num_labels=1, dtype=dtype)
         model.config.pad_token_id = tokenizer.pad_token_id
         return model.to(device)
     return load

@@ -9,6 +9,7 @@ import pytest
 from align.run.data import IGNORE, DataError, load_chats, tokenize_chat
 
 from .conftest import write_jsonl
+from .test_hub import hub  # noqa: F401 (a hub cache in tmp with acme/tiny-dsv2)
 
 # Qwen/Qwen2.5-7B-Instruct's template, its assistant / tool branches as written there (no tools list, no default
 # system prompt)
@@ -88,7 +89,8 @@ def load_chats_from(messages):
 
 def test_templates_without_tool_formats_are_refused(tiny_dir, tokenizer):
     msgs = load_chats_from(TOOL_CHAT)
-    with pytest.raises(DataError, match=r"does not render the tool calls of assistant message messages\[1\] \(no 'add'"):
+    with pytest.raises(DataError, match=r"does not render the tool calls of assistant message messages\[1\] "
+                                        r"\(no 'add'"):
         tokenize_chat(tokenizer, msgs, 4096)  # the tiny (DeepSeek-V2) template has no tool-call format
     from transformers import AutoTokenizer
 
@@ -136,7 +138,8 @@ def test_bad_tool_rows_are_named(tmp_path, messages, expected):
 ])
 def test_rows_shaped_like_a_known_dataset_name_the_format(tmp_path, row, hint):
     path = write_jsonl(tmp_path / "d.jsonl", [row])
-    with pytest.raises(DataError, match=r"d.jsonl:row 1: (missing field 'messages'|field 'completion' is missing)") as e:
+    expected = r"d.jsonl:row 1: (missing field 'messages'|field 'completion' is missing)"
+    with pytest.raises(DataError, match=expected) as e:
         load_chats(path)
     assert hint in str(e.value)
 
@@ -305,3 +308,59 @@ def test_a_reward_model_directory_is_refused_as_a_policy(tiny_dir, tmp_path, cap
     assert main(["sft", f"model.path={rm}", f"output_dir={tmp_path}/out", f"train_data=[{data}]"]) == 2
     assert "is a classifier" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert check_model_dir(tiny_dir, policy=True)["architectures"] == ["DeepseekV2ForCausalLM"]
+
+
+# -------------------------------------------------------------------------------------- align run --check
+
+
+def test_judge_probe_tells_a_listening_server_from_none():
+    import http.server
+    import socket
+    import threading
+
+    from rewards.judge import unreachable
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501 to GET
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    assert unreachable(f"http://127.0.0.1:{server.server_port}/v1") is None
+    server.server_close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    assert "Connection refused" in unreachable(f"http://127.0.0.1:{port}/v1", timeout_s=2)
+
+
+def test_check_reports_an_uncached_hub_model_and_an_unreachable_judge(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from huggingface_hub import constants
+
+    from align.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"run_dir: {tmp_path}/run\nstages:\n  grpo:\n    kind: grpo\n"
+                      f"    model: {{path: acme/not-cached}}\n    train_data: [\"{{data}}/arith/rl_prompts.jsonl\"]\n"
+                      f"    rewards: [{{name: judge, args: {{url: \"http://127.0.0.1:{port}/v1\", model: m}}}}]\n")
+    assert main(["run", str(recipe), "--check"]) == 2
+    out = capsys.readouterr()
+    assert ("error: key 'stages.grpo.model.path': hub model acme/not-cached at revision main is not in the hub cache "
+            f"{tmp_path / 'hub'}, and HF_HUB_OFFLINE=1 forbids downloading it") in out.err
+    assert (f"warning: key 'stages.grpo.rewards[0].args.url': the judge does not answer "
+            f"(http://127.0.0.1:{port}/v1/chat/completions: [Errno 111] Connection refused)") in out.err
+    assert out.out.startswith(f"{recipe}: not runnable here (1 error above); stages grpo")
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_passes_a_cached_hub_model(hub, tmp_path, capsys):
+    from align.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"run_dir: {tmp_path}/run\nstages:\n  sft:\n    kind: sft\n    model: {{path: acme/tiny-dsv2}}\n"
+                      f"    train_data: [\"{{data}}/arith/train.jsonl\"]\n")
+    assert main(["run", str(recipe), "--check"]) == 0
+    assert capsys.readouterr().out.startswith(f"{recipe}: valid; stages sft")

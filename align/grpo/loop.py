@@ -386,10 +386,10 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         cfg.tools.enabled) else None  # multi-turn rollouts with tools (align/rollout/multiturn.py); held-out too
     sample = tools or (lambda rows, n, sampling: engine.generate([r.messages for r in rows], n=n, sampling=sampling))
     if any(overlong.values()) and run.is_main:
-        print(f"grpo: {overlong['data/prompts_dropped']} training prompts dropped and "
-              f"{overlong['data/prompts_truncated']} truncated: over the model's context with "
-              f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} (overlong_prompts={cfg.overlong_prompts})",
-              flush=True)
+        read = len(train_rows) + overlong["data/prompts_dropped"]
+        print(f"grpo: overlong_prompts={cfg.overlong_prompts}: of {read} training prompts, "
+              f"{overlong['data/prompts_dropped']} dropped and {overlong['data/prompts_truncated']} truncated (over "
+              f"the model's context with sampling.max_new_tokens={cfg.sampling.max_new_tokens})", flush=True)
     if any(overlong.values()) and run.start == 0:
         run.log.log(0, overlong, echo=False)
     if eval_rows and run.start == 0:
