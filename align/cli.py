@@ -70,7 +70,8 @@ def _cmd_eval(args) -> int:
     from .model.policy import check_model_dir
     from .resources import data_dir
 
-    for path in (args.model, args.rm_helpful, args.rm_safety):
+    check_model_dir(args.model, policy=True)
+    for path in (args.rm_helpful, args.rm_safety):
         if path:
             check_model_dir(path)
     cfg = build_config(EvalConfig, {
@@ -92,12 +93,20 @@ def _cmd_run(args) -> int:
     from .recipe import load_recipe, plan_reruns, run_recipe
 
     if args.check:
+        from .probe import probe_recipe
+
         run_dir, stages, _, _ = load_recipe(args.recipe, list(args.overrides))
         plan = plan_reruns(run_dir, stages, args.rerun_from)  # refuses finished stages whose settings changed
         todo = [s.name for s in stages if s.name in plan.rerun or not plan.finished(s)]
-        print(f"{args.recipe}: valid; stages {', '.join(s.name for s in stages)} -> {run_dir}; to run: "
+        findings = probe_recipe([s for s in stages if s.name in todo])  # models, hub cache, judge URLs
+        for level, key, message in findings:
+            print(f"{level}: key '{key}': {message}", file=sys.stderr)
+        errors, warnings = (sum(f[0] == level for f in findings) for level in ("error", "warning"))
+        verdict = (f"not runnable here ({errors} error{'s' * (errors != 1)} above)" if errors else
+                   f"valid, with {warnings} warning{'s' * (warnings != 1)} above" if warnings else "valid")
+        print(f"{args.recipe}: {verdict}; stages {', '.join(s.name for s in stages)} -> {run_dir}; to run: "
               f"{', '.join(todo) or 'none'}")
-        return 0
+        return 2 if errors else 0
     print(strict_json(run_recipe(args.recipe, list(args.overrides), rerun_from=args.rerun_from), indent=1,
                       default=str))
     return 0
@@ -119,7 +128,7 @@ def _cmd_serve(args, vllm_args: list[str]) -> int:
     from .rollout.vllm import choose_attention_backend, vllm_missing
     from .rollout.vllm_server import server_command
 
-    check_model_dir(args.model)
+    check_model_dir(args.model, policy=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(args.dtype, torch.device(device))
     cmd, env = server_command(

@@ -35,6 +35,12 @@ class GRPOConfig:
     max_skipped_steps: int = option(
         3, "With on_reward_error=skip: stop (naming the reward and its last error) after this many consecutive "
            "steps whose every prompt group was skipped (0: never stop).")
+    overlong_prompts: Literal["refuse", "drop", "truncate"] = option(
+        "refuse", "A training prompt whose tokens plus sampling.max_new_tokens exceed the model's context: refuse "
+        "stops the run before it starts, naming the row; drop leaves such prompts out; truncate cuts each from the "
+        "left to fit (its earliest messages, then the start of the first one kept: the end of a prompt, where the "
+        "question usually is, stays). Either way the count is printed and logged at step 0 (data/prompts_dropped, "
+        "data/prompts_truncated).")
     eval_data: list[str] = option(factory=list, help="Held-out prompts with an `answer` column (greedy accuracy).")
     rollout: RolloutConfig = option(factory=RolloutConfig, help="Rollout engine (hf | vllm) and memory schedule.")
     sampling: SamplingConfig = option(factory=SamplingConfig, help="Rollout sampling settings.")

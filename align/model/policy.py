@@ -109,9 +109,15 @@ def resolve_experts_impl(name: str, device: torch.device) -> str:
     return "grouped_mm" if name == "auto" else name
 
 
-def check_model_dir(path: str | Path) -> dict:
+# config.json architectures whose head is not a language model's: such a directory given as a policy would be loaded
+# by AutoModelForCausalLM with a new, random output layer (its own head dropped)
+NOT_A_POLICY = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+
+def check_model_dir(path: str | Path, policy: bool = False) -> dict:
     """Refuse an unusable model directory (or hub id, resolved by `hub.resolve_model`) with a clear message;
-    returns its config.json."""
+    returns its config.json. `policy`: it is to generate, so a classifier (a reward model `align rm` made, by its
+    config.json architectures) is refused before any weight is loaded."""
     source = resolve_model(path)
     path, where = source.path, source.describe()
     if not path.is_dir():
@@ -126,6 +132,12 @@ def check_model_dir(path: str | Path) -> dict:
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin")) + list(path.glob("*.safetensors.index.json"))
     if not weights and not (path / "adapter_config.json").is_file():
         raise ConfigError(f"model directory {where} has no weights (*.safetensors or *.bin)")
+    heads = [a for a in cfg.get("architectures") or [] if isinstance(a, str) and a.endswith(NOT_A_POLICY)]
+    if policy and heads:
+        raise ConfigError(f"model directory {where} is a classifier ({heads[0]} in its config.json architectures), "
+                          f"such as a reward model from align rm, not a policy: loaded as a causal LM it would have a "
+                          f"random output layer. Give the policy's directory (an SFT stage's final/, a ...ForCausalLM "
+                          f"checkpoint); a reward model is used through the classifier reward")
     return cfg
 
 

@@ -337,3 +337,24 @@ FORMATS: dict[str, Callable[[dict, str], dict]] = {
 FORMAT_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution", "answer (optional)"),
                  "humaneval": ("prompt", "test", "entry_point", "canonical_solution (optional)"),
                  "mbpp": ("text or prompt", "test_list", "test_setup_code / test_imports / code (optional)")}
+
+
+# The fields that mark a row as a known dataset's (each set must all be present): `format_hint` names the format.
+FORMAT_SHAPES: dict[str, tuple[frozenset, ...]] = {
+    "gsm8k": (frozenset({"question", "answer"}),), "math": (frozenset({"problem", "solution"}),),
+    "humaneval": (frozenset({"prompt", "test", "entry_point"}),),
+    "mbpp": (frozenset({"text", "test_list"}), frozenset({"prompt", "test_list"}))}
+
+
+def format_hint(row: dict) -> str:
+    """What to add to an error about a row align cannot read as is: '; ...' naming the `#format=` that reads a row
+    shaped like a known dataset's (FORMAT_SHAPES), or saying a preference pair is `align rm`'s; '' otherwise."""
+    fields = {k for k, v in row.items() if v is not None} if isinstance(row, dict) else set()
+    for name, shapes in FORMAT_SHAPES.items():
+        shape = next((s for s in shapes if s <= fields), None)
+        if shape is not None:
+            return (f"; its fields {', '.join(sorted(shape))} are those of {name} rows: read the source with "
+                    f"'#format={name}' (FILE#format={name}, or format: {name} in a sidecar / mapping)")
+    if {"chosen", "rejected"} <= fields:
+        return "; its fields chosen, rejected are a preference pair's: pairs train a reward model (align rm)"
+    return ""
