@@ -1,37 +1,61 @@
-"""Run untrusted (model-generated) Python with the operating system as the boundary.
+"""Run untrusted (model-generated) Python with the operating system as the boundary: one sandbox, one boundary.
 
 Threat model. In GRPO the policy is optimised against whatever scores it, so a completion is hostile code that
 knows Python well: it can walk frames and `gc` to anything in its interpreter, patch builtins, switch off an audit
-hook, load `ctypes`, fork, `setsid`, signal, and write wherever its process may. Nothing inside the interpreter
-holds against that, so the boundary is the kernel's:
+hook, load `ctypes`, make raw system calls, fork, `setsid`, signal, and write wherever its process may. Nothing
+inside the interpreter holds against that, so the boundary is the kernel's, and it is drawn around each sandbox:
+what one sandbox does must not reach the host, and must not reach another sandbox (six copies of one completion in
+a reward call must score alike).
 
   * namespaces (made by a small trusted launcher, `_LAUNCHER`, before the untrusted interpreter starts):
       - mount: a new root holding only /usr (and the merged /bin, /lib, /lib64 links), the interpreter's own prefix
-        and /etc/ld.so.cache, all read-only; /dev/null, /dev/zero, /dev/urandom; a small /tmp; and the program's
-        own directory /work, the only writable place. No home directories, no datasets, no checkpoints, no
-        site-packages of the training environment;
+        and /etc/ld.so.cache, all read-only; /dev/null, /dev/zero, /dev/urandom; and two tmpfs of the sandbox's own,
+        /tmp and /work (its files copied in; the only writable places), bounded in size (`disk_mb`, `file_mb`) and
+        in files (`disk_files`). No /proc, no home directories, no datasets, no checkpoints, no site-packages of the
+        training environment; on the host side only an empty mount-point directory exists;
       - PID: the program is process 1 of its namespace, so when it ends or is killed every process it started dies
         with it (a `setsid()` child included); it sees and can signal nothing outside;
       - network (a loopback that is down), IPC, UTS;
-  * an unprivileged user: started as root, the program runs as uid / gid 65534 (`nobody`) with no supplementary
-    groups; started as another user, inside a nested user namespace mapped to that user, with no capabilities;
-  * `no_new_privs`; rlimits on CPU seconds, address space, file size, processes (they bind: the uid is not root),
-    open files, no core dumps; a wall-clock limit at which the launcher's session is killed, and with it (parent-death
-    signal) the namespace.
+      - user: the program is uid / gid 65534 with no capabilities in a user namespace of its own, so kernel state
+        keyed on the user (keyrings, RLIMIT_NPROC counts, inotify and locked-memory accounting) is per sandbox.
+        Started as root, that namespace maps 65534 to an id no other sandbox has (`SANDBOX_UID_BASE` + the
+        launcher's pid); started as another user, to that user (nested below a namespace that made the mounts);
+  * whole-sandbox bounds (cgroups: v2 where this process's cgroup can hold a child with the controller, else the
+    v1 hierarchies): memory (`memory_mb`: every page the sandbox holds, memfd and tmpfs included; over it the
+    kernel's OOM killer acts inside the sandbox, not on the trainer), processes (`processes`), CPU time
+    (`cpu_s`: the launcher reads the cgroup's usage every 50 ms and kills the namespace past it, exit status
+    `CPU_EXCEEDED`) and CPUs at once (`cpus`);
+  * a seccomp filter (compiled by libseccomp through `pyseccomp`, once per host process; the launcher installs that
+    program right before it executes the interpreter) refusing with EPERM what reaches state or memory outside those bounds: `SECCOMP_REFUSED` (keyrings,
+    memfd_create, io_uring, userfaultfd, perf_event_open); another architecture's system calls kill the caller;
+  * `no_new_privs`; rlimits per process on CPU seconds, address space, file size, processes, open files, no core
+    dumps; a wall-clock limit at which the launcher's session is killed, and with it the namespace;
+  * the sandbox dies with its host: the launcher has a parent-death signal (SIGKILL) on the thread that started it,
+    process 1 one on the launcher, and the namespace dies with process 1.
+
+Where this machine lacks a part, the first `isolation_problem()` (the code reward calls it when built) warns once,
+naming it (`unbounded()`), and the sandbox runs without it: without a memory cgroup, memory is bounded only per
+process (RLIMIT_AS, `memory_mb` each: forks multiply it) and in files by the two tmpfs sizes; without a pids cgroup,
+processes only by RLIMIT_NPROC of the sandbox's own uid; without a CPU-usage cgroup, CPU time only per process (n
+children use n x `cpu_s`, until the wall clock); without pyseccomp / libseccomp the calls above are allowed, and
+memfd files escape both the address-space limit and the tmpfs sizes (up to `open_files` x `file_mb`) unless a memory
+cgroup holds them (keyrings stay per user namespace).
 
 The audit hook of earlier versions stays as a second layer (`guard=True`): it refuses sockets, process creation,
 signals, `ctypes` and file access outside the program's directory. The tests run every attack with it off.
 
 Where the kernel refuses namespaces (some containers), `run_python` raises `SandboxUnavailable`; `isolation="none"`
-is the explicit way to run anyway (rlimits, session kill and the hook only: for code you trust).
+is the explicit way to run anyway (rlimits, session kill and the hook only, in a host directory: for code you trust).
 
-`run_python` never raises for what the code does; the result says how it ended. `SandboxProcess` is the same
-sandbox kept open with pipes to its stdin / stdout (the code reward's judge talks to the program through them).
+`run_python` never raises for what the code does, cleanup included; the result says how it ended, and the whole
+sandbox's CPU time and memory peak where measured. `SandboxProcess` is the same sandbox kept open with pipes to its
+stdin / stdout (the code reward's judge talks to the program through them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import itertools
 import json
@@ -62,9 +86,9 @@ SECCOMP_REFUSED = ("keyctl", "add_key", "request_key", "memfd_create", "io_uring
 # the tmpfs /work, gives up its identity for a user namespace of the sandbox's own, loads the seccomp filter and only
 # then executes the untrusted interpreter. Its configuration comes as JSON in an unlinked file (fd in argv[1]).
 _LAUNCHER = textwrap.dedent(r"""
-    import ctypes, ctypes.util, json, os, resource, select, signal, sys, time
+    import ctypes, json, os, resource, select, signal, sys, time
     libc = ctypes.CDLL(None, use_errno=True)
-    PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+    PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, SECCOMP_MODE_FILTER = 1, 4, 22, 38, 2
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # dies with the host (the thread that started it)
     with os.fdopen(int(sys.argv[1]), "rb") as f:
         cfg = json.loads(f.read())
@@ -95,16 +119,12 @@ _LAUNCHER = textwrap.dedent(r"""
         enc = lambda s: None if s is None else s.encode()
         call(libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)), "mount %s on %s" % (src, dst))
 
-    seccomp = None
-    if cfg["seccomp"]:  # the maintained binding (pyseccomp, ctypes over libseccomp), built now, loaded before exec
-        libs = cfg["seccomp"]["libs"]
-        ctypes.util.find_library = lambda name: libs.get(name)  # resolved once by the host (no ldconfig per start)
-        sys.path.insert(0, cfg["seccomp"]["path"])
-        import pyseccomp
-        del sys.path[0]
-        seccomp = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
-        for name in cfg["seccomp"]["refuse"]:
-            seccomp.add_rule(pyseccomp.ERRNO(1), name)  # EPERM
+    if cfg["seccomp"]:  # libseccomp's program for the filter (compiled once by the host), installed before exec
+        bpf = bytes.fromhex(cfg["seccomp"])
+        code = ctypes.create_string_buffer(bpf, len(bpf))
+        class FProg(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+        fprog = FProg(len(bpf) // 8, ctypes.addressof(code))
     usage = cfg["cpu_usage"] and os.open(cfg["cpu_usage"][0], os.O_RDONLY)  # whole-sandbox CPU time
     uid, gid = os.geteuid(), os.getegid()
     outside = cfg["uid_base"] + os.getpid() if uid == 0 else None  # the sandbox's own id, root only
@@ -202,12 +222,8 @@ _LAUNCHER = textwrap.dedent(r"""
     resource.setrlimit(resource.RLIMIT_NPROC, (lim["processes"], lim["processes"]))
     call(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a change of credentials clears it
-    if seccomp is not None:
-        try:
-            seccomp.load()
-        except OSError as e:
-            sys.stderr.write("sandbox setup: seccomp filter: %s\n" % e)
-            os._exit(125)
+    if cfg["seccomp"]:
+        call(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "seccomp filter")
     os.execve(cfg["exe"], [cfg["exe"], "-I", "-S"] + cfg["argv"], cfg["env"])
 """)
 
@@ -367,7 +383,23 @@ def _cgroup_parents() -> dict[str, tuple[str, int]]:
             continue
         for r in provides:
             found.setdefault(r, (d, version))
+        _remove_stale(d)
     return found
+
+
+def _remove_stale(parent: str) -> None:
+    """Empty sandbox cgroups left by hosts that were killed (named align-sandbox-<host pid>-<n>)."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith("align-sandbox-")]
+    except OSError:
+        return
+    for n in names:
+        pid = n.split("-")[2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                os.rmdir(f"{parent}/{n}")
+            except OSError:
+                pass
 
 
 _BOUND_BY = {"memory": "memory across the sandbox's processes (memfd, tmpfs, forks): only RLIMIT_AS per process",
@@ -483,11 +515,9 @@ _SECCOMP_PROBLEM: list[str] = [""]
 
 
 @functools.lru_cache(maxsize=1)
-def _seccomp_config() -> dict | None:
-    """What the launcher needs to build the filter, or None (and why in _SECCOMP_PROBLEM) where pyseccomp or
-    libseccomp is missing."""
-    import ctypes.util
-
+def _seccomp_config() -> str | None:
+    """The seccomp filter as libseccomp compiles it (BPF, hex), made once per process through pyseccomp; None (and
+    why in _SECCOMP_PROBLEM) where pyseccomp or libseccomp is missing. The launcher installs it as it is."""
     try:
         import pyseccomp
     except ImportError as e:
@@ -496,12 +526,18 @@ def _seccomp_config() -> dict | None:
     except Exception as e:  # pyseccomp raises RuntimeError when libseccomp is absent
         _SECCOMP_PROBLEM[0] = f"libseccomp is not usable: {e}"
         return None
-    unknown = [n for n in SECCOMP_REFUSED if pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, n) < 0]
-    if unknown:
-        _SECCOMP_PROBLEM[0] = f"libseccomp does not know {unknown}"
+    try:
+        f = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+        for name in SECCOMP_REFUSED:
+            f.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+        with tempfile.TemporaryFile() as out:
+            f.export_bpf(out)
+            out.seek(0)
+            bpf = out.read()
+    except (OSError, ValueError) as e:
+        _SECCOMP_PROBLEM[0] = f"libseccomp refused the filter: {e}"
         return None
-    return {"path": os.path.dirname(pyseccomp.__file__), "refuse": list(SECCOMP_REFUSED),
-            "libs": {"c": ctypes.util.find_library("c"), "seccomp": ctypes.util.find_library("seccomp")}}
+    return bpf.hex()
 
 
 def _remove_tree(path: str) -> None:
