@@ -377,6 +377,13 @@ def _same_kind(old, new) -> bool:
     return any(isinstance(old, k) and isinstance(new, k) for k in _MUTABLE) and not isinstance(old, (str, bytes))
 
 
+def _ready(fd: int, event: int, seconds: float) -> bool:
+    """Whether `fd` is ready for `event` (or hung up) within `seconds` (poll: a trainer's fds may pass 1024)."""
+    poller = select.poll()
+    poller.register(fd, event)
+    return bool(poller.poll(max(1, int(seconds * 1000))))
+
+
 class _Program:
     """The program running in the sandbox, called through its pipes; no wait outlasts the sandbox's wall clock."""
 
@@ -391,8 +398,7 @@ class _Program:
             left = self.box.remaining()
             if left <= 0:
                 raise ProgramTimeout()
-            _, ready, _ = select.select([], [self.stdin], [], left)
-            if not ready:
+            if not _ready(self.stdin, select.POLLOUT, left):
                 raise ProgramTimeout()  # it stopped reading
             try:
                 view = view[os.write(self.stdin, view):]
@@ -406,8 +412,7 @@ class _Program:
             left = self.box.remaining()
             if left <= 0:
                 raise ProgramTimeout()
-            ready, _, _ = select.select([self.stdout], [], [], left)
-            if not ready:
+            if not _ready(self.stdout, select.POLLIN, left):
                 raise ProgramTimeout()
             chunk = os.read(self.stdout, 65536)
             if not chunk:
