@@ -170,9 +170,10 @@ def code_scorer(settings: dict):
         raise ConfigError(f"key 'eval.code_reward': {e}") from None
 
 
-def pass_at_1(scorer, completions: list[str], tests: list) -> dict:
-    """pass@1 (share of problems whose one completion passes all its tests) and the mean share of tests passed."""
-    result = scorer(None, completions, tests)
+def pass_at_1(scorer, completions: list[str], tests: list, prelude: list | None = None) -> dict:
+    """pass@1 (share of problems whose one completion passes all its tests) and the mean share of tests passed.
+    `prelude`: the rows' code the prompt gives (HumanEval's helpers), where they have it."""
+    result = scorer(None, completions, tests, prelude=prelude)
     scores = result.scores
     scored = [s for s in scores if s is not None]
     return {"pass@1": sum(s == 1.0 for s in scored) / len(scored) if scored else math.nan,
@@ -246,7 +247,7 @@ def evaluate(model_dir: str, cfg: EvalConfig) -> dict:
         predictions += _predictions("reasoning", rows["reasoning"], acc["completions"], acc["scores"], "answer")
     if "code" in rows:
         completions = _greedy(engine, rows["code"], cfg)
-        code = pass_at_1(scorer, completions, tests)
+        code = pass_at_1(scorer, completions, tests, [r.columns.get("prelude") for r in rows["code"]])
         out.update({"eval/pass@1": code["pass@1"], "eval/code_tests_passed": code["tests_passed"]})
         counts["code_timeouts"] = code["timeouts"]
         predictions += _predictions("code", rows["code"], completions, code["scores"], None)
