@@ -69,6 +69,7 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
+import threading
 import time
 
 NOBODY = 65534
@@ -686,16 +687,22 @@ def unavailable_message(detail: str) -> str:
             "isolation anyway, only for code you trust, set the reward's `isolation: none`.")
 
 
+def _feed(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+        pipe.close()
+    except (BrokenPipeError, OSError, ValueError):  # the program exited or was killed
+        pass
+
+
 def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None, isolation: str = "os",
                guard: bool = False) -> SandboxResult:
     """Run `code` as a script in the sandbox; returns its exit status, output and whether it timed out."""
     limits = limits or SandboxLimits()
     with SandboxProcess({"main.py": code}, "main.py", limits, isolation, guard) as box:
-        try:
-            box.proc.stdin.write(stdin.encode())
-            box.proc.stdin.close()
-        except (BrokenPipeError, OSError):
-            pass
+        # stdin from a thread: a program that never reads would block a write of more than the pipe holds (64 KB)
+        # before the deadline is even watched; the kill below breaks the pipe and ends the writer
+        threading.Thread(target=_feed, args=(box.proc.stdin, stdin.encode()), daemon=True).start()
         out, err, timed_out = read_all(box.proc, limits.output_kb * 1024, box.start + limits.wall_s)
         box.kill()
         returncode = box.proc.wait()

@@ -283,3 +283,13 @@ def test_code_reward_counts_timeouts_and_reads_json_tests():
 
 def test_extract_code_takes_the_last_block():
     assert extract_code("```python\na = 1\n```\ntext\n```py\nb = 2\n```") == "b = 2\n"
+
+
+def test_a_program_that_never_reads_its_large_stdin_still_times_out():
+    """More stdin than a pipe holds (64 KB) to a program that never reads it: the deadline is kept, not a blocked
+    write in the trusted process."""
+    import time
+
+    t = time.monotonic()
+    r = run_python("import time\ntime.sleep(60)", stdin="x" * 1_000_000, limits=SandboxLimits(wall_s=2))
+    assert r.timed_out and time.monotonic() - t < 15
