@@ -70,7 +70,8 @@ def _cmd_eval(args) -> int:
     from .model.policy import check_model_dir
     from .resources import data_dir
 
-    for path in (args.model, args.rm_helpful, args.rm_safety):
+    check_model_dir(args.model, policy=True)
+    for path in (args.rm_helpful, args.rm_safety):
         if path:
             check_model_dir(path)
     cfg = build_config(EvalConfig, {
@@ -80,7 +81,9 @@ def _cmd_eval(args) -> int:
         "safety": args.safety or str(data_dir() / "safety" / "heldout.jsonl"),
         "reward_models": {k: v for k, v in (("helpful", args.rm_helpful), ("safety", args.rm_safety)) if v},
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "limit": args.limit,
-        "device": args.device, "dtype": args.dtype, "predictions": args.predictions or ""},
+        "device": args.device, "dtype": args.dtype, "predictions": args.predictions or "",
+        "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty, "seed": args.seed},
         "<command line>")
     print(strict_json(evaluate(args.model, cfg), indent=1))
     return 0
@@ -90,12 +93,20 @@ def _cmd_run(args) -> int:
     from .recipe import load_recipe, plan_reruns, run_recipe
 
     if args.check:
+        from .probe import probe_recipe
+
         run_dir, stages, _, _ = load_recipe(args.recipe, list(args.overrides))
         plan = plan_reruns(run_dir, stages, args.rerun_from)  # refuses finished stages whose settings changed
         todo = [s.name for s in stages if s.name in plan.rerun or not plan.finished(s)]
-        print(f"{args.recipe}: valid; stages {', '.join(s.name for s in stages)} -> {run_dir}; to run: "
+        findings = probe_recipe([s for s in stages if s.name in todo])  # models, hub cache, judge URLs
+        for level, key, message in findings:
+            print(f"{level}: key '{key}': {message}", file=sys.stderr)
+        errors, warnings = (sum(f[0] == level for f in findings) for level in ("error", "warning"))
+        verdict = (f"not runnable here ({errors} error{'s' * (errors != 1)} above)" if errors else
+                   f"valid, with {warnings} warning{'s' * (warnings != 1)} above" if warnings else "valid")
+        print(f"{args.recipe}: {verdict}; stages {', '.join(s.name for s in stages)} -> {run_dir}; to run: "
               f"{', '.join(todo) or 'none'}")
-        return 0
+        return 2 if errors else 0
     print(strict_json(run_recipe(args.recipe, list(args.overrides), rerun_from=args.rerun_from), indent=1,
                       default=str))
     return 0
@@ -117,7 +128,7 @@ def _cmd_serve(args, vllm_args: list[str]) -> int:
     from .rollout.vllm import choose_attention_backend, vllm_missing
     from .rollout.vllm_server import server_command
 
-    check_model_dir(args.model)
+    check_model_dir(args.model, policy=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(args.dtype, torch.device(device))
     cmd, env = server_command(
@@ -173,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the policy's and reward models' dtype (auto: bfloat16 on GPU, float32 on CPU)")
     e.add_argument("--predictions", help="write every prompt's completion, answer and score to this new JSONL file")
+    e.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: one sampled completion "
+                                                                  "per prompt, seeded by --seed")
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--top-k", type=int, default=0, help="0: off")
+    e.add_argument("--min-p", type=float, default=0.0, help="0: off")
+    e.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off (applies to greedy too)")
+    e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_cmd_eval)
 
     r = sub.add_parser("run", help="run a recipe's stages (resumes where it stopped)")

@@ -144,6 +144,9 @@ def _coerce(value: Any, tp: Any, key: str, at: str) -> Any:
             return str(value)
         raise ConfigError(f"{at}: key '{key}' expects a string, got {value!r}")
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and "path" in {f.name for f in dataclasses.fields(tp)}:  # `model=DIR`: rm's old key
+            raise ConfigError(f"{at}: key '{key}' is a mapping ({', '.join(f.name for f in dataclasses.fields(tp))}); "
+                              f"write {key}.path={value} (in YAML `{key}: {{path: {value}}}`)")
         if not isinstance(value, dict):
             raise ConfigError(f"{at}: key '{key}' expects a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, key + ".", at, {})

@@ -13,6 +13,9 @@
   eval/over_refusal_rate share of the answers to the held-out helpful (benign) prompts that refuse
   completions            the greedy answers to the helpful / safety prompts, in row order (what was scored)
 
+Completions are greedy unless `temperature` > 0: then one sampled completion per prompt (seeded by `seed`), with
+`top_p`, `top_k`, `min_p`; `repetition_penalty` applies either way (the settings are recorded under `sampling`).
+
 Every source is a data source of `align.run.formats` (a file, a hub dataset id, a sidecar), read and checked before the
 model loads. `counts` gives the rows scored per measurement (after `limit`), the code timeouts and, where the
 math-verify checker itself crashed, the unscored rows, which are left out of the accuracy. An answer whose check runs
@@ -68,9 +71,26 @@ class EvalConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "The policy's and reward models' dtype: auto = bfloat16 on GPU, float32 on CPU (a recipe evaluates "
                 "each stage in the dtype it trained with).")
+    temperature: float = option(0.0, "0 = greedy completions (the default); > 0 samples one completion per prompt "
+                                     "(seeded by `seed`) with the settings below.")
+    top_p: float = option(1.0, "Nucleus sampling mass (1 = off), with temperature > 0.")
+    top_k: int = option(0, "Sample among the k most likely tokens (0 = off), with temperature > 0.")
+    min_p: float = option(0.0, "Drop tokens below min_p x the top token's probability (0 = off), with temperature > 0.")
+    repetition_penalty: float = option(1.0, "Penalise tokens already in the prompt or answer (1 = off; greedy too).")
+    seed: int = option(0, "Seed of the sampled completions (temperature > 0).")
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                              repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
+                              batch_size=self.batch_size)
 
     def validate(self) -> None:
         require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
+        try:
+            self.sampling().validate()
+        except ConfigError as e:  # name this config's own keys
+            raise ConfigError(str(e).replace("key 'sampling.", "key '")) from None
+        require(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)", self.seed)
         require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
         require(self.limit >= 0, "limit", ">= 0 (0: all)", self.limit)
         unknown = sorted(set(self.code_reward) - set(CODE_SETTINGS))
@@ -89,9 +109,11 @@ class EvalConfig:
 
 
 def _greedy(engine, rows: list[PromptRow], cfg: EvalConfig, sample=None) -> list[str]:
-    """Greedy completions; `sample(rows, n, sampling)` instead of one engine call where given (a GRPO run's tool
-    loop, so a run with tools is scored with them)."""
-    sampling = SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    """One completion per row, greedy unless cfg.temperature > 0; `sample(rows, n, sampling)` instead of one engine
+    call where given (a GRPO run's tool loop, so a run with tools is scored with them)."""
+    sampling = cfg.sampling()
+    if sampling.temperature > 0:
+        torch.manual_seed(cfg.seed)
     if sample is not None:
         return sample(rows, 1, sampling).completions
     return engine.generate([r.messages for r in rows], n=1, sampling=sampling).completions
@@ -136,12 +158,13 @@ def _mean(scores: list[float | None]) -> float:
 
 
 def accuracy(engine, rows: list[PromptRow], max_new_tokens: int = 64, batch_size: int = 128,
-             reward: str = "exact_answer", sample=None) -> dict:
-    """Greedy accuracy and rule pass rate on prompts with an `answer` column (`sample`: see _greedy)."""
+             reward: str = "exact_answer", sample=None, cfg: EvalConfig | None = None) -> dict:
+    """Accuracy and rule pass rate on prompts with an `answer` column: greedy, or as `cfg` samples (`sample`: see
+    _greedy)."""
     from rewards.rules import answer_format
 
     answers = _column(rows, "answer", "to score against")
-    completions = _greedy(engine, rows, EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), sample)
+    completions = _greedy(engine, rows, cfg or EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), sample)
     scores, timeouts = answer_scores(reward, completions, answers)
     return {"accuracy": _mean(scores), "rule_pass": sum(answer_format(None, completions)) / len(rows),
             "n": len(scores), "unscored": sum(s is None for s in scores), "timeouts": timeouts,
@@ -159,9 +182,10 @@ def code_scorer(settings: dict):
         raise ConfigError(f"key 'eval.code_reward': {e}") from None
 
 
-def pass_at_1(scorer, completions: list[str], tests: list) -> dict:
-    """pass@1 (share of problems whose one completion passes all its tests) and the mean share of tests passed."""
-    result = scorer(None, completions, tests)
+def pass_at_1(scorer, completions: list[str], tests: list, prelude: list | None = None) -> dict:
+    """pass@1 (share of problems whose one completion passes all its tests) and the mean share of tests passed.
+    `prelude`: the rows' code the prompt gives (HumanEval's helpers), where they have it."""
+    result = scorer(None, completions, tests, prelude=prelude)
     scores = result.scores
     scored = [s for s in scores if s is not None]
     return {"pass@1": sum(s == 1.0 for s in scored) / len(scored) if scored else math.nan,
@@ -220,12 +244,15 @@ def evaluate(model_dir: str, cfg: EvalConfig) -> dict:
     policy = load_policy(ModelConfig(path=model_dir, dtype=cfg.dtype), device, trainable=False)
     ctx = EngineContext(model=policy, model_path=model_dir, tokenizer=tokenizer, dtype=next(policy.parameters()).dtype,
                         device=device, seed=0, max_model_len=0)
-    engine = make_engine(RolloutConfig(engine="hf"), ctx)  # greedy, on the policy just loaded
+    engine = make_engine(RolloutConfig(engine="hf"), ctx)  # on the policy just loaded
     out: dict = {"model": model_dir, "device": str(device), "dtype": str(next(policy.parameters()).dtype)[6:]}
+    if cfg.sampling().temperature > 0 or cfg.sampling().truncated():
+        out["sampling"] = {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                                        "seed")}
     counts = {kind: len(r) for kind, r in rows.items()}
     predictions: list[dict] = []  # --predictions: one row per prompt
     if "reasoning" in rows:
-        acc = accuracy(engine, rows["reasoning"], cfg.max_new_tokens, cfg.batch_size, reasoning_reward(cfg))
+        acc = accuracy(engine, rows["reasoning"], reward=reasoning_reward(cfg), cfg=cfg)
         out.update({"eval/accuracy": acc["accuracy"], "eval/rule_pass": acc["rule_pass"]})
         if acc["unscored"]:
             counts["reasoning_unscored"] = acc["unscored"]
@@ -234,7 +261,7 @@ def evaluate(model_dir: str, cfg: EvalConfig) -> dict:
         predictions += _predictions("reasoning", rows["reasoning"], acc["completions"], acc["scores"], "answer")
     if "code" in rows:
         completions = _greedy(engine, rows["code"], cfg)
-        code = pass_at_1(scorer, completions, tests)
+        code = pass_at_1(scorer, completions, tests, [r.columns.get("prelude") for r in rows["code"]])
         out.update({"eval/pass@1": code["pass@1"], "eval/code_tests_passed": code["tests_passed"]})
         counts["code_timeouts"] = code["timeouts"]
         predictions += _predictions("code", rows["code"], completions, code["scores"], None)

@@ -2,7 +2,9 @@
 
     loss = −log σ(r_θ(x, y_chosen) − r_θ(x, y_rejected))          (mean over pairs)
 
-Rows are `{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}`; each side is rendered
+Rows are `{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}`, or TRL's implicit-prompt
+`{"chosen": messages, "rejected": messages}` whose prompt is the messages both begin with (`run.data.row_pair`, as in
+ultrafeedback-binarized); each side is rendered
 as one conversation with the tokenizer's chat template and scored by a one-output sequence-classification head
 (`AutoModelForSequenceClassification`, num_labels=1) on the last real token. The starting point is a causal-LM
 checkpoint (the head is new) or a sequence-classification one. Reports held-out pair accuracy (share of pairs with
@@ -15,15 +17,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from .config import directory_path, option, require
 from .model.hub import model_dir
-from .model.policy import check_model_dir, load_tokenizer, resolve_dtype
+from .model.policy import chat_template_text, check_model_dir, load_tokenizer, resolve_dtype
 from .model.precision import training_device, training_precision
-from .run.data import DataError, as_messages, batch_indices, load_rows
+from .run.data import batch_indices, load_rows, row_pair
 from .run.finite import NonFinitePolicy, nonfinite_option
 from .run.rundir import ResumeMode, resume_option
 from .run.tracking import WandbConfig
@@ -31,8 +34,25 @@ from .run.trainer import start_run
 
 
 @dataclasses.dataclass
+class RMModelConfig:
+    path: str = option(help="The starting checkpoint: a causal LM (the head is new) or a sequence classifier, as a "
+                            "directory or a hub id owner/name[@revision] (align/model/hub.py), as sft / grpo's "
+                            "model.path.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "Compute dtype: auto = bfloat16 on GPU, float32 on CPU; bfloat16 / float16 keep fp32 master weights "
+        "and optimizer state (align/model/precision.py).")
+    chat_template: str = option("", "A chat template replacing the tokenizer's (a file or the Jinja text; '' = the "
+                                    "tokenizer's own), as sft / grpo's model.chat_template; saved with the RM.")
+
+    def validate(self) -> None:
+        require(bool(self.path), "model.path", "a checkpoint directory or hub id", self.path)
+        if self.chat_template:
+            chat_template_text(self.chat_template)
+
+
+@dataclasses.dataclass
 class RMConfig:
-    model: str = option(help="Starting checkpoint directory (causal LM or sequence classification).")
+    model: RMModelConfig = option(help="The starting checkpoint (model.path, model.dtype).")
     output_dir: str = option(help="Where the trained reward model (an HF directory) and metrics go.")
     train_data: list[str] = option(help="Preference files with prompt / chosen / rejected.")
     eval_data: list[str] = option(factory=list, help="Held-out preference files (pair accuracy).")
@@ -56,6 +76,7 @@ class RMConfig:
     def validate(self) -> None:
         self.wandb.validate()
         self.output_dir = directory_path(self.output_dir, "output_dir")
+        self.model.validate()
         require(bool(self.train_data), "train_data", "at least one file", self.train_data)
         for key in ("max_length", "batch_size"):
             require(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))
@@ -67,16 +88,12 @@ class RMConfig:
 
 
 def load_pairs(path, tokenizer) -> list[tuple[str, str]]:
-    """(chosen text, rejected text) per row, rendered with the chat template; errors name file:row:field."""
+    """(chosen text, rejected text) per row (explicit or implicit prompt: `align.run.data.row_pair`), rendered with
+    the chat template; errors name file:row:field."""
     out = []
     for i, row in enumerate(load_rows(path)):
-        where = f"{path}:row {i + 1}"
-        for key in ("prompt", "chosen", "rejected"):
-            if row.get(key) is None:
-                raise DataError(f"{where}: missing field '{key}'")
-        prompt = as_messages(row["prompt"], "user", where, "prompt")
-        sides = [prompt + as_messages(row[k], "assistant", where, k) for k in ("chosen", "rejected")]
-        out.append(tuple(tokenizer.apply_chat_template(s, tokenize=False) for s in sides))
+        prompt, chosen, rejected = row_pair(row, f"{path}:row {i + 1}")
+        out.append(tuple(tokenizer.apply_chat_template(prompt + side, tokenize=False) for side in (chosen, rejected)))
     return out
 
 
@@ -99,13 +116,13 @@ def pair_accuracy(model, tokenizer, pairs, max_length: int, device, batch: int =
 
 
 def _load_rm(cfg: RMConfig, tokenizer):
-    """`load` for start_run: a one-output sequence classifier from cfg.model (a new head on a causal LM), or the
+    """`load` for start_run: a one-output sequence classifier from cfg.model.path (a new head on a causal LM), or the
     resumed checkpoint."""
     def load(resume, device, dtype):
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(resume or model_dir(cfg.model)), num_labels=1,
-                                                                   dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(str(resume or model_dir(cfg.model.path)),
+                                                                   num_labels=1, dtype=dtype)
         model.config.pad_token_id = tokenizer.pad_token_id
         return model.to(device)
     return load
@@ -113,16 +130,16 @@ def _load_rm(cfg: RMConfig, tokenizer):
 
 def train_rm(cfg: RMConfig) -> dict:
     """Train the reward model to the end (resuming from the newest checkpoint in output_dir); returns a summary."""
-    check_model_dir(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
+    check_model_dir(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.chat_template)
     tokenizer.padding_side = "right"  # the score is read at the last real token
     train = [p for path in cfg.train_data for p in load_pairs(path, tokenizer)]
     held = [p for path in cfg.eval_data for p in load_pairs(path, tokenizer)]
     steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
 
     run = start_run(cfg, "rm", total_updates=steps, warmup_steps=int(cfg.warmup_ratio * steps),
-                    load=_load_rm(cfg, tokenizer), model_path=cfg.model,
-                    precision=training_precision(resolve_dtype("auto", training_device()), lora=False))
+                    load=_load_rm(cfg, tokenizer), model_path=cfg.model.path,
+                    precision=training_precision(resolve_dtype(cfg.model.dtype, training_device()), lora=False))
     model, device = run.model, run.device
     start = time.time()
     acc_start = run.state.get("pair_accuracy_start")

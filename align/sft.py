@@ -133,10 +133,10 @@ def heldout_loss(model, rows: list[dict], cfg: SFTConfig, pad_id: int, device) -
 def train_sft(cfg: SFTConfig) -> dict:
     """Run SFT to the end (resuming from the newest checkpoint in output_dir); returns a summary."""
     # -- everything that can fail on bad input happens before the first write
-    context = check_model_dir(cfg.model.path).get("max_position_embeddings")
+    context = check_model_dir(cfg.model.path, policy=True).get("max_position_embeddings")
     if context and cfg.max_length > context:
         raise ConfigError(f"key 'max_length' is {cfg.max_length}, beyond the model's context of {context} tokens")
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.chat_template)
     train_rows, held_rows, data_stats = _prepare_data(cfg, tokenizer)
     world = world_size()
     global_batch = cfg.batch_size * cfg.grad_accum * world

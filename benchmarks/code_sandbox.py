@@ -2,8 +2,10 @@
 
     python benchmarks/code_sandbox.py [--repeats 30]
 
-Cases: the 4 assertions of tests/test_sandbox.py's `add` task, and a HumanEval-style check(candidate) with 10
-asserts. Prints the median and the 10th / 90th percentiles in milliseconds, and whether the isolation is the OS's.
+Cases: the 4 assertions of tests/test_sandbox.py's `add` task, a HumanEval-style check(candidate) with 10
+asserts (one completion per call, workers=1), and a reward call of 16 completions x the 4 asserts with workers=2
+(issue 37's overhead figure). Prints the median and the 10th / 90th percentiles in milliseconds, the machine's load,
+and whether the isolation is the OS's.
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     print(f"isolation: {'OS namespaces' if isolation_problem() is None else isolation_problem()}")
-    fn = code_reward(wall_s=10, cpu_s=5, workers=1)
-    for name, completion, tests in (("add, 4 asserts", ADD, ADD_TESTS), ("check(candidate), 10 asserts", TOTAL,
-                                                                          [CHECK])):
+    print(f"load {open('/proc/loadavg').read().split()[:3]}")
+    one, two = code_reward(wall_s=10, cpu_s=5, workers=1), code_reward(wall_s=10, cpu_s=5, workers=2)
+    for name, fn, n, completion, tests in (("add, 4 asserts", one, 1, ADD, ADD_TESTS),
+                                           ("check(candidate), 10 asserts", one, 1, TOTAL, [CHECK]),
+                                           ("16 completions x 4 asserts, workers=2", two, 16, ADD, ADD_TESTS)):
         times = []
         for _ in range(args.repeats):
             t = time.perf_counter()
-            out = fn(["p"], [completion], tests=[tests])
+            out = fn(["p"] * n, [completion] * n, tests=[tests] * n)
             times.append(time.perf_counter() - t)
-            assert out.scores == [1.0], out.scores
+            assert out.scores == [1.0] * n, out.scores
         q = statistics.quantiles(times, n=10)
         print(f"{name}: median {1e3 * statistics.median(times):.1f} ms (p10 {1e3 * q[0]:.1f}, p90 {1e3 * q[-1]:.1f}) "
               f"over {args.repeats} calls")

@@ -45,13 +45,13 @@ def lookup(table: dict, device_name: str):
     return next((v for k, v in table.items() if k in device_name), None)
 
 
-def build(preset: str, device: torch.device, dtype: torch.dtype):
+def build(preset: str, device: torch.device, dtype: torch.dtype, **overrides):
     """The preset's DeepseekV2ForCausalLM with random weights, created on `device` in `dtype` (no fp32 copy)."""
     from transformers import DeepseekV2ForCausalLM
 
     from align.model.presets import preset_config
 
-    config = preset_config(preset)
+    config = preset_config(preset, **overrides)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -83,8 +83,145 @@ def main(argv=None) -> dict:
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s (default: by device name)")
     ap.add_argument("--bandwidth", type=float, help="memory bandwidth in TB/s (default: by device name)")
-    ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--json", help="also write the figures to this file (rewritten after each section)")
+    ap.add_argument("--full-layers", default="10,6,3",
+                    help="full fine-tuning: layer counts to try, most first (the first that fits is measured)")
+    ap.add_argument("--full-batch", type=int, default=4)
+    ap.add_argument("--sections", default="full,bf16,lora",
+                    help="comma list of: full (full-FT SFT, fp32 masters), bf16 (updates kept), lora (experts "
+                         "kernels, LoRA SFT, GRPO step, generation floor)")
     args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    res: dict = {"device": name, "torch": torch.__version__, "preset": args.preset}
+    import transformers
+
+    res["transformers"] = transformers.__version__
+    sections = {"full": full_ft_sft, "bf16": bf16_updates_kept, "lora": lora_grpo}
+    for key in args.sections.split(","):
+        try:
+            sections[key](args, res)
+        except Exception as e:  # a section that fails (OOM, a kernel missing) is recorded; the next one runs
+            import traceback
+
+            traceback.print_exc()
+            res[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        if cuda:
+            torch.cuda.empty_cache()
+        dump(res, args.json)
+    return res
+
+
+def dump(res: dict, path: str | None) -> None:
+    if path:
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in res.items()}
+        Path(path).write_text(json.dumps(clean, indent=1))
+
+
+def mfu_flops_per_token(cfg, active: int, seq: int) -> float:
+    """6 N_act + causal attention (6 x layers x heads x (d_qk + d_v) x seq / 2) per trained token."""
+    return 6 * active + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq / 2
+
+
+def full_ft_sft(args, res: dict) -> None:
+    """Full fine-tuning SFT as align runs it in bf16: fp32 master weights, fp32 gradients and AdamW state
+    (align.run.optim.build_optimizer), forwards under bf16 autocast (accelerate's mixed_precision in one process),
+    gradient checkpointing, the chunked log-prob loss. Layers: the first count of --full-layers that fits."""
+    from align.model.logprobs import forward_logprobs
+    from align.model.presets import parameter_counts
+    from align.run.optim import build_optimizer
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    peak = (args.peak_tflops or lookup(PEAK_BF16_TFLOPS, res["device"]) or float("nan")) * 1e12
+    for layers in [int(x) for x in args.full_layers.split(",")]:
+        model = opt = None
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            torch.manual_seed(0)
+            model = build(args.preset, device, torch.float32, num_hidden_layers=layers)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+            total, active = parameter_counts(model)
+            opt = build_optimizer(model, lr=5e-6, weight_decay=0.0)
+            ids = torch.randint(3, model.config.vocab_size, (args.full_batch, args.sft_seq), device=device)
+
+            def step():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    loss = -forward_logprobs(model, ids, args.sft_seq - 1).logprobs.float().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            times = [timed(step, sync)[1] for _ in range(args.sft_steps + 1)][1:]
+            step_s = statistics.median(times)
+            tokens_s = args.full_batch * args.sft_seq / step_s
+            res.update(full_layers=layers, full_params_total=total, full_params_active=active,
+                       full_step_s=step_s, full_tokens_s=tokens_s,
+                       full_mfu=mfu_flops_per_token(model.config, active, args.sft_seq) * tokens_s / peak)
+            if cuda:
+                res["full_peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            print(f"full fine-tuning SFT ({layers} of the preset's layers, {total / 1e9:.2f}B parameters, "
+                  f"{active / 1e9:.2f}B activated; fp32 masters + AdamW, bf16 autocast, {args.full_batch}x"
+                  f"{args.sft_seq} tokens): {tokens_s:,.0f} tokens/s, {step_s:.2f} s/step, MFU {res['full_mfu']:.1%}, "
+                  f"peak memory {res.get('full_peak_gpu_memory_gb', float('nan')):.1f} GB", flush=True)
+            return
+        except torch.OutOfMemoryError as e:
+            res.setdefault("full_oom", []).append(f"{layers} layers: {str(e).splitlines()[0][:200]}")
+            print(f"full fine-tuning with {layers} layers: out of memory", flush=True)
+        finally:
+            del model, opt
+            if cuda:
+                torch.cuda.empty_cache()
+
+
+def bf16_updates_kept(args, res: dict) -> None:
+    """Does one AdamW step at lr 1e-6 survive in bf16 at the preset's real widths? Two layers (the dense one and one
+    MoE layer) with every width of the preset, one batch; updates Δ = W_after − W_before of (a) fp32, (b) bf16
+    autocast over fp32 masters (align's path), (c) bf16 weights and AdamW state stepped in place. Prints the share of
+    tensors and of parameters that moved and the median relative difference ‖Δ − Δ_fp32‖ / ‖Δ_fp32‖."""
+    from align.model.logprobs import forward_logprobs
+    from align.run.optim import build_optimizer
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    base = build(args.preset, device, torch.float32, num_hidden_layers=2)
+    start = {k: v.detach().clone() for k, v in base.named_parameters()}
+    ids = torch.randint(3, base.config.vocab_size, (2, min(args.sft_seq, 1024)), device=device)
+    deltas = {}
+    for mode in ("fp32", "bf16 (fp32 master)", "bf16 in place"):
+        with torch.no_grad():
+            for k, p in base.named_parameters():
+                p.data = start[k].clone() if mode != "bf16 in place" else start[k].to(torch.bfloat16)
+        opt = build_optimizer(base, lr=1e-6, weight_decay=0.0)
+        before = {k: p.detach().float().clone() for k, p in base.named_parameters()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16 (fp32 master)" and cuda):
+            loss = -forward_logprobs(base, ids, ids.shape[1] - 1).logprobs.float().mean()
+        loss.backward()
+        opt.step()
+        deltas[mode] = {k: p.detach().float() - before[k] for k, p in base.named_parameters()}
+        del opt
+        base.zero_grad(set_to_none=True)
+    ref = deltas["fp32"]
+    for mode, d in deltas.items():
+        moved = [k for k, v in d.items() if v.abs().max() > 0]
+        n_moved = sum(int((v != 0).sum()) for v in d.values())
+        n_all = sum(v.numel() for v in d.values())
+        rel = [float((v - ref[k]).norm() / ref[k].norm()) for k, v in d.items() if ref[k].norm() > 0]
+        key = mode.split()[0] + ("_master" if "master" in mode else "_inplace" if "place" in mode else "")
+        res[f"bf16kept_{key}"] = {"tensors_moved": f"{len(moved)}/{len(d)}", "params_moved": n_moved / n_all,
+                                  "rel_diff_median": statistics.median(rel) if rel else None,
+                                  "rel_diff_max": max(rel) if rel else None}
+        print(f"one step at lr 1e-6, {mode}: tensors moved {len(moved)}/{len(d)}, parameters moved "
+              f"{n_moved / n_all:.2%}, rel. diff to fp32 median {res[f'bf16kept_{key}']['rel_diff_median']:.3g}",
+              flush=True)
+    del base, start, deltas
+
+
+def lora_grpo(args, res: dict) -> None:
 
     from align.grpo.core import LossSettings, group_advantages, grpo_loss
     from align.model.logprobs import forward_logprobs
@@ -101,8 +238,8 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    name = torch.cuda.get_device_name() if cuda else "cpu"
-    res: dict = {"device": name, "torch": torch.__version__, "preset": args.preset, "dtype": str(dtype)}
+    name = res["device"]
+    res["dtype"] = str(dtype)
     torch.manual_seed(0)
 
     model, res["build_s"] = timed(lambda: build(args.preset, device, dtype), sync)
@@ -111,8 +248,14 @@ def main(argv=None) -> dict:
     res.update(params_total=total, params_active=active)
     print(f"device: {name}; torch {torch.__version__}; {args.preset}: {total / 1e9:.2f}B parameters, "
           f"{active / 1e9:.2f}B activated; built in {res['build_s']:.1f} s", flush=True)
-    res["experts_kernel"] = measure_experts_impl(model, tokens=4096 if cuda else 256)
-    print(f"experts kernel (measured): {res['experts_kernel']}", flush=True)
+    cache = Path(args.json).with_suffix(".experts.json") if args.json else None
+    res["experts_kernel"] = measure_experts_impl(model, tokens=4096 if cuda else 256,
+                                                 cache=str(cache) if cache else None)
+    if cache and cache.is_file():
+        res["experts_kernel_s"] = next(iter(json.loads(cache.read_text()).values()))["seconds"]
+    print(f"experts kernel (measured): {res['experts_kernel']}; one MoE layer fwd+bwd of "
+          f"{4096 if cuda else 256} tokens, s: {res.get('experts_kernel_s')}", flush=True)
+    dump(res, args.json)
     tok = train_tokenizer(corpus_texts())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -136,6 +279,7 @@ def main(argv=None) -> dict:
     peak = (args.peak_tflops or lookup(PEAK_BF16_TFLOPS, name) or float("nan")) * 1e12
     res.update(sft_step_s=step_s, sft_tokens_s=tokens_s, sft_mfu=(6 * active + attn) * tokens_s / peak,
                sft_mfu_lora_exact=(4 * active + attn * 2 / 3) * tokens_s / peak)
+    dump(res, args.json)
     print(f"SFT (LoRA r={args.lora_r}, {args.sft_batch}x{args.sft_seq} tokens, grad. checkpointing): "
           f"{tokens_s:,.0f} tokens/s, {step_s:.2f} s/step; MFU {res['sft_mfu']:.1%} (6N) / "
           f"{res['sft_mfu_lora_exact']:.1%} (LoRA-exact 4N)", flush=True)
@@ -192,6 +336,8 @@ def main(argv=None) -> dict:
           f"{res['grpo_ref_s']:.1f} + policy fwd/bwd {res['grpo_policy_fwd_bwd_s']:.1f} + optimizer "
           f"{res['grpo_optimizer_s']:.2f} + weight sync {res['grpo_weight_sync_s']:.2f} ({sync_what})", flush=True)
 
+    dump(res, args.json)
+
     # -- 3. generation against the bandwidth floor
     B = n_rows
     bytes_per = torch.finfo(dtype).bits // 8
@@ -214,10 +360,7 @@ def main(argv=None) -> dict:
         res["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         print(f"peak GPU memory (GRPO step): {res['peak_gpu_memory_gb']:.1f} GB; fits in 80 GB: "
               f"{'yes' if res['peak_gpu_memory_gb'] < 80 else 'no'}", flush=True)
-    res = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in res.items()}
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
-    return res
+    dump(res, args.json)
 
 
 if __name__ == "__main__":

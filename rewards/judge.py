@@ -166,6 +166,19 @@ def chat_url(url: str) -> str:
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 
+def unreachable(url: str, timeout_s: float = 3.0) -> str | None:
+    """Why nothing answers at the judge's endpoint (`align run --check`); None when something does, even with an HTTP
+    error (a GET on a chat-completions URL is usually 405: a server listens there). Sends no completion."""
+    endpoint = chat_url(url)
+    try:
+        with urllib.request.urlopen(urllib.request.Request(endpoint, method="GET"), timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as e:
+        return f"{endpoint}: {getattr(e, 'reason', None) or e}"
+
+
 def reply_text(payload, url: str) -> str | None:
     """The first choice's message content (None when the judge gave no text, e.g. a refusal)."""
     try:

@@ -6,14 +6,17 @@ as `reward/<name>/<metric>`). Register one with `@reward("name")`. A reward that
 length limit) is a factory registered with `@reward_factory("name")`: called once with the recipe's `args`, it
 returns the scoring function.
 
-`get_reward(spec)` finds a reward by registered name, by `package.module:function`, or by an entry point in the
-group `align.rewards` (so a pip-installed package adds rewards).
+`get_reward(spec)` finds a reward by registered name, by `package.module:function` (a module on sys.path, or else in
+the working directory: `my_rewards.py` beside the recipe you run from needs no PYTHONPATH), or by an entry point in
+the group `align.rewards` (so a pip-installed package adds rewards).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
@@ -59,6 +62,21 @@ def registered() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _import_from_cwd(module: str):
+    """`import module`, found on sys.path or else in the working directory (`python -m` puts it on sys.path, the
+    `align` script does not): the directory is then appended to sys.path, after everything installed, so a module
+    there never shadows an installed one, and isolated reward workers (which copy sys.path) find it too."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != module.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        importlib.invalidate_caches()
+        return importlib.import_module(module)
+
+
 def get_reward(spec: str) -> RewardFn:
     """Resolve a reward (or reward factory) by registered name, `module:function`, or entry point name."""
     _load_builtins()
@@ -67,9 +85,10 @@ def get_reward(spec: str) -> RewardFn:
     if ":" in spec:
         module, _, attr = spec.partition(":")
         try:
-            fn = getattr(importlib.import_module(module), attr)
+            fn = getattr(_import_from_cwd(module), attr)
         except (ImportError, AttributeError) as e:
-            raise KeyError(f"reward {spec!r}: cannot import {attr!r} from {module!r} ({e})") from None
+            raise KeyError(f"reward {spec!r}: cannot import {attr!r} from {module!r} ({e}; looked on sys.path and "
+                           f"in the working directory {os.getcwd()})") from None
         if not callable(fn):
             raise KeyError(f"reward {spec!r} is not callable")
         return fn

@@ -84,6 +84,9 @@ def _cfg(tiny_dir, tmp_path, *extra):
     (["rollout.engine=vllm_server", "rollout.server.url=http://h:1", "rollout.max_off_policy_steps=1",
       "tis_cap=0"], "tis_cap"),
     (["sampling.top_p=0.9"], "sampling.top_p"),                                       # biased, synchronous too
+    (["sampling.top_k=5"], "sampling.top_k"),                                         # the same for each
+    (["sampling.min_p=0.05"], "sampling.min_p"),
+    (["sampling.repetition_penalty=1.1"], "sampling.repetition_penalty"),
     (["rollout.engine=vllm_server", "rollout.server.url=http://h:1", "rollout.max_off_policy_steps=-1"],
      "rollout.max_off_policy_steps"),
 ])

@@ -169,7 +169,7 @@ def case_recipe_unreachable_model(t, tiny, out):
 
 
 def case_recipe_later_stage_reference(t, tiny, out):
-    run_recipe("quickstart", [f"run_dir={t}/run", "stages.rm_safety.model=@preference"])
+    run_recipe("quickstart", [f"run_dir={t}/run", "stages.rm_safety.model.path=@preference"])
 
 
 def case_model_dir_missing(t, tiny, out):
@@ -312,7 +312,7 @@ MATRIX = [  # (case, exception, message pattern naming the place)
     (case_group_of_one, ConfigError, r"key 'group_size' must be >= 2"),
     (case_weight_for_unknown_reward, ConfigError, r"key 'rewards\[0\].name': unknown reward 'helpfulness_rm'"),
     (case_recipe_unreachable_model, ConfigError, r"key 'stages.sft.model.path': model directory /no/such/model"),
-    (case_recipe_later_stage_reference, ConfigError, r"key 'stages.rm_safety.model' refers to '@preference'"),
+    (case_recipe_later_stage_reference, ConfigError, r"key 'stages.rm_safety.model.path' refers to '@preference'"),
     (case_model_dir_missing, ConfigError, r"model directory .*no-model does not exist"),
     (case_model_dir_without_weights, ConfigError, r"has no weights"),
     (case_model_dir_bad_config, ConfigError, r"config.json: unreadable"),

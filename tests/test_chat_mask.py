@@ -207,3 +207,25 @@ def test_rollouts_stop_at_the_end_of_turn_token_sft_teaches(tiny_dir, name):
                      else roles)
     ids = stop_token_ids(tok)
     assert ids[0] == tok.eos_token_id and tok.convert_tokens_to_ids(eot) in ids and len(set(ids)) == len(ids)
+
+
+def test_model_chat_template_replaces_the_tokenizers_and_is_checked(tiny_dir, tmp_path):
+    """model.chat_template: Jinja text or a file; bad Jinja, a missing file and a template that fails to render are
+    refused naming the key; the template is what the stage's tokenizer renders and saves."""
+    from align.config import ConfigError
+    from align.model.policy import ModelConfig, load_tokenizer
+
+    chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    tok = load_tokenizer(tiny_dir, DEEPSEEK_V2)
+    assert tok.apply_chat_template(chat, tokenize=False) == f"{tok.bos_token}User: 2+2?\n\nAssistant: 4{tok.eos_token}"
+    path = tmp_path / "t.jinja"
+    path.write_text(DEEPSEEK_V2)
+    assert load_tokenizer(tiny_dir, str(path)).chat_template == DEEPSEEK_V2
+    tok.save_pretrained(tmp_path / "saved")
+    assert load_tokenizer(tmp_path / "saved").chat_template == DEEPSEEK_V2   # later stages read it back
+    for value, message in (("{% for m in messages %}", "is not valid Jinja"),
+                           (str(tmp_path / "missing.jinja"), "a template file or Jinja text"),
+                           ("{{ raise_exception('no') }}", "rendering a user / assistant chat failed")):
+        with pytest.raises(ConfigError, match="model.chat_template.*" + message):
+            ModelConfig(path=str(tiny_dir), chat_template=value).validate()
+            load_tokenizer(tiny_dir, value)

@@ -375,3 +375,14 @@ def test_eval_config_keys():
         build_config(EvalConfig, {"code_reward": {"wal_s": 5}}, "recipe.yaml", prefix="eval.")
     with pytest.raises(ConfigError, match=r"key 'eval.reasoning_reward' must be one of"):
         build_config(EvalConfig, {"reasoning_reward": "verify"}, "recipe.yaml", prefix="eval.")
+
+
+def test_eval_samples_with_a_seed_and_top_k_one_is_greedy(tiny_dir, capsys):
+    greedy = _eval(capsys, str(tiny_dir), "--limit", "6")
+    assert "sampling" not in greedy
+    top1 = _eval(capsys, str(tiny_dir), "--limit", "6", "--temperature", "1.0", "--top-k", "1")
+    assert top1["eval/accuracy"] == greedy["eval/accuracy"] and top1["sampling"]["top_k"] == 1
+    hot = [_eval(capsys, str(tiny_dir), "--limit", "6", "--temperature", "2.0", "--seed", "3") for _ in range(2)]
+    assert hot[0]["eval/accuracy"] == hot[1]["eval/accuracy"] and hot[0]["sampling"]["seed"] == 3  # seeded
+    assert main(["eval", str(tiny_dir), "--top-k", "-2"]) == 2
+    assert "key 'top_k' must be an integer >= 0" in capsys.readouterr().err

@@ -66,3 +66,29 @@ def test_measure_experts_impl_times_every_kernel_and_caches(tiny_dir, tmp_path):
     assert min(entry["seconds"], key=entry["seconds"].get) == best
     assert measure_experts_impl(model, tokens=64, repeats=1, cache=str(cache)) == best  # from the cache
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_decode_keeps_the_experts_kernel_for_large_batches(tiny_dir):
+    """transformers switches grouped_mm to batched_mm for decode steps on an accelerator; batched_mm gathers a weight
+    copy per (token, expert) pair, so for many rows align keeps the measured kernel (tested here by calling the
+    switch as generate does: on CPU transformers never switches, so the device check is patched)."""
+    from unittest import mock
+
+    from align.model.moe import batched_decode_wins, decode_experts_kernel
+    from align.model.policy import ModelConfig, load_policy
+
+    model = load_policy(ModelConfig(path=str(tiny_dir)))
+    cfg = model.config
+    assert batched_decode_wins(cfg.n_routed_experts // cfg.num_experts_per_tok, cfg)
+    assert not batched_decode_wins(cfg.n_routed_experts // cfg.num_experts_per_tok + 1, cfg)
+    model.set_experts_implementation("grouped_mm")
+
+    def decode_kernel(rows):
+        with mock.patch.object(type(model), "device", new=torch.device("cuda")), \
+                decode_experts_kernel(model, rows), model._optimize_model_for_decode():
+            return model.get_experts_implementation()
+
+    assert set(decode_kernel(1).values()) == {"batched_mm"}     # transformers' switch, where it pays
+    assert set(decode_kernel(256).values()) == {"grouped_mm"}   # kept: 256 x k copies would exceed E experts
+    assert "_optimize_model_for_decode" not in vars(model)      # the class's method is back
+    assert set(model.get_experts_implementation().values()) == {"grouped_mm"}

@@ -15,7 +15,7 @@ from align.tiny import TinyConfig
 
 STAGES = {
     SFTConfig: ["model.path=m", "train_data=[a]"],
-    RMConfig: ["model=m", "train_data=[a]"],
+    RMConfig: ["model.path=m", "train_data=[a]"],
     GRPOConfig: ["model.path=m", "train_data=[a]", "rewards=[{name: exact_answer}]"],
     TinyConfig: [],
 }

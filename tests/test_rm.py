@@ -37,7 +37,7 @@ def test_classifier_reward_prefers_refusing_harm_and_helping_otherwise(safety_rm
 def test_bad_preference_row_is_named(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
                                               {"prompt": "a", "chosen": "b"}])
-    cfg = load_config(RMConfig, None, [f"model={tiny_dir}", f"output_dir={tmp_path}/out", f"train_data=[{data}]"])
+    cfg = load_config(RMConfig, None, [f"model.path={tiny_dir}", f"output_dir={tmp_path}/out", f"train_data=[{data}]"])
     with pytest.raises(DataError, match=r"p.jsonl:row 2: missing field 'rejected'"):
         train_rm(cfg)
     assert not (tmp_path / "out").exists()

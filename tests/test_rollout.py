@@ -139,3 +139,48 @@ def test_reserved_cache_generates_what_a_growing_cache_generates(tiny_dir, token
         outs.append((cache.layers[0].keys, cache.layers[0].values))
     assert torch.equal(outs[0][0], outs[2][0]) and torch.allclose(outs[0][1], outs[2][1], atol=1e-5)
     assert torch.equal(outs[1][0], outs[3][0]) and torch.equal(outs[1][1], outs[3][1])
+
+
+def test_top_k_min_p_and_repetition_penalty(tiny_dir, tokenizer):
+    """top_k=1 and min_p close to 1 keep only the most likely token: the greedy completion, each sampled token
+    at log-prob 0 (the kept set renormalised). A repetition penalty changes greedy decoding and its log-probs are of
+    the penalised distribution (as vLLM's processed_logprobs)."""
+    from align.rollout.hf import processors
+    from align.rollout.protocol import vllm_sampling
+
+    torch.manual_seed(0)
+    model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
+    engine = HFEngine(model, tokenizer)
+    greedy = engine.generate(PROMPTS, n=1, sampling=SamplingConfig(temperature=0, max_new_tokens=8))
+    for kept in (SamplingConfig(temperature=1.0, top_k=1, max_new_tokens=8),
+                 SamplingConfig(temperature=1.0, min_p=0.999, max_new_tokens=8)):
+        out = engine.generate(PROMPTS, n=2, sampling=kept)
+        assert torch.equal(out.completion_ids, greedy.completion_ids.repeat_interleave(2, 0))
+        assert out.sampling_logprobs.abs().max() < 1e-6
+    penalised = engine.generate(PROMPTS, n=1, sampling=SamplingConfig(temperature=0, repetition_penalty=50.0,
+                                                                     max_new_tokens=8))
+    assert not torch.equal(penalised.completion_ids, greedy.completion_ids)
+    for row in penalised.completion_ids[penalised.completion_mask.bool().all(1)]:  # a huge penalty: no repeats
+        assert len(set(row.tolist())) == len(row)
+    names = [type(p).__name__ for p in processors(SamplingConfig(temperature=0.5, top_k=3, top_p=0.9, min_p=0.1,
+                                                                 repetition_penalty=1.2), torch.ones(1, 2))]
+    assert names == ["RepetitionPenalty", "TemperatureLogitsWarper", "TopKLogitsWarper",
+                     "TopPLogitsWarper", "MinPLogitsWarper"]                      # vLLM's order
+    assert vllm_sampling(SamplingConfig(temperature=0.5, top_k=3, top_p=0.9, min_p=0.1, repetition_penalty=1.2)) == \
+        {"top_p": 0.9, "top_k": 3, "min_p": 0.1, "repetition_penalty": 1.2}
+    assert vllm_sampling(SamplingConfig(temperature=0, top_k=3, top_p=0.9, min_p=0.1)) == \
+        {"top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+    # hand-checked: seen tokens 1 (prompt) and 2 (completion); token 3 sits in the padding; 2.0 / 2, -1.0 * 2
+    penalty = processors(SamplingConfig(temperature=0, repetition_penalty=2.0), torch.tensor([[0, 1]]))[0]
+    scores = torch.tensor([[0.5, 3.0, -1.0, 4.0]])
+    assert torch.equal(penalty(torch.tensor([[3, 1, 2]]), scores), torch.tensor([[0.5, 1.5, -2.0, 4.0]]))
+
+
+def test_sampling_settings_are_checked_by_key():
+    import pytest
+
+    from align.config import ConfigError
+
+    for key, value in (("top_k", -1), ("min_p", 1.0), ("repetition_penalty", 0.0)):
+        with pytest.raises(ConfigError, match=rf"sampling\.{key}"):
+            SamplingConfig(**{key: value}).validate()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rewards.code import code_reward, extract_code, run_tests
-from rewards.sandbox import SandboxLimits, isolation_problem, run_python
+from rewards.sandbox import SANDBOX_UID_BASE, SandboxLimits, isolation_problem, run_python
 
 pytestmark = pytest.mark.skipif(isolation_problem() is not None, reason=str(isolation_problem()))
 
@@ -29,12 +29,15 @@ for obj in gc.get_objects():
 
 
 def _nobody_processes() -> set[int]:
+    """Live processes of a sandbox user: 65534, or (started as root) an id of SANDBOX_UID_BASE's range."""
     pids = set()
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
                 status = (p / "status").read_text()
-                if "Uid:\t65534" in status and "State:\tZ" not in status:
+                uid = int(status.split("Uid:")[1].split()[0])
+                if (uid == 65534 or SANDBOX_UID_BASE <= uid < SANDBOX_UID_BASE + (1 << 22)) \
+                        and "State:\tZ" not in status:
                     pids.add(int(p.name))
             except OSError:
                 pass
@@ -45,7 +48,7 @@ BEFORE = _nobody_processes()  # whatever the machine already runs as nobody
 
 
 def sandbox_processes(wait_s: float = 3.0) -> set[int]:
-    """Processes of the sandbox user (uid 65534) still alive, waiting up to `wait_s` for a namespace's teardown."""
+    """Processes of a sandbox user still alive, waiting up to `wait_s` for a namespace's teardown."""
     deadline = time.monotonic() + wait_s
     while (left := _nobody_processes() - BEFORE) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -187,10 +190,12 @@ def test_shells_and_ctypes_run_only_as_nobody_inside(tmp_path, guard):
     assert not target.exists() and not Path("/usr/pwned").exists()
 
 
-def test_sandbox_directory_is_removed():
-    before = set(Path("/tmp").glob("align-sandbox-*"))
+def test_sandbox_directory_is_removed(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (other sandboxes may run beside the test)
     run_python("open('left.txt', 'w').write('x')", limits=LIMITS)
-    assert set(Path("/tmp").glob("align-sandbox-*")) == before
+    assert list(tmp_path.iterdir()) == []
 
 
 ADD = "```python\ndef add(a, b):\n    return a + b\n```"
@@ -278,3 +283,13 @@ def test_code_reward_counts_timeouts_and_reads_json_tests():
 
 def test_extract_code_takes_the_last_block():
     assert extract_code("```python\na = 1\n```\ntext\n```py\nb = 2\n```") == "b = 2\n"
+
+
+def test_a_program_that_never_reads_its_large_stdin_still_times_out():
+    """More stdin than a pipe holds (64 KB) to a program that never reads it: the deadline is kept, not a blocked
+    write in the trusted process."""
+    import time
+
+    t = time.monotonic()
+    r = run_python("import time\ntime.sleep(60)", stdin="x" * 1_000_000, limits=SandboxLimits(wall_s=2))
+    assert r.timed_out and time.monotonic() - t < 15

@@ -86,6 +86,26 @@ def test_sampled_layout_groups_and_temperature(tiny_dir, engine):
     assert _gap(model, r, temperature=0.7) < TOL  # vLLM reports log-probs of logits / T, like the trainer
 
 
+def test_top_k_min_p_and_repetition_penalty_as_transformers(tiny_dir, tokenizer, engine):
+    """The same settings give the same completions and processed log-probs in both engines: top_k=1 / min_p near 1
+    keep only the argmax (log-prob 0); a repetition penalty changes greedy decoding identically."""
+    from align.model.policy import ModelConfig, load_policy
+
+    model = load_policy(ModelConfig(path=str(tiny_dir)), trainable=False)
+    hf = HFEngine(model, tokenizer)
+    greedy = engine.generate(PROMPTS, n=1, sampling=SamplingConfig(temperature=0, max_new_tokens=8))
+    for kept in (SamplingConfig(temperature=1.0, top_k=1, max_new_tokens=8),
+                 SamplingConfig(temperature=1.0, min_p=0.999, max_new_tokens=8)):
+        v = engine.generate(PROMPTS, n=2, sampling=kept)
+        assert v.completions == [c for c in greedy.completions for _ in range(2)]
+        assert v.sampling_logprobs.abs().max() < TOL
+    penalised = SamplingConfig(temperature=0, repetition_penalty=50.0, max_new_tokens=8)
+    v, h = engine.generate(PROMPTS, n=1, sampling=penalised), hf.generate(PROMPTS, n=1, sampling=penalised)
+    assert v.completions == h.completions and v.completions != greedy.completions
+    width = v.completion_ids.shape[1]
+    assert (v.sampling_logprobs - h.sampling_logprobs[:, :width]).abs().max() < TOL
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_weight_sync_after_grpo_updates_matches_the_trainer(tiny_dir, tokenizer, lora):
     """Full fine-tuning moves MLA (kv_b_proj -> absorbed matrices) and routed experts (prepacked on CPU); LoRA on

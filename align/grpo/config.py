@@ -35,6 +35,12 @@ class GRPOConfig:
     max_skipped_steps: int = option(
         3, "With on_reward_error=skip: stop (naming the reward and its last error) after this many consecutive "
            "steps whose every prompt group was skipped (0: never stop).")
+    overlong_prompts: Literal["refuse", "drop", "truncate"] = option(
+        "refuse", "A training prompt whose tokens plus sampling.max_new_tokens exceed the model's context: refuse "
+        "stops the run before it starts, naming the row; drop leaves such prompts out; truncate cuts each from the "
+        "left to fit (its earliest messages, then the start of the first one kept: the end of a prompt, where the "
+        "question usually is, stays). Either way the count is printed and logged at step 0 (data/prompts_dropped, "
+        "data/prompts_truncated).")
     eval_data: list[str] = option(factory=list, help="Held-out prompts with an `answer` column (greedy accuracy).")
     rollout: RolloutConfig = option(factory=RolloutConfig, help="Rollout engine (hf | vllm) and memory schedule.")
     sampling: SamplingConfig = option(factory=SamplingConfig, help="Rollout sampling settings.")
@@ -133,10 +139,13 @@ class GRPOConfig:
         require(self.clip_eps_high >= 0, "clip_eps_high", ">= 0", self.clip_eps_high)
         require(self.aggregation in AGGREGATIONS, "aggregation", f"one of {sorted(AGGREGATIONS)}", self.aggregation)
         require(self.tis_cap >= 0, "tis_cap", ">= 0 (0: off)", self.tis_cap)
-        require(self.sampling.top_p == 1.0, "sampling.top_p", "1.0 for GRPO training: the trainer's log-probs (π_old, "
-                "π_θ, the KL) are of the whole distribution, so completions drawn from a nucleus would bias every "
-                "step, synchronous or not, and no weight can correct for tokens the nucleus never samples (top_p "
-                "stays available to evaluation)", self.sampling.top_p)
+        changed = self.sampling.truncated()
+        require(not changed, changed[0].split("=")[0] if changed else "sampling",
+                "off for GRPO training (top_p 1, top_k 0, min_p 0, repetition_penalty 1): the trainer's log-probs "
+                "(π_old, π_θ, the KL) are of softmax(logits / temperature), so completions drawn from a truncated or "
+                "penalised distribution would bias every step, synchronous or not, and no weight can correct for "
+                "tokens it never samples (these settings stay available to evaluation: eval.top_p, ...)",
+                ", ".join(changed))
         lag = self.rollout.max_off_policy_steps
         if lag > 0:
             from ..rollout.engines import engine_class

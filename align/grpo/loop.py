@@ -56,7 +56,7 @@ from ..rollout.engines import EngineContext, engine_class, make_engine
 from ..rollout.multiturn import ToolRollouts
 from ..rollout.protocol import RolloutEngine
 from ..rollout.tools import toolbox
-from ..run.data import PromptRow, batch_indices, load_prompts
+from ..run.data import DataError, PromptRow, batch_indices, check_tools_rendered, load_prompts
 from ..run.finite import check_step
 from ..run.offload import offloaded
 from ..run.trainer import Run, start_run, world_size
@@ -244,26 +244,89 @@ def _prompt_tokens(tokenizer, row: PromptRow, tools: list[dict] | None = None) -
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def truncate_prompt(tokenizer, row: PromptRow, budget: int, tools: list[dict] | None = None) -> PromptRow | None:
+    """`row` cut from the left to at most `budget` prompt tokens (`_prompt_tokens`): its earliest messages left out
+    while the later ones alone are still over, then the first message kept cut to the last tokens of its content that
+    fit (a message with tool calls is not cut: left out whole). None when not even an empty last message fits (the
+    template's own tokens are over the budget)."""
+    msgs = list(row.messages)
+
+    def fits(messages: list[dict]) -> bool:
+        return _prompt_tokens(tokenizer, PromptRow(messages, row.columns), tools) <= budget
+
+    while len(msgs) > 1 and not fits(msgs[1:]):
+        msgs = msgs[1:]
+    if fits(msgs):
+        return PromptRow(msgs, row.columns)
+    first, rest = msgs[0], msgs[1:]
+    ids = tokenizer(first["content"], add_special_tokens=False)["input_ids"]
+    if first.get("tool_calls") or not ids:
+        return PromptRow(rest, row.columns) if rest and fits(rest) else None
+
+    def cut(k: int) -> list[dict]:  # the first message without its first k content tokens
+        return [{**first, "content": tokenizer.decode(ids[k:])}] + rest
+
+    lo, hi = 1, len(ids)  # fewest tokens to cut: fits(cut(hi)) may still fail (an empty content) when rest is over
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(cut(mid)) else (mid + 1, hi)
+    if lo < len(ids) and fits(cut(lo)):
+        return PromptRow(cut(lo), row.columns)
+    return PromptRow(rest, row.columns) if rest and fits(rest) else None
+
+
+def _fit_prompts(cfg: GRPOConfig, tokenizer, rows: list[PromptRow], context: int | None,
+                 tools: list[dict] | None) -> tuple[list[PromptRow], dict[str, int], int]:
+    """The training prompts that fit the model's context with sampling.max_new_tokens, as `overlong_prompts` says
+    (refuse: ConfigError naming the first row over; drop; truncate), how many were dropped / truncated, and the
+    longest kept prompt's tokens."""
+    budget = context - cfg.sampling.max_new_tokens if context else None
+    kept, counts, longest = [], {"data/prompts_dropped": 0, "data/prompts_truncated": 0}, 0
+    for r in rows:
+        try:
+            check_tools_rendered(tokenizer, r.messages)
+        except DataError as e:
+            raise DataError(f"{r.columns['row']}: {e}") from None
+        n = _prompt_tokens(tokenizer, r, tools)
+        if budget is None or n <= budget:
+            kept.append(r)
+            longest = max(longest, n)
+            continue
+        over = (f"{r.columns['row']}: prompt of {n} tokens + sampling.max_new_tokens={cfg.sampling.max_new_tokens} "
+                f"exceeds the model's context of {context} tokens")
+        if cfg.overlong_prompts == "refuse":
+            raise ConfigError(f"{over} (overlong_prompts=refuse; drop or truncate take such prompts out or cut them)")
+        cut = truncate_prompt(tokenizer, r, budget, tools) if cfg.overlong_prompts == "truncate" else None
+        if cfg.overlong_prompts == "truncate" and cut is None:
+            raise ConfigError(f"{over}, and cannot be cut to fit: sampling.max_new_tokens leaves too little room")
+        if cut is None:
+            counts["data/prompts_dropped"] += 1
+        else:
+            counts["data/prompts_truncated"] += 1
+            kept.append(cut)
+            longest = max(longest, _prompt_tokens(tokenizer, cut, tools))
+    if not kept:
+        raise ConfigError(f"every one of the {len(rows)} training prompts is over the model's context of {context} "
+                          f"tokens with sampling.max_new_tokens={cfg.sampling.max_new_tokens} "
+                          f"(overlong_prompts={cfg.overlong_prompts}): nothing to train on")
+    return kept, counts, longest
+
+
 def _checked_inputs(cfg: GRPOConfig, world: int):
-    """Tokenizer, train and eval prompts, and the longest sequence the run generates (its longest prompt plus
-    the most new tokens, at most the model's context: what vLLM sizes its KV cache for): everything bad input can
-    break, checked before anything is written."""
-    model_json = check_model_dir(cfg.model.path)
+    """Tokenizer, train and eval prompts, the longest sequence the run generates (its longest prompt plus the most
+    new tokens, at most the model's context: what vLLM sizes its KV cache for), and the over-long prompts dropped /
+    truncated (`overlong_prompts`): everything bad input can break, checked before anything is written."""
+    model_json = check_model_dir(cfg.model.path, policy=True)
     context = model_json.get("max_position_embeddings")
     for key, used in (("routing_replay", cfg.routing_replay != "none"), ("freeze_router", cfg.freeze_router)):
         if used and model_json.get("model_type") != "deepseek_v2":
             raise ConfigError(f"key '{key}': {cfg.model.path} is {model_json.get('model_type')!r}, not a DeepSeek-V2 "
                               "MoE model (it has no router)")
-    tokenizer = load_tokenizer(cfg.model.path)
-    train_rows = [r for path in cfg.train_data for r in load_prompts(path)]
-    longest = 0
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.chat_template)
     tools = toolbox(cfg.tools).schemas() if cfg.tools.protocol == "chat" else None
-    for r in train_rows:
-        n = _prompt_tokens(tokenizer, r, tools)
-        longest = max(longest, n + cfg.sampling.max_new_tokens)
-        if context and n + cfg.sampling.max_new_tokens > context:
-            raise ConfigError(f"{r.columns['row']}: prompt of {n} tokens + sampling.max_new_tokens="
-                              f"{cfg.sampling.max_new_tokens} exceeds the model's context of {context} tokens")
+    read = [r for path in cfg.train_data for r in load_prompts(path)]
+    train_rows, overlong, longest = _fit_prompts(cfg, tokenizer, read, context, tools)
+    longest += cfg.sampling.max_new_tokens
     eval_rows = [r for path in cfg.eval_data for r in load_prompts(path)]
     for r in eval_rows:
         if r.columns.get("answer") is None:
@@ -280,7 +343,7 @@ def _checked_inputs(cfg: GRPOConfig, world: int):
         raise ConfigError(f"key 'minibatches' must be at most the {cfg.prompts_per_step // world} prompt groups "
                           f"each of the {world} processes holds (a minibatch holds whole groups), got "
                           f"{cfg.minibatches}")
-    return tokenizer, train_rows, eval_rows, min(longest, context) if context else longest
+    return tokenizer, train_rows, eval_rows, min(longest, context) if context else longest, overlong
 
 
 def _engine(cfg: GRPOConfig, run: Run, tokenizer, max_len: int) -> RolloutEngine:
@@ -300,7 +363,7 @@ def _engine(cfg: GRPOConfig, run: Run, tokenizer, max_len: int) -> RolloutEngine
 def train_grpo(cfg: GRPOConfig) -> dict:
     """Run GRPO to `cfg.steps` (resuming from the newest checkpoint in output_dir); returns a summary."""
     world = world_size()
-    tokenizer, train_rows, eval_rows, max_len = _checked_inputs(cfg, world)
+    tokenizer, train_rows, eval_rows, max_len, overlong = _checked_inputs(cfg, world)
     uses_routes = cfg.routing_replay != "none" or cfg.routing_metrics_every > 0
     if uses_routes and check_model_dir(cfg.model.path).get("model_type") == "deepseek_v2" and not fastpaths.active(
             "moe_routes"):  # the installed transformers' MoE gate is not what align.model.routing hooks (one warning)
@@ -322,6 +385,13 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     tools = ToolRollouts(engine, tokenizer, cfg.tools, toolbox(cfg.tools), cfg.model.path) if (
         cfg.tools.enabled) else None  # multi-turn rollouts with tools (align/rollout/multiturn.py); held-out too
     sample = tools or (lambda rows, n, sampling: engine.generate([r.messages for r in rows], n=n, sampling=sampling))
+    if any(overlong.values()) and run.is_main:
+        read = len(train_rows) + overlong["data/prompts_dropped"]
+        print(f"grpo: overlong_prompts={cfg.overlong_prompts}: of {read} training prompts, "
+              f"{overlong['data/prompts_dropped']} dropped and {overlong['data/prompts_truncated']} truncated (over "
+              f"the model's context with sampling.max_new_tokens={cfg.sampling.max_new_tokens})", flush=True)
+    if any(overlong.values()) and run.start == 0:
+        run.log.log(0, overlong, echo=False)
     if eval_rows and run.start == 0:
         history["accuracy_start"] = accuracy(engine, eval_rows, cfg.eval_max_new_tokens, sample=tools)["accuracy"]
         run.log.log(0, {"eval/accuracy": history["accuracy_start"]})
@@ -413,7 +483,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     engine.close()
     final = run.finish(tokenizer)
     close_rewards(cfg.rewards)
-    summary = {"final": str(final), "steps": cfg.steps, **history}
+    summary = {"final": str(final), "steps": cfg.steps, **history,
+               **{k.removeprefix("data/"): v for k, v in overlong.items() if v}}
     if "accuracy_start" in history and "accuracy_last" in history and run.is_main:
         print(f"grpo: held-out accuracy {history['accuracy_start']:.1%} -> {history['accuracy_last']:.1%}",
               flush=True)

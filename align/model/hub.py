@@ -127,3 +127,34 @@ def _snapshot(ref: HubRef, cache_dir: str, offline: bool, spec: str) -> Path:
     except (HfHubHTTPError, HFValidationError, OSError) as e:
         raise ConfigError(f"{what} could not be fetched ({'offline' if offline else 'online'} mode: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def probe(ref: HubRef) -> tuple[str, str]:
+    """What `align run --check` says of a hub model before any run: ("ok", ...) when its snapshot is in the hub cache;
+    otherwise, under HF_HUB_OFFLINE=1 ("error", ...: the run would refuse it), online the hub is asked (no download):
+    ("ok", ...) when it has the repository and revision (the run downloads it), ("error", ...) when it has not, and
+    ("warning", ...) when it cannot be reached from here."""
+    import huggingface_hub
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    revision, cache = ref.revision or "main", str(constants.HF_HUB_CACHE)
+    what = f"hub model {ref.repo_id} at revision {revision}"
+    try:
+        path = snapshot_download(ref.repo_id, revision=ref.revision, cache_dir=cache, local_files_only=True)
+        return "ok", f"{what}: in the hub cache ({Path(path).name})"
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    if huggingface_hub.is_offline_mode():
+        return "error", (f"{what} is not in the hub cache {cache}, and HF_HUB_OFFLINE=1 forbids downloading it: the "
+                         f"run would stop there; download it where the hub is reachable, or unset HF_HUB_OFFLINE")
+    try:
+        HfApi().model_info(ref.repo_id, revision=ref.revision, timeout=10)
+    except RevisionNotFoundError:
+        return "error", f"{what}: the repository has no such revision"
+    except RepositoryNotFoundError:
+        return "error", f"{what}: no such repository on the hub, or it is private or gated without access"
+    except Exception as e:  # noqa: BLE001 (connection errors of several kinds: the hub is not reachable from here)
+        return "warning", (f"{what} is not in the hub cache {cache}, and the hub could not be reached from here "
+                           f"({type(e).__name__}): the run downloads it, and stops if it cannot")
+    return "ok", f"{what}: not in the hub cache; the run downloads it"

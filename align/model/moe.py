@@ -12,6 +12,7 @@ logits it records (`output_router_logits=True`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -124,6 +125,35 @@ def measure_experts_impl(model, tokens: int = 4096, repeats: int = 3, cache: str
     except OSError:
         pass  # a read-only home: measure again next time
     return best
+
+
+def batched_decode_wins(rows: int, config) -> bool:
+    """Whether transformers' decode-time switch to `batched_mm` pays for `rows` sequences decoded together.
+
+    `batched_mm` gathers one copy of each selected expert's weights per (token, expert) pair: rows x k copies per
+    MoE layer and decode step. `grouped_mm` reads each expert the step uses once: at most E. Once rows x k exceeds E
+    the gather moves more bytes than the whole layer holds; at DeepSeek-V2-Lite's widths on an H200 with 256 rows
+    it made 98% of the decode time (benchmarks/gpu_decode.py: 436 ms per step, 1.6% of the bandwidth floor)."""
+    return rows * config.num_experts_per_tok <= config.n_routed_experts
+
+
+@contextlib.contextmanager
+def decode_experts_kernel(model, rows: int):
+    """Inside the block, `generate` on an accelerator keeps the model's experts kernel for decode steps where
+    transformers (>= 5.x, `GenerationMixin._optimize_model_for_decode`) would switch `grouped_mm` to `batched_mm`,
+    unless that switch pays for `rows` sequences (`batched_decode_wins`). The same experts compute the same sums
+    either way; only the kernel differs. Where transformers has no such switch this does nothing."""
+    from .policy import causal_lm
+
+    inner = causal_lm(model)
+    if not hasattr(inner, "_optimize_model_for_decode") or batched_decode_wins(rows, inner.config):
+        yield
+        return
+    inner._optimize_model_for_decode = contextlib.nullcontext  # instance attribute over the class's method
+    try:
+        yield
+    finally:
+        del inner._optimize_model_for_decode
 
 
 @dataclasses.dataclass(frozen=True)

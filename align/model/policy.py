@@ -66,10 +66,35 @@ class ModelConfig:
         "~/.cache/align), grouped_mm on CPU (benchmarks/experts_impl.py).")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
     lora: LoRAConfig = option(factory=LoRAConfig, help="LoRA settings.")
+    chat_template: str = option("", "A chat template replacing the tokenizer's: a file (e.g. template.jinja) or the "
+                                    "Jinja text itself ('' = the tokenizer's own). Saved with the stage's tokenizer, so "
+                                    "later stages and `align eval` of its output use it.")
 
     def validate(self) -> None:
         require(bool(self.path), "model.path", "a checkpoint directory or hub id", self.path)
         self.lora.validate()
+        if self.chat_template:
+            chat_template_text(self.chat_template)  # readable and valid Jinja, or refused by key
+
+
+def chat_template_text(value: str) -> str:
+    """The template of `model.chat_template`: the text itself when it holds Jinja tags, else the file it names;
+    ConfigError naming the key when the file is missing or the Jinja does not compile."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if "{{" in value or "{%" in value:
+        text, where = value, "the template text"
+    else:
+        path = Path(value).expanduser()
+        require(path.is_file(), "model.chat_template", "a template file or Jinja text", value)
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    try:
+        ImmutableSandboxedEnvironment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"key 'model.chat_template': {where} is not valid Jinja (line {e.lineno}: {e.message})") \
+            from None
+    return text
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -84,9 +109,15 @@ def resolve_experts_impl(name: str, device: torch.device) -> str:
     return "grouped_mm" if name == "auto" else name
 
 
-def check_model_dir(path: str | Path) -> dict:
+# config.json architectures whose head is not a language model's: such a directory given as a policy would be loaded
+# by AutoModelForCausalLM with a new, random output layer (its own head dropped)
+NOT_A_POLICY = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+
+def check_model_dir(path: str | Path, policy: bool = False) -> dict:
     """Refuse an unusable model directory (or hub id, resolved by `hub.resolve_model`) with a clear message;
-    returns its config.json."""
+    returns its config.json. `policy`: it is to generate, so a classifier (a reward model `align rm` made, by its
+    config.json architectures) is refused before any weight is loaded."""
     source = resolve_model(path)
     path, where = source.path, source.describe()
     if not path.is_dir():
@@ -101,6 +132,12 @@ def check_model_dir(path: str | Path) -> dict:
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin")) + list(path.glob("*.safetensors.index.json"))
     if not weights and not (path / "adapter_config.json").is_file():
         raise ConfigError(f"model directory {where} has no weights (*.safetensors or *.bin)")
+    heads = [a for a in cfg.get("architectures") or [] if isinstance(a, str) and a.endswith(NOT_A_POLICY)]
+    if policy and heads:
+        raise ConfigError(f"model directory {where} is a classifier ({heads[0]} in its config.json architectures), "
+                          f"such as a reward model from align rm, not a policy: loaded as a causal LM it would have a "
+                          f"random output layer. Give the policy's directory (an SFT stage's final/, a ...ForCausalLM "
+                          f"checkpoint); a reward model is used through the classifier reward")
     return cfg
 
 
@@ -108,8 +145,9 @@ def is_deepseek_v2(config) -> bool:
     return getattr(config, "model_type", None) == "deepseek_v2"
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer of model directory or hub id `path`, left-padded, with a pad token and a chat template."""
+def load_tokenizer(path: str | Path, chat_template: str = ""):
+    """The tokenizer of model directory or hub id `path`, left-padded, with a pad token and a chat template
+    (`chat_template`: model.chat_template's value, replacing the tokenizer's own; checked by rendering a short chat)."""
     from transformers import AutoTokenizer
 
     local = model_dir(path)  # outside the try: its ConfigError is a ValueError too
@@ -117,6 +155,15 @@ def load_tokenizer(path: str | Path):
         tok = AutoTokenizer.from_pretrained(str(local))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a tokenizer from {path}: {e}") from None
+    if chat_template:
+        tok.chat_template = chat_template_text(chat_template)
+        chat = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+        try:
+            tok.apply_chat_template(chat, tokenize=False)
+            tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja2's errors, raise_exception() in the template
+            raise ConfigError(f"key 'model.chat_template': rendering a user / assistant chat failed: "
+                              f"{type(e).__name__}: {e}") from None
     if not tok.chat_template:
         raise ConfigError(f"tokenizer in {path} has no chat template; align renders chats with the tokenizer's own")
     if tok.pad_token is None:

@@ -1,8 +1,8 @@
 """Rollouts with transformers `generate` on the policy itself (no copy; weight sync is a no-op).
 
 Prompts are rendered with the tokenizer's chat template plus the generation prompt, left-padded, each repeated G
-times. Sampling log-probs are those of the distribution each token was drawn from (logits / temperature, and with
-top_p < 1 the nucleus renormalised), as vLLM reports them.
+times. Sampling log-probs are those of the distribution each token was drawn from (after the repetition penalty,
+temperature, top-k, top-p and min-p, what was kept renormalised), as vLLM reports them (`processed_logprobs`).
 
 The draw itself happens in a logits processor (`Sampler`), after align's temperature / top-p warpers: it takes
 the log-softmax it needs for the log-prob anyway, draws the token by inverse CDF (one uniform per row and a
@@ -20,12 +20,19 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from ..model import fastpaths
 from ..model.compat import CACHE_KW
 from ..model.kvcache import ReservedCache, ReservedLayer, prefilled_cache  # noqa: F401 (ReservedLayer re-exported)
 from ..model.mla import absorbed_mla, attention_modules
+from ..model.moe import decode_experts_kernel
 from ..model.routing import NO_ROUTE, recording
 from ..run.data import stop_token_ids
 from .protocol import Rollouts, SamplingConfig
@@ -72,6 +79,42 @@ class Sampler:
         """[b, c] log-probs of the c generated tokens."""
         c = new_tokens.shape[1]
         return torch.stack(self.steps, dim=1)[:, :c] if self.steps else new_tokens.float()[:, :0]
+
+
+class RepetitionPenalty:
+    """vLLM's / CTRL's repetition penalty over the prompt's real tokens and the completion so far: a seen token's
+    logit is divided by `penalty` when positive, multiplied when negative. transformers' own processor would also
+    count the left padding (the pad token, often EOS: a padded row would be kept from stopping)."""
+
+    def __init__(self, penalty: float, prompt_mask: torch.Tensor):
+        self.penalty = penalty
+        self.prompt_mask = prompt_mask.bool()                                           # [b, P]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        real = torch.ones_like(input_ids, dtype=torch.long)                             # [b, P + t]
+        real[:, :self.prompt_mask.shape[1]] = self.prompt_mask.long()
+        seen = torch.zeros_like(scores, dtype=torch.long).scatter_add_(1, input_ids, real) > 0  # [b, V]
+        penalised = torch.where(scores > 0, scores / self.penalty, scores * self.penalty)
+        return torch.where(seen, penalised, scores)
+
+
+def processors(sampling: SamplingConfig, prompt_mask: torch.Tensor) -> list:
+    """The logits processors ahead of the `Sampler`, in vLLM's order: repetition penalty on the raw logits (greedy
+    too; `prompt_mask` [b, P] tells the prompt's real tokens from its padding), then temperature, top-k, top-p,
+    min-p (sampling only)."""
+    out = []
+    if sampling.repetition_penalty != 1.0:
+        out.append(RepetitionPenalty(sampling.repetition_penalty, prompt_mask))
+    if sampling.temperature == 0:
+        return out
+    out.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k > 0:
+        out.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1:
+        out.append(TopPLogitsWarper(sampling.top_p))
+    if sampling.min_p > 0:
+        out.append(MinPLogitsWarper(sampling.min_p))
+    return out
 
 
 def stop_string_end(tokenizer, ids: list[int], stops: list[str]) -> int | None:
@@ -166,16 +209,15 @@ class HFEngine:
             mask = prompt_mask[s:s + sampling.batch_size].to(device)
             greedy = sampling.temperature == 0
             sampler = Sampler(greedy)
-            warpers = [] if greedy else [TemperatureLogitsWarper(sampling.temperature)]
-            if not greedy and sampling.top_p < 1:
-                warpers.append(TopPLogitsWarper(sampling.top_p))
+            warpers = processors(sampling, mask)
             # our warpers, then the sampler; generate runs greedy on the sampler's choice. temperature, top_p and
             # top_k are passed as None so generate adds no processors of its own (nor its default top-k of 50)
             room = sampling.max_new_tokens + 1
             # decode steps read MLA's latent cache directly (see mla.py); inference mode: no autograd bookkeeping
             record = recording(model) if self.record_routes else contextlib.nullcontext()
             absorbed = bool(attention_modules(model)) and fastpaths.active("absorbed_mla")
-            with absorbed_mla(model, absorbed), torch.inference_mode(), record as recorder:
+            with absorbed_mla(model, absorbed), decode_experts_kernel(model, len(ids)), torch.inference_mode(), \
+                    record as recorder:
                 cache = None
                 if fastpaths.active("prefill_cache"):  # else generate's own cache, no shared prefill
                     cache = prefilled_cache(model, ids, mask, n, room) if s % n == 0 else None

@@ -10,8 +10,9 @@ Layout of a batch of B prompts x G samples, N = B*G rows, completions of prompt 
     loss_mask         [N, C]  1 on the tokens the model sampled (each turn's stop token included), the ones the
                               loss, the metrics and the importance weights count; 0 on tool results. Single-turn:
                               the completion mask itself
-    sampling_logprobs [N, C]  log-prob of each sampled token under the distribution it was drawn from (logits /
-                              temperature; with top_p < 1 the nucleus renormalised), 0 off the loss mask; may differ
+    sampling_logprobs [N, C]  log-prob of each sampled token under the distribution it was drawn from (logits,
+                              repetition penalty, / temperature, top-k, top-p, min-p: what was kept renormalised), 0
+                              off the loss mask; may differ
                               slightly from a training forward pass (kernels, precision): the loss uses the
                               trainer's own, and these only in the importance weights (grpo.core.tis_weights)
     truncated         [N]     True where max_new_tokens ran out before a stop token
@@ -33,7 +34,12 @@ from ..config import option, require
 @dataclasses.dataclass
 class SamplingConfig:
     temperature: float = option(1.0, "Sampling temperature (0 = greedy).")
-    top_p: float = option(1.0, "Nucleus sampling mass.")
+    top_p: float = option(1.0, "Nucleus sampling mass (1 = off).")
+    top_k: int = option(0, "Sample among the k most likely tokens only (0 = off).")
+    min_p: float = option(0.0, "Drop tokens less likely than min_p x the most likely one's probability (0 = off).")
+    repetition_penalty: float = option(1.0, "Divide the positive logits (multiply the negative ones) of tokens already "
+                                            "in the prompt or completion by this (1 = off; > 1 discourages repeats). "
+                                            "Applies to greedy decoding too.")
     max_new_tokens: int = option(64, "Completion length limit in tokens.")
     stop: list[str] = option(factory=list, help="Extra stop strings (the tokenizer's EOS always stops).")
     batch_size: int = option(256, "Sequences per generate call (memory bound).")
@@ -41,8 +47,24 @@ class SamplingConfig:
     def validate(self) -> None:
         require(self.temperature >= 0, "sampling.temperature", ">= 0", self.temperature)
         require(0 < self.top_p <= 1, "sampling.top_p", "in (0, 1]", self.top_p)
+        require(self.top_k >= 0, "sampling.top_k", "an integer >= 0 (0 = off)", self.top_k)
+        require(0 <= self.min_p < 1, "sampling.min_p", "in [0, 1) (0 = off)", self.min_p)
+        require(self.repetition_penalty > 0, "sampling.repetition_penalty", "> 0 (1 = off)", self.repetition_penalty)
+
+    def truncated(self) -> list[str]:
+        """The settings that draw from another distribution than softmax(logits / temperature): key=value each."""
+        off = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+        return [f"sampling.{k}={getattr(self, k)}" for k, v in off.items() if getattr(self, k) != v]
         require(self.max_new_tokens > 0, "sampling.max_new_tokens", "a positive integer", self.max_new_tokens)
         require(self.batch_size > 0, "sampling.batch_size", "a positive integer", self.batch_size)
+
+
+def vllm_sampling(sampling: SamplingConfig) -> dict:
+    """top_p, top_k, min_p and repetition_penalty as vLLM's SamplingParams (and its server's JSON) take them: off
+    for greedy decoding except the repetition penalty, as in the transformers engine (`hf.processors`)."""
+    greedy = sampling.temperature == 0
+    return {"top_p": 1.0 if greedy else sampling.top_p, "top_k": -1 if greedy or not sampling.top_k else sampling.top_k,
+            "min_p": 0.0 if greedy else sampling.min_p, "repetition_penalty": sampling.repetition_penalty}
 
 
 @dataclasses.dataclass

@@ -2,8 +2,8 @@
 
 Same records as the transformers engine (`protocol.Rollouts`): prompts rendered with the tokenizer's chat template
 and passed as token ids, `SamplingParams(n=G)`, one sampled-token log-prob per step. vLLM reports them after
-temperature (and, with top_p < 1, after nucleus truncation: the distribution tokens were really drawn from), which
-is what truncated importance sampling needs (`grpo.core.tis_weights`).
+the repetition penalty, temperature, top-k, top-p and min-p (`processed_logprobs`: the distribution tokens were really
+drawn from), which is what truncated importance sampling needs (`grpo.core.tis_weights`).
 
 Weight sync (`sync_weights`, after every optimizer step), in memory and in one call, streamed one tensor at a time:
   1. `weights.iter_merged_weights`: the policy's weights with LoRA merged on the fly (the policy is not modified),
@@ -38,7 +38,7 @@ import torch
 
 from ..run.data import stop_token_ids
 from .hf import prompt_texts
-from .protocol import RolloutConfig, Rollouts, SamplingConfig, pack_rollouts
+from .protocol import RolloutConfig, Rollouts, SamplingConfig, pack_rollouts, vllm_sampling
 from .weights import iter_checkpoint_weights, iter_merged_weights
 
 CPU_KV_CACHE_GB = 0.5
@@ -281,7 +281,7 @@ class VLLMEngine:
         tok = self.tokenizer
         self.wake()
         greedy = sampling.temperature == 0
-        params = SamplingParams(n=1 if greedy else n, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+        params = SamplingParams(n=1 if greedy else n, temperature=sampling.temperature, **vllm_sampling(sampling),
                                 max_tokens=sampling.max_new_tokens, stop=sampling.stop or None,
                                 include_stop_str_in_output=True, stop_token_ids=stop_token_ids(tok), logprobs=0)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)

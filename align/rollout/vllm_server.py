@@ -40,7 +40,7 @@ import torch
 from ..errors import AlignError
 from ..run.data import stop_token_ids
 from .hf import prompt_texts
-from .protocol import RolloutConfig, Rollouts, SamplingConfig, pack_rollouts
+from .protocol import RolloutConfig, Rollouts, SamplingConfig, pack_rollouts, vllm_sampling
 from .server_client import (
     ALIGN_EXTENSION,
     Background,
@@ -404,7 +404,7 @@ class VLLMServerEngine:
         self.calls += 1
         body = {"model": self._served_model(), "n": 1 if greedy else n,  # vLLM refuses n > 1 when greedy
                 "max_tokens": sampling.max_new_tokens,
-                "temperature": sampling.temperature, "top_p": 1.0 if greedy else sampling.top_p, "logprobs": 0,
+                "temperature": sampling.temperature, **vllm_sampling(sampling), "logprobs": 0,
                 "stop": sampling.stop or None, "include_stop_str_in_output": True,
                 "stop_token_ids": stop_token_ids(tok), "return_token_ids": True, "skip_special_tokens": True}
 

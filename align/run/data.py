@@ -1,24 +1,31 @@
 """Chat data: load (JSONL, JSON, Parquet, `save_to_disk` directories, hub dataset ids: `align.run.formats`), validate,
 tokenise.
 
-Rows are either conversational, `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (content
-may be a list of text parts, joined with no separator), or prompt / completion, `{"prompt": str | messages,
-"completion": str | messages}`. Validation runs over every row before
-any training and names `file:row N: field`. Tokenisation renders the whole chat with the tokenizer's own template and
-labels each assistant turn's content and its end-of-turn token (found by rendering the prefix with and without the
-turn; a template it cannot be found in is refused by name), so the loss is on assistant tokens only.
+Rows are either conversational, `{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}`
+(content may be a list of text parts, joined with no separator), or prompt / completion, `{"prompt": str | messages,
+"completion": str | messages}`. Tool use as transformers' chat templates take it: an assistant message may carry
+`tool_calls: [{"type": "function", "function": {"name": str, "arguments": {...} | JSON string}}]` (content then
+optional; arguments given as a JSON string are parsed to the object templates expect), answered by `tool` messages
+(`content`, optional `name` / `tool_call_id`) that follow it. Validation runs over every row before any training and
+names `file:row N: field`; a row that fails it for want of `messages` / `prompt` but whose fields are those of a known
+dataset says which `#format=` reads it (`formats.format_hint`). Tokenisation renders the whole chat with the
+tokenizer's own template and labels each assistant turn's content (and tool calls) and its end-of-turn token (found by
+rendering the prefix with and without the turn; a template it cannot be found in, or that drops tool calls or tool
+messages, is refused by name), so the loss is on assistant tokens only: tool messages are never learned.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
 
 from .datafiles import DataError  # noqa: F401 (re-exported: align.run.data.DataError)
-from .formats import load_rows, source_name  # noqa: F401 (load_rows re-exported: align.run.data.load_rows)
+from .formats import format_hint, load_rows, source_name  # noqa: F401 (load_rows re-exported: align.run.data.load_rows)
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 IGNORE = -100
 
 
@@ -48,6 +55,41 @@ def content_text(content, where: str, field: str) -> str:
     return "".join(texts)
 
 
+def _check_tool_calls(calls, where: str, field: str) -> None:
+    """An assistant message's `tool_calls`: a non-empty list of {type: function, function: {name, arguments}}."""
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: field '{field}' must be a non-empty list of tool calls "
+                        f"([{{\"type\": \"function\", \"function\": {{\"name\": ..., \"arguments\": {{...}}}}}}]), "
+                        f"got {calls!r:.80}")
+    for j, call in enumerate(calls):
+        f = f"{field}[{j}]"
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            raise DataError(f"{where}: field '{f}.function' is missing (a tool call is {{\"type\": \"function\", "
+                            f"\"function\": {{\"name\": ..., \"arguments\": {{...}}}}}}), got {call!r:.80}")
+        if call.get("type") not in (None, "function"):
+            raise DataError(f"{where}: field '{f}.type' is {call['type']!r}; only function calls are supported")
+        name = call["function"].get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{where}: field '{f}.function.name' must be a non-empty string, got {name!r}")
+        _arguments(call["function"].get("arguments"), where, f"{f}.function.arguments")
+
+
+def _arguments(value, where: str, field: str) -> dict:
+    """A tool call's arguments as the object chat templates render: a mapping, or a JSON string of one (OpenAI's
+    form), parsed; missing: {}."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: field '{field}' is a string that is not JSON ({e}); arguments are an object "
+                            f"or a JSON string of one") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: field '{field}' must be an object (or a JSON string of one), got {value!r:.80}")
+    return value
+
+
 def _check_messages(messages, where: str, field: str, need_assistant_last: bool) -> None:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field '{field}' must be a non-empty list of messages, got {messages!r:.80}")
@@ -59,9 +101,25 @@ def _check_messages(messages, where: str, field: str, need_assistant_last: bool)
             raise DataError(f"{where}: field '{f}.role' is missing")
         if m["role"] not in ROLES:
             raise DataError(f"{where}: field '{f}.role' is {m['role']!r}; expected one of {', '.join(ROLES)}")
+        if m.get("tool_calls") is not None:
+            if m["role"] != "assistant":
+                raise DataError(f"{where}: field '{f}.tool_calls' is on a {m['role']!r} message; only assistant "
+                                f"messages call tools")
+            _check_tool_calls(m["tool_calls"], where, f"{f}.tool_calls")
+            if m.get("content") is not None:
+                content_text(m["content"], where, f"{f}.content")  # may be empty beside the calls
+            continue
+        if m["role"] == "tool":
+            before = next((p for p in reversed(messages[:i]) if p.get("role") != "tool"), None)
+            if before is None or before.get("role") != "assistant" or before.get("tool_calls") is None:
+                raise DataError(f"{where}: field '{f}' is a tool message that answers no call: it must follow an "
+                                f"assistant message with tool_calls (or another tool message)")
+            for key in ("name", "tool_call_id"):
+                if m.get(key) is not None and not isinstance(m[key], str):
+                    raise DataError(f"{where}: field '{f}.{key}' must be a string, got {m[key]!r:.80}")
         if "content" not in m or m["content"] is None:
             raise DataError(f"{where}: field '{f}.content' is missing")
-        if not content_text(m["content"], where, f"{f}.content").strip():
+        if not content_text(m["content"], where, f"{f}.content").strip() and m["role"] != "tool":
             raise DataError(f"{where}: field '{f}.content' is empty")
     if need_assistant_last and messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: field '{field}' must end with an assistant message, ends with "
@@ -69,9 +127,24 @@ def _check_messages(messages, where: str, field: str, need_assistant_last: bool)
 
 
 def _plain(messages: list[dict], where: str, field: str) -> list[dict]:
-    """Checked messages as {role, content: str} (a list of text parts joined: `align.run.formats.content_text`)."""
-    return [{"role": m["role"], "content": content_text(m["content"], where, f"{field}[{i}].content")}
-            for i, m in enumerate(messages)]
+    """Checked messages as {role, content: str} (a list of text parts joined: `content_text`), with an assistant
+    message's tool calls ({type, function: {name, arguments: dict}}, ids kept) and a tool message's name and
+    tool_call_id where given."""
+    out = []
+    for i, m in enumerate(messages):
+        f = f"{field}[{i}]"
+        msg = {"role": m["role"], "content": "" if m.get("content") is None else content_text(m["content"], where,
+                                                                                              f"{f}.content")}
+        if m.get("tool_calls") is not None:
+            msg["tool_calls"] = [
+                {**({"id": c["id"]} if c.get("id") is not None else {}), "type": "function",
+                 "function": {"name": c["function"]["name"],
+                              "arguments": _arguments(c["function"].get("arguments"), where,
+                                                      f"{f}.tool_calls[{j}].function.arguments")}}
+                for j, c in enumerate(m["tool_calls"])]
+        msg.update({k: m[k] for k in ("name", "tool_call_id") if m["role"] == "tool" and m.get(k) is not None})
+        out.append(msg)
+    return out
 
 
 def as_messages(value, role: str, where: str, field: str) -> list[dict]:
@@ -86,17 +159,21 @@ def as_messages(value, role: str, where: str, field: str) -> list[dict]:
 
 
 def row_messages(row: dict, where: str) -> list[dict]:
-    """The full conversation of a training row (validated); raises DataError naming the field."""
+    """The full conversation of a training row (validated); raises DataError naming the field (and the `#format=`
+    that reads the row, when it looks like a known dataset's)."""
     if row.get("messages") is not None:
         _check_messages(row["messages"], where, "messages", need_assistant_last=True)
         return _plain(row["messages"], where, "messages")
+    if row.get("prompt") is not None and row.get("completion") is None:
+        raise DataError(f"{where}: field 'completion' is missing (a training row is 'messages' or 'prompt' + "
+                        f"'completion'){format_hint(row)}")
     if row.get("prompt") is not None or row.get("completion") is not None:
         prompt = as_messages(row.get("prompt"), "user", where, "prompt")
         completion = as_messages(row.get("completion"), "assistant", where, "completion")
         if completion[-1]["role"] != "assistant":
             raise DataError(f"{where}: field 'completion' must end with an assistant message")
         return prompt + completion
-    raise DataError(f"{where}: missing field 'messages' (or 'prompt' + 'completion')")
+    raise DataError(f"{where}: missing field 'messages' (or 'prompt' + 'completion'){format_hint(row)}")
 
 
 def row_prompt(row: dict, where: str) -> list[dict]:
@@ -111,7 +188,47 @@ def row_prompt(row: dict, where: str) -> list[dict]:
         if not msgs:
             raise DataError(f"{where}: field 'messages' has no prompt before the assistant turn")
         return msgs
-    raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
+    raise DataError(f"{where}: missing field 'prompt' (or 'messages'){format_hint(row)}")
+
+
+def row_pair(row: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen, rejected) messages of a preference row (validated). Explicit: `{prompt, chosen, rejected}`,
+    each a string or messages. Implicit (TRL's, as in ultrafeedback-binarized): `chosen` and `rejected` are whole
+    conversations and the prompt is the messages both begin with; a row whose two conversations share no first
+    message is refused. A `prompt` beside whole conversations (ultrafeedback-binarized repeats the user turn as a
+    string) must be the end of that shared prefix."""
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise DataError(f"{where}: missing field '{key}' (a preference row is prompt / chosen / rejected, or "
+                            f"chosen / rejected conversations that begin with the same prompt){format_hint(row)}")
+    whole = all(isinstance(row[k], list) and row[k] and isinstance(row[k][0], dict)
+                and row[k][0].get("role") not in (None, "assistant") for k in ("chosen", "rejected"))
+    if not whole:
+        if row.get("prompt") is None:
+            raise DataError(f"{where}: missing field 'prompt' (without it, 'chosen' and 'rejected' must be whole "
+                            f"conversations that begin with the prompt){format_hint(row)}")
+        return (as_messages(row["prompt"], "user", where, "prompt"),
+                as_messages(row["chosen"], "assistant", where, "chosen"),
+                as_messages(row["rejected"], "assistant", where, "rejected"))
+    chosen, rejected = (as_messages(row[k], "assistant", where, k) for k in ("chosen", "rejected"))
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' begin with different messages, so there is no "
+                        f"implicit prompt (the messages both begin with); give the prompt in a 'prompt' field and "
+                        f"only the responses in 'chosen' / 'rejected'")
+    for key, side in (("chosen", chosen), ("rejected", rejected)):
+        if n == len(side):
+            raise DataError(f"{where}: field '{key}' has nothing after the prompt it shares with the other side "
+                            f"({n} messages): no response to compare")
+    prompt = chosen[:n]
+    if row.get("prompt") is not None:
+        given = as_messages(row["prompt"], "user", where, "prompt")
+        if prompt[-len(given):] != given:
+            raise DataError(f"{where}: field 'prompt' is not the end of the messages 'chosen' and 'rejected' begin "
+                            f"with (their last shared message: {prompt[-1]['content'][:60]!r})")
+    return prompt, chosen[n:], rejected[n:]
 
 
 def load_chats(path) -> list[list[dict]]:
@@ -155,6 +272,10 @@ def load_prompts(path) -> list[PromptRow]:
 # its generation prompt), renders the content altered, or ends the turn with no special token (nothing to stop on).
 # Tokens are then labelled when they lie wholly inside a span (a token the tokenizer merged across the end of the
 # generation prompt holds prompt text and is not learned).
+#
+# An assistant turn with tool calls is learned the same way from the end of its generation prompt: its content (if
+# any), the calls as the template writes them, through the turn's last special token. Tool messages are context like
+# user turns. A template that drops the calls or the tool messages is refused (`check_tools_rendered`).
 
 
 def _special_tokens(tokenizer) -> list[str]:
@@ -186,9 +307,47 @@ def _turn_span(tokenizer, before: str, upto: str, content: str, specials: list[s
     return len(before), len(before) + lead + len(content) + gap + len(end)
 
 
+def check_tools_rendered(tokenizer, messages: list[dict]) -> None:
+    """Refuse a chat template that drops tool use: each assistant message's tool calls (their names) and each tool
+    message's content must be in what adding that message adds to the rendered chat (the tiny model's DeepSeek-V2
+    template, for one, renders neither)."""
+    for i, m in enumerate(messages):
+        if m["role"] != "tool" and not m.get("tool_calls"):
+            continue
+        without = tokenizer.apply_chat_template(messages[:i], tokenize=False) if i else ""
+        added = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        added = added[len(os.path.commonprefix([without, added])):]
+        if m["role"] == "tool" and m["content"].strip() not in added:
+            raise _refuse(tokenizer, f"does not render tool message messages[{i}] (adding it adds no "
+                                     f"{m['content'].strip()[:40]!r} to the chat): it has no tool-message format")
+        missing = [c["function"]["name"] for c in m.get("tool_calls") or [] if c["function"]["name"] not in added]
+        if missing:
+            raise _refuse(tokenizer, f"does not render the tool calls of assistant message messages[{i}] (no "
+                                     f"{missing[0]!r} in {added[:80]!r}): it has no tool-call format")
+
+
+def _call_turn_span(tokenizer, before: str, upto: str, message: dict, specials: list[str], i: int) -> tuple[int, int]:
+    """The span of an assistant turn with tool calls: its content (optional) then the calls as the template writes
+    them (`check_tools_rendered` made sure it does), through the turn's last special token (its end of turn)."""
+    turn = upto[len(before):]
+    lead = len(turn) - len(turn.lstrip())
+    content = message["content"].strip()
+    if content and not turn[lead:].startswith(content):
+        raise _refuse(tokenizer, f"renders assistant turn messages[{i}] as {turn[:80]!r} after its generation prompt, "
+                                 f"not as optional whitespace then the content {content[:40]!r}")
+    ends = [(turn.rfind(t), t) for t in specials if turn.rfind(t) >= lead]
+    if not ends:
+        raise _refuse(tokenizer, f"ends assistant turn messages[{i}] (tool calls) with {turn[-40:]!r}, with no "
+                                 f"special token (the model could not learn to stop)")
+    at, end = max(ends, key=lambda e: (e[0] + len(e[1]), len(e[1])))
+    return len(before), len(before) + at + len(end)
+
+
 def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages` with the chat template; return the text and the character spans the model learns: each
-    assistant turn's content and its end-of-turn token (see the comment above)."""
+    assistant turn's content (and tool calls) and its end-of-turn token (see the comment above). Tool messages are
+    context: never learned, but they must be rendered (a template that drops them is refused)."""
+    check_tools_rendered(tokenizer, messages)
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     specials = _special_tokens(tokenizer)
     spans: list[tuple[int, int]] = []
@@ -202,7 +361,10 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
         if not (upto.startswith(before) and text.startswith(upto)) or (spans and len(before) < spans[-1][1]):
             raise _refuse(tokenizer, f"does not render the conversation up to messages[{i}] as a prefix of its "
                                      f"continuation (it changes earlier turns when later ones are added)")
-        spans.append(_turn_span(tokenizer, before, upto, m["content"], specials, i))
+        if m.get("tool_calls"):
+            spans.append(_call_turn_span(tokenizer, before, upto, m, specials, i))
+        else:
+            spans.append(_turn_span(tokenizer, before, upto, m["content"], specials, i))
     return text, spans
 
 

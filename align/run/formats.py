@@ -25,7 +25,8 @@ columns:
              else the last \\boxed{...} of the solution, braces balanced
   humaneval  prompt (signature + docstring) -> prompt asking for the whole function in a ```python block;
              test + entry_point -> tests ["<test>\\n\\ncheck(<entry_point>)\\n"] (the code reward's format: a list
-             of test snippets); prompt + canonical_solution -> completion
+             of test snippets); the prompt's imports and helper functions -> prelude (run before the program and
+             in the tests' namespace); prompt + canonical_solution -> completion
   mbpp       text (or `prompt`, sanitized config) + test_list -> prompt; test_list -> tests, each after the row's
              test_setup_code / test_imports; code -> completion
 Every error names the source, the row (1-based) and the field.
@@ -38,6 +39,7 @@ align trains on text only.
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -310,10 +312,28 @@ def humaneval_row(row: dict, where: str) -> dict:
         raise DataError(f"{where}: field 'entry_point' must be a function name, got {entry!r}")
     if not re.search(r"^def check\(", test, re.MULTILINE):
         raise DataError(f"{where}: field 'test' defines no check(candidate) function (HumanEval's format)")
-    out = {"prompt": f"{HUMANEVAL_INSTRUCTION}\n\n{_fenced(prompt)}", "tests": [f"{test}\n\ncheck({entry})\n"]}
+    out = {"prompt": f"{HUMANEVAL_INSTRUCTION}\n\n{_fenced(prompt)}", "tests": [f"{test}\n\ncheck({entry})\n"],
+           "prelude": humaneval_prelude(prompt, entry)}
     if isinstance(row.get("canonical_solution"), str):
         out["completion"] = _fenced(prompt + row["canonical_solution"])
     return out
+
+
+def humaneval_prelude(prompt: str, entry: str) -> str:
+    """The prompt's code besides the function to write: its imports and helper functions (HumanEval/38's
+    `encode_cyclic`), which HumanEval's grader runs with the completion and the test (the code reward's `prelude`)."""
+    try:
+        tree = ast.parse(prompt)
+    except SyntaxError:
+        return ""
+    lines = prompt.splitlines(keepends=True)
+    parts = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry:
+            continue
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        parts.append("".join(lines[first - 1:node.end_lineno]).rstrip("\n") + "\n")
+    return "".join(parts)
 
 
 def mbpp_row(row: dict, where: str) -> dict:
@@ -337,3 +357,24 @@ FORMATS: dict[str, Callable[[dict, str], dict]] = {
 FORMAT_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution", "answer (optional)"),
                  "humaneval": ("prompt", "test", "entry_point", "canonical_solution (optional)"),
                  "mbpp": ("text or prompt", "test_list", "test_setup_code / test_imports / code (optional)")}
+
+
+# The fields that mark a row as a known dataset's (each set must all be present): `format_hint` names the format.
+FORMAT_SHAPES: dict[str, tuple[frozenset, ...]] = {
+    "gsm8k": (frozenset({"question", "answer"}),), "math": (frozenset({"problem", "solution"}),),
+    "humaneval": (frozenset({"prompt", "test", "entry_point"}),),
+    "mbpp": (frozenset({"text", "test_list"}), frozenset({"prompt", "test_list"}))}
+
+
+def format_hint(row: dict) -> str:
+    """What to add to an error about a row align cannot read as is: '; ...' naming the `#format=` that reads a row
+    shaped like a known dataset's (FORMAT_SHAPES), or saying a preference pair is `align rm`'s; '' otherwise."""
+    fields = {k for k, v in row.items() if v is not None} if isinstance(row, dict) else set()
+    for name, shapes in FORMAT_SHAPES.items():
+        shape = next((s for s in shapes if s <= fields), None)
+        if shape is not None:
+            return (f"; its fields {', '.join(sorted(shape))} are those of {name} rows: read the source with "
+                    f"'#format={name}' (FILE#format={name}, or format: {name} in a sidecar / mapping)")
+    if {"chosen", "rejected"} <= fields:
+        return "; its fields chosen, rejected are a preference pair's: pairs train a reward model (align rm)"
+    return ""

@@ -51,13 +51,14 @@ IDENTITY_KEYS = {
     "sft": ("model.path", "model.lora", "train_data", "lr", "seed", "max_length", "packing"),
     "grpo": ("model.path", "model.lora", "train_data", "lr", "seed", "group_size", "beta", "rewards",
              "reward_mode", "aggregation", "inner_epochs", "minibatches", "prompts_per_step"),
-    "rm": ("model", "train_data", "lr", "seed", "epochs"),
+    "rm": ("model.path", "train_data", "lr", "seed", "epochs"),
 }
 
 
 RUN_ONLY_REWARD_KEYS = ("timeout_s", "isolate")  # how a reward runs; left out when identities are compared
 
-# Identity keys that say which model a run's checkpoints are of ("model" is rm's; resume=force never crosses them).
+# Identity keys that say which model a run's checkpoints are of ("model" is rm's before issue 39; resume=force never
+# crosses them).
 MODEL_KEYS = ("model.path", "model", "model.config_sha256", "model.revision")
 
 
@@ -175,7 +176,16 @@ def _differences(theirs: dict, mine: dict) -> list[tuple[str, object, object]]:
 def comparable(settings: dict) -> dict:
     """An identity (or a stage's recorded settings) without the reward keys that say how a reward is run, not what
     it scores (`timeout_s`, `isolate`): a run resumes, and a finished stage is reused, after they change, and after
-    their defaults did (timeout_s was 0 before issue 40)."""
+    their defaults did (timeout_s was 0 before issue 40). An rm stage's `model: DIR` from before issue 39 reads as
+    what it now is, model.path (model.dtype was always auto): nested in recorded settings, dotted in an identity
+    (identities are flat and always have model.config_sha256)."""
+    legacy = settings.get("model")
+    if isinstance(legacy, str):
+        settings = {k: v for k, v in settings.items() if k != "model"}
+        if "model.config_sha256" in settings:
+            settings["model.path"] = legacy
+        else:
+            settings["model"] = {"path": legacy, "dtype": "auto"}
     rewards = settings.get("rewards")
     if not isinstance(rewards, list):
         return settings
