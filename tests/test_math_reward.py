@@ -97,7 +97,6 @@ def test_two_sympy_hangs_end_at_the_batch_deadline(real):
     took = time.time() - t
     assert out.scores == [0.0, 0.0, 0.0] and out.metrics == {"timeouts": 3.0, "crashes": 0.0}
     assert 3 <= took < 4.5
-    t = time.time()
     assert real(None, ["\\boxed{\\frac{1}{2}}"], answer=["0.5"]).scores == [1.0]  # waits for the replacement, then
     assert real.verifier.pool().restarts >= 1                                       # is checked on the clock
 
@@ -133,7 +132,8 @@ def test_timeouts_score_zero_and_the_clock_starts_warm():
 
 def test_a_crashed_pool_is_none_and_counted(tmp_path, monkeypatch):
     """A check whose worker dies, and the batches a replacement worker cannot start for, score None (counted in
-    crashes); once workers start again, answers are scored. A pool that never started is an error (test above)."""
+    crashes); once workers start again, answers are scored. (A pool that never started is an error:
+    test_reward_library.py.)"""
     flag = tmp_path / "no_start"
     monkeypatch.setenv("ALIGN_TEST_NO_START", str(flag))
     fn = math_reward(timeout_s=5, workers=1)
