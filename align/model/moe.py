@@ -142,10 +142,9 @@ def decode_experts_kernel(model, rows: int):
     """Inside the block, `generate` on an accelerator keeps the model's experts kernel for decode steps where
     transformers (>= 5.x, `GenerationMixin._optimize_model_for_decode`) would switch `grouped_mm` to `batched_mm`,
     unless that switch pays for `rows` sequences (`batched_decode_wins`). The same experts compute the same sums
-    either way; only the kernel differs. Where transformers has no such switch this does nothing."""
-    from .policy import causal_lm
-
-    inner = causal_lm(model)
+    either way; only the kernel differs. Where transformers has no such switch this does nothing. `model`: the
+    `*ForCausalLM` itself (`policy.causal_lm` of a wrapped one), whose `generate` runs."""
+    inner = model
     if not hasattr(inner, "_optimize_model_for_decode") or batched_decode_wins(rows, inner.config):
         yield
         return

@@ -33,6 +33,7 @@ from ..model.compat import CACHE_KW
 from ..model.kvcache import ReservedCache, ReservedLayer, prefilled_cache  # noqa: F401 (ReservedLayer re-exported)
 from ..model.mla import absorbed_mla, attention_modules
 from ..model.moe import decode_experts_kernel
+from ..model.policy import causal_lm
 from ..model.routing import NO_ROUTE, recording
 from ..run.data import stop_token_ids
 from .protocol import Rollouts, SamplingConfig
@@ -216,7 +217,7 @@ class HFEngine:
             # decode steps read MLA's latent cache directly (see mla.py); inference mode: no autograd bookkeeping
             record = recording(model) if self.record_routes else contextlib.nullcontext()
             absorbed = bool(attention_modules(model)) and fastpaths.active("absorbed_mla")
-            with absorbed_mla(model, absorbed), decode_experts_kernel(model, len(ids)), torch.inference_mode(), \
+            with absorbed_mla(model, absorbed), decode_experts_kernel(causal_lm(model), len(ids)), torch.inference_mode(), \
                     record as recorder:
                 cache = None
                 if fastpaths.active("prefill_cache"):  # else generate's own cache, no shared prefill
