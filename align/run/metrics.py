@@ -42,6 +42,11 @@ class MetricsLogger:
         """The TensorBoard writer (None when off), for what is not a scalar (align/grpo/samples.py)."""
         return self._tb
 
+    @property
+    def wandb(self):
+        """The W&B run (None when off), for what is not a scalar (align/grpo/samples.py)."""
+        return self._wandb
+
     def truncate_after(self, step: int) -> None:
         """At the start of a run from the checkpoint of `step` (0: none, the run starts over): keep only the rows
         that checkpoint covers, so metrics.jsonl stays one row per step when the steps after it are logged again.
