@@ -169,6 +169,9 @@ def _finite(v) -> bool:
 PanelData = tuple[str, list[tuple[str, str, list, list]], "tuple[float, float] | None"]
 
 
+ROLLING_FROM = 8  # steps from which a per-step series is drawn as faint points under their rolling mean
+
+
 def plot_panels(path: Path, panels: list[PanelData], title: str) -> tuple[bool, list[tuple[str, float]]]:
     """One panel per quantity; non-finite points are left out, a series with none is not drawn (nor named in the
     legend), and a panel whose every point has one value (0 throughout, a constant learning rate) is not drawn.
@@ -187,21 +190,25 @@ def plot_panels(path: Path, panels: list[PanelData], title: str) -> tuple[bool, 
     if not kept:
         return False, flat
     plt, fig, axes = _panels(len(kept))
+    from matplotlib.ticker import MaxNLocator
+
     for ax, (name, series, ylim) in zip(axes, kept):
         several = sum(how == "steps" for _, how, _, _ in series) > 1
         for i, (label, how, xs, ys) in enumerate(series):
             color = f"C{i}"
-            if how == "steps":
-                raw = label if label == "per step" else f"{label}, per step"
-                ax.plot(xs, ys, ".", alpha=0.35, color=color, label=raw)
-                if len(ys) >= 3:
-                    w = rolling_window(len(ys))
-                    ax.plot(xs, rolling_mean(list(ys), w), color=color, lw=2,
-                            label=f"{label + ': ' if several else ''}rolling mean ({w} steps)")
+            raw = label if label == "per step" else f"{label}, per step"
+            if how == "steps" and len(ys) >= ROLLING_FROM:
+                w = rolling_window(len(ys))
+                ax.plot(xs, ys, ".", alpha=0.45, color=color, label=raw)
+                ax.plot(xs, rolling_mean(list(ys), w), color=color, lw=2,
+                        label=f"{label + ': ' if several else ''}rolling mean ({w} steps)")
+            elif how == "steps":  # a few steps: the points themselves, joined
+                ax.plot(xs, ys, ".-", color=color, lw=1.2, ms=7, label=raw)
             else:
                 ax.plot(xs, ys, "o-" if how == "evals" else "-", color=color, lw=1.5, ms=5, label=label)
         if ylim:
             ax.set_ylim(*ylim)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))  # steps: no 1.25
         ax.set_title(name, fontsize=TITLE)
         ax.set_xlabel("step", fontsize=LABEL)
         ax.grid(alpha=0.3)

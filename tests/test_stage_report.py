@@ -31,19 +31,20 @@ def drawn(monkeypatch):
 
 
 def test_absent_all_nan_zero_and_constant_quantities_get_no_panel_and_no_legend_entry(tmp_path, drawn):
-    steps = [1, 2, 3, 4]
-    panels = [("loss", [("train", "steps", steps, [4.0, 3.0, 2.0, 1.0]),
-                        ("held-out", "evals", [], [])], None),                  # never measured
-              ("clip fraction", [("per step", "steps", steps, [0.0] * 4)], None),  # 0 throughout
-              ("KL", [("per step", "steps", [], [])], None),                    # beta = 0: not logged
-              ("entropy", [("per step", "steps", steps, [math.nan] * 4)], None),  # nothing scored
-              ("lr", [("schedule", "line", steps, [1e-3, 1e-3, 5e-4, 0.0])], None),
-              ("constant lr", [("schedule", "line", steps, [1e-3] * 4)], None)]  # a ±5% axis of one value
+    steps = list(range(1, 11))
+    panels = [("loss", [("train", "steps", steps, [10.0 - s for s in steps]),
+                        ("held-out", "evals", [], [])], None),                   # never measured
+              ("clip fraction", [("per step", "steps", steps, [0.0] * 10)], None),  # 0 throughout
+              ("KL", [("per step", "steps", [], [])], None),                     # beta = 0: not logged
+              ("entropy", [("per step", "steps", steps, [math.nan] * 10)], None),  # nothing scored
+              ("lr", [("schedule", "line", steps, [1e-3] * 5 + [5e-4] * 5)], None),
+              ("constant lr", [("schedule", "line", steps, [1e-3] * 10)], None),  # would be a ±5% axis of one value
+              ("few steps", [("per step", "steps", [1, 2, 3], [1.0, 2.0, 1.5])], None)]
     assert plot_panels(tmp_path / "t.png", panels, "t") == (True, [("clip fraction", 0.0), ("constant lr", 1e-3)])
     (fig,) = drawn
-    assert list(fig) == ["loss", "lr"]
+    assert list(fig) == ["loss", "lr", "few steps"]
     assert fig["loss"]["legend"] == ["train, per step", "rolling mean (2 steps)"]  # no "held-out"
-    assert fig["lr"]["legend"] == []  # one line: no legend
+    assert fig["lr"]["legend"] == fig["few steps"]["legend"] == []  # one line (3 points: no rolling mean): no legend
     assert (tmp_path / "t.png").stat().st_size > 5000
     # nothing left to draw: no file, the flat panels still returned
     assert plot_panels(tmp_path / "z.png", panels[1:4], "z") == (False, [("clip fraction", 0.0)])
@@ -55,6 +56,14 @@ def test_a_zero_accuracy_curve_gets_no_axis_and_a_measured_one_a_0_to_100_axis(t
     assert not (tmp_path / "a.png").exists() and not drawn
     assert plot_accuracy(tmp_path / "a.png", [("s1", [0, 5], [0.0, 0.25])], None)
     assert drawn[0][""]["ylim"] == (-3, 103)
+
+
+def test_the_stages_plot_names_only_the_refusal_series_measured(tmp_path, drawn):
+    report.plot_stages(tmp_path / "s.png", [("sft", {"eval/accuracy": 0.4, "eval/refusal_rate": 0.5,
+                                                     "counts": {"reasoning": 100}}),
+                                            ("grpo", {"eval/accuracy": 0.6, "eval/refusal_rate": 0.75})])
+    (fig,) = drawn  # no over-refusal measured: no "of benign prompts" entry (one series left: no legend)
+    assert list(fig) == ["held-out reasoning accuracy (%)", "refusals (%)"] and fig["refusals (%)"]["legend"] == []
 
 
 def _metrics(out, rows):
@@ -91,9 +100,10 @@ def test_grpo_report_lists_fifths_and_the_quantities_zero_throughout(tmp_path, d
 
 def test_rm_report_without_held_out_pairs_names_no_held_out_series(tmp_path, drawn):
     _metrics(tmp_path / "r", [{"step": s, "loss/bt": 0.7 / s, "rm/train_accuracy": 0.5 + 0.05 * s,
-                               "rm/margin": 0.1 * s, "train/grad_norm": 1.0, "train/lr": 1e-3} for s in range(1, 6)])
+                               "rm/margin": 0.1 * s, "train/grad_norm": 1.0, "train/lr": 1e-3} for s in range(1, 11)])
     text = write_stage_report(tmp_path / "r", "rm").read_text()
-    assert "held-out" not in text and "| pair accuracy (%): r(chosen) > r(rejected) (train batch) | 55 | 75 |" in text
+    assert "held-out" not in text  # steps 1-2 and 9-10:
+    assert "| pair accuracy (%): r(chosen) > r(rejected) (train batch) | 57.5 | 97.5 |" in text
     (training,) = drawn
     assert training["pair accuracy (%): r(chosen) > r(rejected)"]["legend"] == ["train batch, per step",
                                                                                  "rolling mean (2 steps)"]
