@@ -165,9 +165,9 @@ def _finite(v) -> bool:
 
 
 # A panel to draw: (title, series, y limits or None), a series (legend label, how, steps, values); how: "steps"
-# (each step's point and their rolling mean), "evals" (a few evaluations, points joined), "line" (a schedule).
-PanelData = tuple[str, list[tuple[str, str, list, list]], "tuple[float, float] | None"]
-
+# (each step's point under their rolling mean; fewer than ROLLING_FROM steps: the points joined), "evals" (a few
+# evaluations, points joined), "line" (a schedule).
+PanelData = tuple[str, list[tuple[str, str, list, list]], tuple[float, float] | None]
 
 ROLLING_FROM = 8  # steps from which a per-step series is drawn as faint points under their rolling mean
 

@@ -145,7 +145,7 @@ def train_rm(cfg: RMConfig) -> dict:
         run.save(step + 1, steps, tokenizer, {"pair_accuracy_start": acc_start})
     final = run.finish(tokenizer)
     summary = {"final": str(final), "steps": steps, "pairs": len(train), "seconds": round(time.time() - start, 1),
-               "report": str(run.report)}
+               "report": run.report and str(run.report)}
     if held:
         summary.update(heldout_pairs=len(held), pair_accuracy_start=acc_start,
                        pair_accuracy=pair_accuracy(model, tokenizer, held, cfg.max_length, device))

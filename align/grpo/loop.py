@@ -413,7 +413,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     engine.close()
     final = run.finish(tokenizer)
     close_rewards(cfg.rewards)
-    summary = {"final": str(final), "steps": cfg.steps, "report": str(run.report), **history}
+    summary = {"final": str(final), "steps": cfg.steps, "report": run.report and str(run.report), **history}
     if "accuracy_start" in history and "accuracy_last" in history and run.is_main:
         print(f"grpo: held-out accuracy {history['accuracy_start']:.1%} -> {history['accuracy_last']:.1%}",
               flush=True)
