@@ -145,6 +145,7 @@ def train_rm(cfg: RMConfig) -> dict:
     acc_start = run.state.get("pair_accuracy_start")
     if held and not run.resumed:
         acc_start = pair_accuracy(model, tokenizer, held, cfg.max_length, device)
+        run.log.log(0, {"eval/pair_accuracy": acc_start})
     for step in run.steps(steps):  # a SIGTERM / SIGINT stops between two steps, checkpointed
         batch = [train[i] for i in batch_indices(len(train), cfg.batch_size, step, cfg.seed)]
         r = _rewards(model, tokenizer, [c for c, _ in batch] + [x for _, x in batch], cfg.max_length, device)
@@ -153,13 +154,15 @@ def train_rm(cfg: RMConfig) -> dict:
         run.accelerator.backward(loss)
         _, grad_norm = run.apply(step + 1, {"loss/bt": loss.item()})
         metrics = {"loss/bt": loss.item(), "rm/train_accuracy": (margin > 0).float().mean().item(),
-                   "rm/margin": margin.mean().item(), "train/grad_norm": grad_norm}
+                   "rm/margin": margin.mean().item(), "train/grad_norm": grad_norm,
+                   "train/lr": run.scheduler.get_last_lr()[0]}
         if held and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == steps):
             metrics["eval/pair_accuracy"] = pair_accuracy(model, tokenizer, held, cfg.max_length, device)
         run.log.log(step + 1, metrics, echo="eval/pair_accuracy" in metrics)
         run.save(step + 1, steps, tokenizer, {"pair_accuracy_start": acc_start})
     final = run.finish(tokenizer)
-    summary = {"final": str(final), "steps": steps, "pairs": len(train), "seconds": round(time.time() - start, 1)}
+    summary = {"final": str(final), "steps": steps, "pairs": len(train), "seconds": round(time.time() - start, 1),
+               "report": run.report and str(run.report)}
     if held:
         summary.update(heldout_pairs=len(held), pair_accuracy_start=acc_start,
                        pair_accuracy=pair_accuracy(model, tokenizer, held, cfg.max_length, device))

@@ -187,7 +187,8 @@ def train_sft(cfg: SFTConfig) -> dict:
         run.log.log(done, metrics, echo=(done % cfg.log_every == 0 or done == total_steps or "eval/loss" in metrics))
         run.save(done, total_steps, tokenizer, {"heldout": heldout})
     final = run.finish(tokenizer)
-    summary = {"final": str(final), "steps": total_steps, "seconds": round(time.time() - t0, 1), **data_stats}
+    summary = {"final": str(final), "steps": total_steps, "seconds": round(time.time() - t0, 1), **data_stats,
+               "report": run.report and str(run.report)}
     if "start" in heldout and "last" in heldout:
         drop = 1 - heldout["last"] / heldout["start"]
         summary.update(heldout_start=heldout["start"], heldout_end=heldout["last"], heldout_drop=drop)

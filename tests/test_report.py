@@ -95,7 +95,7 @@ def test_reward_curves_show_the_raw_weighted_sum_in_normalize_mode():
     from align.report import _reward_keys
 
     rows = [{"step": 1, "reward/helpful": 0.1, "reward/safety": 0.2, "reward/total": 0.0, "reward/weighted": 0.15,
-             "reward/helpful_std": 0.1}]
+             "reward/helpful_std": 0.1, "reward/partially_scored": 0.0, "reward/skipped_groups": 0.0}]
     assert _reward_keys(rows) == ["reward/helpful", "reward/safety", "reward/weighted"]
     assert _reward_keys([{k: v for k, v in rows[0].items() if k != "reward/weighted"}])[-1] == "reward/total"
 

@@ -436,7 +436,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         if cfg.log_completions and run.is_main:  # what the policy wrote (samples.jsonl)
             write_samples(cfg.output_dir, sample_rows(step + 1, prompts, rollouts, scores.total, scores.components,
                                                       group_advantages(scores.total, n, cfg.scale_rewards),
-                                                      cfg.log_completions), run.log.tensorboard)
+                                                      cfg.log_completions), run.log.tensorboard, run.log.wandb)
         metrics = {**scores.metrics(), "reward/zero_std_frac": zero.float().mean().item(),
                    "rollout/completion_len": rollouts.loss_mask.sum(1).float().mean().item(),
                    "rollout/truncated_frac": rollouts.truncated.float().mean().item(), **(rollouts.tool_stats or {})}
@@ -483,7 +483,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     engine.close()
     final = run.finish(tokenizer)
     close_rewards(cfg.rewards)
-    summary = {"final": str(final), "steps": cfg.steps, **history,
+    summary = {"final": str(final), "steps": cfg.steps, "report": run.report and str(run.report), **history,
                **{k.removeprefix("data/"): v for k, v in overlong.items() if v}}
     if "accuracy_start" in history and "accuracy_last" in history and run.is_main:
         print(f"grpo: held-out accuracy {history['accuracy_start']:.1%} -> {history['accuracy_last']:.1%}",

@@ -1,7 +1,8 @@
 """`log_completions: N`: what the policy wrote, beside the numbers. Each step, the first N prompts' G completions
 with their rewards and advantages go to RUN_DIR/samples.jsonl (one JSON row per completion, TRL's log_completions),
-and to TensorBoard as text when it is on. Multi-turn rollouts show the whole conversation (turns and tool answers)
-and how many tool calls each made; `sampled` is the share of its tokens the model sampled (the loss mask)."""
+to TensorBoard as text and to Weights & Biases as a table (`samples`, one per logged step) when they are on.
+Multi-turn rollouts show the whole conversation (turns and tool answers) and how many tool calls each made;
+`sampled` is the share of its tokens the model sampled (the loss mask)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,20 @@ def sample_rows(step: int, prompts: list, rollouts, total: torch.Tensor, compone
     return rows
 
 
-def write_samples(run_dir: str | Path, rows: list[dict], tensorboard=None) -> None:
-    """Append `rows` to RUN_DIR/samples.jsonl (and to TensorBoard as one text entry per step)."""
+COLUMNS = ("step", "prompt_index", "sample", "prompt", "completion", "reward", "advantage", "tokens", "sampled",
+           "truncated")
+
+
+def wandb_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """(columns, data) of a W&B table of `rows`: the row's fields, each reward component as `reward/<name>`."""
+    components = list(dict.fromkeys(k for r in rows for k in r["rewards"]))
+    columns = list(COLUMNS) + [f"reward/{k}" for k in components]
+    return columns, [[r[c] for c in COLUMNS] + [r["rewards"].get(k) for k in components] for r in rows]
+
+
+def write_samples(run_dir: str | Path, rows: list[dict], tensorboard=None, wandb_run=None) -> None:
+    """Append `rows` to RUN_DIR/samples.jsonl (and to TensorBoard as one text entry per step, to the W&B run as one
+    table per step)."""
     if not rows:
         return
     path = Path(run_dir) / "samples.jsonl"
@@ -46,3 +59,8 @@ def write_samples(run_dir: str | Path, rows: list[dict], tensorboard=None) -> No
         table = "\n\n".join(f"**prompt {r['prompt_index']} / sample {r['sample']}** (reward {r['reward']}): "
                             f"{r['prompt']}\n\n    {r['completion']}" for r in rows)
         tensorboard.add_text("samples", table, rows[0]["step"])
+    if wandb_run is not None:
+        import wandb
+
+        columns, data = wandb_table(rows)
+        wandb_run.log({"samples": wandb.Table(columns=columns, data=data)}, step=rows[0]["step"])

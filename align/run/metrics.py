@@ -42,6 +42,11 @@ class MetricsLogger:
         """The TensorBoard writer (None when off), for what is not a scalar (align/grpo/samples.py)."""
         return self._tb
 
+    @property
+    def wandb(self):
+        """The W&B run (None when off), for what is not a scalar (align/grpo/samples.py)."""
+        return self._wandb
+
     def truncate_after(self, step: int) -> None:
         """At the start of a run from the checkpoint of `step` (0: none, the run starts over): keep only the rows
         that checkpoint covers, so metrics.jsonl stays one row per step when the steps after it are logged again.
@@ -89,9 +94,13 @@ CONSOLE = ("loss/sft", "loss/bt", "loss/policy", "loss/kl", "reward/total", "rew
            "rollout/completion_len", "tools/used_frac", "train/grad_norm", "perf/step_s")
 
 
+REWARD_COUNTS = ("reward/skipped_groups", "reward/partially_scored")  # reward/ keys that count, not components
+
+
 def _shown(key: str) -> bool:
     """The console's short set: the main losses and rewards, each reward component, every eval metric."""
-    component = key.startswith("reward/") and key.count("/") == 1 and not key.endswith(("_std", "_applies", "_frac"))
+    component = (key.startswith("reward/") and key.count("/") == 1 and not key.endswith(("_std", "_applies", "_frac"))
+                 and key not in REWARD_COUNTS)
     return key in CONSOLE or component or key.startswith("eval/")
 
 

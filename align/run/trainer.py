@@ -9,8 +9,9 @@
     Run.steps   the steps still to run, under a progress bar; a SIGTERM or SIGINT stops the run between two steps, the
                 finished one checkpointed (align/run/stop.py)
     Run.save    a checkpoint every `save_every` steps and at the last one
-    Run.finish  the final model as an ordinary HF directory (OUTPUT/final), the logger closed, the directory's lock
-                released (align/run/lock.py: start_run took it, before any write)
+    Run.finish  the final model as an ordinary HF directory (OUTPUT/final), the logger closed, OUTPUT/report.md and its
+                plots from metrics.jsonl (align/report.py), the directory's lock released (align/run/lock.py:
+                start_run took it, before any write)
 
 Every stage's config has output_dir, seed, lr, weight_decay, max_grad_norm, save_every, keep_last, tensorboard,
 resume and on_nonfinite with the same meaning; `min_lr_ratio`, `balance_alpha` and `freeze_router` where the stage
@@ -60,6 +61,7 @@ class Run:
     precision: Precision = Precision(torch.float32, torch.float32)  # weights' and compute dtype (align.model.precision)
     saved: int = -1            # the last step checkpointed by this process's run (-1: none yet)
     offered: tuple | None = None  # the last (step, tokenizer, state) given to `save`, due or not: what a stop saves
+    report: Path | None = None    # OUTPUT/report.md, written by `finish` on the main process (align/report.py)
 
     @property
     def device(self) -> torch.device:
@@ -129,6 +131,10 @@ class Run:
                                   dtype=self.precision.compute if self.precision.mixed else None)
         self.log.close()
         if self.is_main:
+            from ..report import write_stage_report
+
+            self.report = write_stage_report(self.cfg.output_dir, self.stage)
+            print(f"{self.stage}: report at {self.report}", flush=True)
             unlock_dir(self.cfg.output_dir)  # the run is over (else the process's end releases it)
         return final
 
