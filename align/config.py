@@ -311,7 +311,7 @@ def require_steps(steps: float, key: str, how: str = "") -> None:
         steps = math.inf
     if math.isfinite(steps) and steps <= MAX_STEPS:
         return
-    implied = f"{steps:.3g} steps" if math.isfinite(steps) else "more steps than a float holds"
+    implied = f"{steps:.3g} steps" if math.isfinite(steps) else "more than 1.8e+308 steps"
     days = f" (~{steps / 86400:.3g} days at 1 step a second)" if math.isfinite(steps) else ""
     raise ConfigError(f"key '{key}' implies {implied}{' = ' + how if how else ''}{days}; at most {MAX_STEPS:,} "
                       f"steps are run")

@@ -94,7 +94,8 @@ def main() -> None:
     if not model.exists():
         subprocess.run([sys.executable, "-m", "align", "tiny", str(model)], check=True, stdout=subprocess.DEVNULL,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    files = {"sft": (DATA / "train.jsonl", work / "sft.jsonl"), "grpo": (DATA / "rl_prompts.jsonl", work / "grpo.jsonl")}
+    files = {"sft": (DATA / "train.jsonl", work / "sft.jsonl"),
+             "grpo": (DATA / "rl_prompts.jsonl", work / "grpo.jsonl")}
     for stage in ("sft", "grpo") if args.stage == "both" else (args.stage,):
         src, out = files[stage]
         if not out.exists():
