@@ -8,7 +8,8 @@ rows with fresh ids: `sft.jsonl` from data/arith/train.jsonl (chats), `grpo.json
 with PYTHONPATH=--root (default: this checkout; point it at another checkout to measure that one), one optimizer
 step (sft max_steps=1; grpo steps=1, 2 prompts x G=2), no held-out data. Printed per stage: seconds until the stage
 prints its start line (`... new run`: data loaded and checked, the run set up, the first step about to begin),
-seconds to the end of the process (one step and the final save included), peak RSS (`Maximum resident set size`),
+seconds to the end of the process (one step and the final save included), CPU seconds of the whole process (user +
+system: what the load of a shared machine does not inflate), peak RSS (`Maximum resident set size`),
 and the 1-minute load average before and after (the machine is shared: the same command can take twice as long).
 """
 
@@ -73,11 +74,13 @@ def run_stage(stage: str, args, model: Path, data: Path) -> dict:
     total = time.time() - t0
     text = "".join(lines)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    cpu = sum(float(m) for m in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text))
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
         print(text[-3000:])
     return {"stage": stage, "rc": proc.returncode, "to_start_s": round(started, 1) if started else None,
-            "total_s": round(total, 1), "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None,
+            "total_s": round(total, 1), "cpu_s": round(cpu, 1),
+            "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None,
             "load_before": before, "load_after": loadavg(), "root": str(args.root)}
 
 

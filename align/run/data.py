@@ -4,7 +4,8 @@ tokenise.
 Rows are either conversational, `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (content
 may be a list of text parts, joined with no separator), or prompt / completion, `{"prompt": str | messages,
 "completion": str | messages}`. Validation runs over every row before
-any training and names `file:row N: field`. Tokenisation renders the whole chat with the tokenizer's own template and
+any training and names `file:row N: field`; rows are then read again as they are drawn (`RowView`: a JSONL file is
+an index of where rows start, `align.run.datafiles.JsonlRows`), and SFT tokenises them per batch (`TokenizedChats`). Tokenisation renders the whole chat with the tokenizer's own template and
 labels each assistant turn's content and its end-of-turn token (found by rendering the prefix with and without the
 turn; a template it cannot be found in is refused by name), so the loss is on assistant tokens only.
 """
