@@ -300,3 +300,21 @@ def require(cond: bool, key: str, expected: str, value: Any) -> None:
     """Raise `ConfigError` naming `key` unless `cond` holds (used in `validate()` methods)."""
     if not cond:
         raise ConfigError(f"key '{key}' must be {expected}, got {value!r}")
+
+
+MAX_STEPS = 10_000_000  # optimizer steps: 116 days at 1 step a second, beyond any run this toolkit is for
+
+
+def require_steps(steps: float, key: str, how: str = "") -> None:
+    """Refuse, naming `key`, a step count no run reaches: not finite or over MAX_STEPS (the implied duration is
+    said at an optimistic 1 step a second). `how`: how `steps` follows from `key` (e.g. "epochs x 1500 rows / 16")."""
+    try:
+        steps = float(steps)
+    except OverflowError:  # an int beyond any float
+        steps = math.inf
+    if math.isfinite(steps) and steps <= MAX_STEPS:
+        return
+    implied = f"{steps:.3g} steps" if math.isfinite(steps) else "more than 1.8e+308 steps"
+    days = f" (~{steps / 86400:.3g} days at 1 step a second)" if math.isfinite(steps) else ""
+    raise ConfigError(f"key '{key}' implies {implied}{' = ' + how if how else ''}{days}; at most {MAX_STEPS:,} "
+                      f"steps are run")

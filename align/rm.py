@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .config import directory_path, option, require
+from .config import directory_path, option, require, require_steps
 from .model.hub import model_dir
 from .model.policy import chat_template_text, check_model_dir, load_tokenizer, resolve_dtype
 from .model.precision import training_device, training_precision
@@ -135,6 +135,8 @@ def train_rm(cfg: RMConfig) -> dict:
     tokenizer.padding_side = "right"  # the score is read at the last real token
     train = [p for path in cfg.train_data for p in load_pairs(path, tokenizer)]
     held = [p for path in cfg.eval_data for p in load_pairs(path, tokenizer)]
+    require_steps(cfg.epochs * len(train) / cfg.batch_size, "epochs",
+                  f"epochs {cfg.epochs:g} x {len(train)} pairs / batch_size {cfg.batch_size}")
     steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
 
     run = start_run(cfg, "rm", total_updates=steps, warmup_steps=int(cfg.warmup_ratio * steps),

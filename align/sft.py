@@ -19,14 +19,27 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 
 import torch
 
-from .config import ConfigError, directory_path, option, require
+from .config import ConfigError, directory_path, option, require, require_steps
 from .model.logprobs import forward_logprobs
 from .model.moe import Router
 from .model.policy import ModelConfig, check_model_dir, load_tokenizer
-from .run.data import IGNORE, batch_indices, collate, collate_packed, load_chats, pack, tokenize_chats
+from .run.data import (
+    FIRST_ASSISTANT,
+    IGNORE,
+    DataError,
+    TokenizedChats,
+    batch_indices,
+    chat_rows,
+    collate,
+    collate_packed,
+    load_chats,
+    pack,
+    tokenize_chats,
+)
 from .run.finite import NonFinitePolicy, nonfinite_option
 from .run.rundir import ResumeMode, resume_option
 from .run.tracking import WandbConfig
@@ -72,6 +85,7 @@ class SFTConfig:
             require(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))
         require(self.epochs > 0 or self.max_steps > 0, "epochs", "positive (or max_steps > 0)", self.epochs)
         require(self.max_steps >= 0, "max_steps", ">= 0", self.max_steps)
+        require_steps(self.max_steps, "max_steps")
         require(self.lr > 0, "lr", "positive", self.lr)
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
         require(self.balance_alpha >= 0, "balance_alpha", ">= 0", self.balance_alpha)
@@ -79,19 +93,29 @@ class SFTConfig:
             require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
 
 
-def _prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
-    """Load, validate and tokenise everything (before anything is written)."""
-    train, stats = [], {"rows": 0, "truncated": 0, "dropped": 0}
-    for path in cfg.train_data:
-        ex, s = tokenize_chats(tokenizer, load_chats(path), cfg.max_length, str(path))
-        train += ex
-        stats = {k: stats[k] + s[k] for k in stats}
+def _prepare_data(cfg: SFTConfig, tokenizer) -> tuple[Sequence[dict], list[dict], dict | None]:
+    """Load and validate every training row, tokenise the held-out rows (before anything is written). Training
+    rows are tokenised per batch as they are drawn (`TokenizedChats`: the first row of each file is tokenised here,
+    so a chat template the loss mask cannot be read from is refused now); with packing, which needs every length,
+    all of them here, with their truncated / dropped counts (else None)."""
+    chats = chat_rows(cfg.train_data)
+    for i, chat in enumerate(chats):  # the validation pass: every row's fields, one streaming read
+        if chat[0]["role"] == "assistant":
+            raise DataError(f"{chats.where(i)}: {FIRST_ASSISTANT}")
     held = []
     for path in cfg.eval_data:
         held += tokenize_chats(tokenizer, load_chats(path), cfg.max_length, str(path))[0]
-    if cfg.packing:
-        train = pack(train, cfg.max_length, tokenizer.pad_token_id)
-    return train, held, stats
+    if not cfg.packing:
+        train = TokenizedChats(tokenizer, chats, cfg.max_length)
+        for end in [0, *chats.ends[:-1]]:
+            train[end]
+        return train, held, None
+    examples, stats = [], {"rows": 0, "truncated": 0, "dropped": 0}
+    for path in cfg.train_data:
+        ex, s = tokenize_chats(tokenizer, load_chats(path), cfg.max_length, str(path))
+        examples += ex
+        stats = {k: stats[k] + s[k] for k in stats}
+    return pack(examples, cfg.max_length, tokenizer.pad_token_id), held, stats
 
 
 def _to_batch(rows: list[dict], packing: bool, pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -140,14 +164,19 @@ def train_sft(cfg: SFTConfig) -> dict:
     train_rows, held_rows, data_stats = _prepare_data(cfg, tokenizer)
     world = world_size()
     global_batch = cfg.batch_size * cfg.grad_accum * world
+    if not cfg.max_steps:
+        per_epoch = max(1, len(train_rows) // global_batch)
+        require_steps(cfg.epochs * per_epoch, "epochs", f"epochs {cfg.epochs:g} x {per_epoch} steps per epoch "
+                      f"({len(train_rows)} rows / {global_batch} a step)")
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(1, len(train_rows) // global_batch)))
 
     run = start_run(cfg, "sft", total_updates=total_steps, warmup_steps=int(cfg.warmup_ratio * total_steps))
     accelerator, rank, pad_id = run.accelerator, run.accelerator.process_index, tokenizer.pad_token_id
     if run.is_main:
         where = f"resuming at step {run.start}" if run.resumed else "new run"
-        print(f"sft: {len(train_rows)} rows ({data_stats['truncated']} truncated, {data_stats['dropped']} dropped), "
-              f"{total_steps} steps of {global_batch}, {where}", flush=True)
+        counts = (f"{data_stats['truncated']} truncated, {data_stats['dropped']} dropped" if data_stats else
+                  "tokenised per batch, truncation counted in train/truncated_rows")
+        print(f"sft: {len(train_rows)} rows ({counts}), {total_steps} steps of {global_batch}, {where}", flush=True)
     heldout = dict(run.state.get("heldout", {}))
     if held_rows and run.start == 0:
         heldout["start"] = heldout_loss(run.model, held_rows, cfg, pad_id, run.device)
@@ -157,8 +186,11 @@ def train_sft(cfg: SFTConfig) -> dict:
         # -- this process's micro-batches of global batch `step`
         idx = batch_indices(len(train_rows), global_batch, step, cfg.seed)
         mine = idx[rank * cfg.batch_size * cfg.grad_accum:(rank + 1) * cfg.batch_size * cfg.grad_accum]
-        micro = [_to_batch([train_rows[i] for i in mine[m * cfg.batch_size:(m + 1) * cfg.batch_size]],
-                           cfg.packing, pad_id, run.device) for m in range(cfg.grad_accum)]
+        rows = [train_rows[i] for i in mine]  # tokenised here unless packed (`TokenizedChats`)
+        micro = [_to_batch(rows[m * cfg.batch_size:(m + 1) * cfg.batch_size], cfg.packing, pad_id, run.device)
+                 for m in range(cfg.grad_accum)]
+        truncated = accelerator.reduce(torch.tensor(float(sum(r.get("truncated", False) for r in rows)),
+                                                    device=run.device), reduction="sum")
         n_tokens = sum((mb["labels"][:, 1:] != IGNORE).sum() for mb in micro).float()
         n_tokens = accelerator.reduce(n_tokens, reduction="sum").clamp_min(1.0)
         # -- loss = token-mean NLL over the global batch (+ balance loss), accumulated over micro-batches
@@ -180,6 +212,8 @@ def train_sft(cfg: SFTConfig) -> dict:
         metrics = {"loss/sft": loss_sum, "loss/balance": balance_sum, "train/grad_norm": grad_norm,
                    "train/lr": run.scheduler.get_last_lr()[0], "train/tokens": int(n_tokens.item()),
                    "perf/sec_per_step": (time.time() - t0) / (done - run.start), "train/skipped_nonfinite": skipped}
+        if data_stats is None:  # rows of the global batch cut at max_length (packed rows were counted up front)
+            metrics["train/truncated_rows"] = int(truncated.item())
         if run.router is not None:
             metrics.update(run.router.load(router_logits, _token_mask(micro[-1])))
         if held_rows and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
@@ -187,8 +221,8 @@ def train_sft(cfg: SFTConfig) -> dict:
         run.log.log(done, metrics, echo=(done % cfg.log_every == 0 or done == total_steps or "eval/loss" in metrics))
         run.save(done, total_steps, tokenizer, {"heldout": heldout})
     final = run.finish(tokenizer)
-    summary = {"final": str(final), "steps": total_steps, "seconds": round(time.time() - t0, 1), **data_stats,
-               "report": run.report and str(run.report)}
+    summary = {"final": str(final), "steps": total_steps, "seconds": round(time.time() - t0, 1),
+               **(data_stats or {"rows": len(train_rows)}), "report": run.report and str(run.report)}
     if "start" in heldout and "last" in heldout:
         drop = 1 - heldout["last"] / heldout["start"]
         summary.update(heldout_start=heldout["start"], heldout_end=heldout["last"], heldout_drop=drop)

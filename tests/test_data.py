@@ -63,7 +63,7 @@ def test_jsonl_rows_read_directly_equal_what_datasets_gives(tmp_path):
     path = tmp_path / "p.jsonl"
     write_jsonl(path, rows)
     expected = list(datasets.load_dataset("json", data_files=str(path), split="train"))
-    assert load_rows(path) == expected
+    assert list(load_rows(path)) == expected
     assert load_rows(path)[1] == {"prompt": "q2", "answer": None, "id": "b", "extra": None}
 
 

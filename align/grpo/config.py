@@ -8,7 +8,7 @@ from typing import Literal
 
 from rewards.combine import RewardSpec
 
-from ..config import ConfigError, directory_path, option, require
+from ..config import ConfigError, directory_path, option, require, require_steps
 from ..model.policy import ModelConfig
 from ..rollout.engines import check_engine
 from ..rollout.protocol import RolloutConfig, SamplingConfig
@@ -119,6 +119,9 @@ class GRPOConfig:
         for key in ("prompts_per_step", "steps", "inner_epochs", "minibatches", "micro_batch_size",
                     "logprob_chunk", "eval_max_new_tokens"):
             require(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))
+        require_steps(self.steps, "steps")
+        require_steps(self.steps * self.inner_epochs * self.minibatches, "inner_epochs",
+                      f"steps {self.steps} x inner_epochs {self.inner_epochs} x minibatches {self.minibatches} updates")
         require(self.prompts_per_step >= self.minibatches, "minibatches",
                 "at most prompts_per_step (a minibatch holds whole groups of G completions)", self.minibatches)
         require(self.lr > 0, "lr", "positive", self.lr)

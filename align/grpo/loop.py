@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -56,7 +57,7 @@ from ..rollout.engines import EngineContext, engine_class, make_engine
 from ..rollout.multiturn import ToolRollouts
 from ..rollout.protocol import RolloutEngine
 from ..rollout.tools import toolbox
-from ..run.data import DataError, PromptRow, batch_indices, check_tools_rendered, load_prompts
+from ..run.data import DataError, PromptRow, batch_indices, check_tools_rendered, load_prompts, prompt_rows
 from ..run.finite import check_step
 from ..run.offload import offloaded
 from ..run.trainer import Run, start_run, world_size
@@ -77,7 +78,7 @@ from .samples import sample_rows, write_samples
 from .trajectory import PolicyForward, Trajectory, build_trajectory
 
 
-def _step_prompts(rows: list[PromptRow], cfg: GRPOConfig, step: int, rank: int = 0, world: int = 1):
+def _step_prompts(rows: Sequence[PromptRow], cfg: GRPOConfig, step: int, rank: int = 0, world: int = 1):
     """This process's share of step `step`'s B prompts (B / world consecutive ones of a (seed, step) draw)."""
     picked = [rows[i] for i in batch_indices(len(rows), cfg.prompts_per_step, step, cfg.seed)]
     share = cfg.prompts_per_step // world
@@ -275,19 +276,38 @@ def truncate_prompt(tokenizer, row: PromptRow, budget: int, tools: list[dict] | 
     return PromptRow(rest, row.columns) if rest and fits(rest) else None
 
 
-def _fit_prompts(cfg: GRPOConfig, tokenizer, rows: list[PromptRow], context: int | None,
+MEASURED_PROMPTS = 100_000  # prompts whose token length is checked before the run (~60 µs each on a CPU core)
+
+
+def _measured_tokens(tokenizer, r: PromptRow, tools: list[dict] | None) -> int:
+    """The prompt's tokens, its tool messages checked to render (DataError naming the row)."""
+    try:
+        check_tools_rendered(tokenizer, r.messages)
+    except DataError as e:
+        raise DataError(f"{r.columns['row']}: {e}") from None
+    return _prompt_tokens(tokenizer, r, tools)
+
+
+def _prompt_fits(tokenizer, r: PromptRow, cfg: GRPOConfig, context: int | None, tools: list[dict] | None) -> int:
+    """The prompt's tokens + sampling.max_new_tokens; ConfigError naming the row when that exceeds the context
+    (overlong_prompts=refuse, checked per step where the prompts were not measured up front)."""
+    n = _measured_tokens(tokenizer, r, tools)
+    if context and n + cfg.sampling.max_new_tokens > context:
+        raise ConfigError(f"{r.columns['row']}: prompt of {n} tokens + sampling.max_new_tokens="
+                          f"{cfg.sampling.max_new_tokens} exceeds the model's context of {context} tokens "
+                          f"(overlong_prompts=refuse; drop or truncate take such prompts out or cut them)")
+    return n + cfg.sampling.max_new_tokens
+
+
+def _fit_prompts(cfg: GRPOConfig, tokenizer, rows, context: int | None,
                  tools: list[dict] | None) -> tuple[list[PromptRow], dict[str, int], int]:
     """The training prompts that fit the model's context with sampling.max_new_tokens, as `overlong_prompts` says
     (refuse: ConfigError naming the first row over; drop; truncate), how many were dropped / truncated, and the
-    longest kept prompt's tokens."""
+    longest kept prompt's tokens. `rows` itself is returned where every prompt fits (a lazy view stays lazy)."""
     budget = context - cfg.sampling.max_new_tokens if context else None
     kept, counts, longest = [], {"data/prompts_dropped": 0, "data/prompts_truncated": 0}, 0
     for r in rows:
-        try:
-            check_tools_rendered(tokenizer, r.messages)
-        except DataError as e:
-            raise DataError(f"{r.columns['row']}: {e}") from None
-        n = _prompt_tokens(tokenizer, r, tools)
+        n = _measured_tokens(tokenizer, r, tools)
         if budget is None or n <= budget:
             kept.append(r)
             longest = max(longest, n)
@@ -305,6 +325,8 @@ def _fit_prompts(cfg: GRPOConfig, tokenizer, rows: list[PromptRow], context: int
             counts["data/prompts_truncated"] += 1
             kept.append(cut)
             longest = max(longest, _prompt_tokens(tokenizer, cut, tools))
+    if not any(counts.values()):
+        return rows, counts, longest
     if not kept:
         raise ConfigError(f"every one of the {len(rows)} training prompts is over the model's context of {context} "
                           f"tokens with sampling.max_new_tokens={cfg.sampling.max_new_tokens} "
@@ -313,9 +335,13 @@ def _fit_prompts(cfg: GRPOConfig, tokenizer, rows: list[PromptRow], context: int
 
 
 def _checked_inputs(cfg: GRPOConfig, world: int):
-    """Tokenizer, train and eval prompts, the longest sequence the run generates (its longest prompt plus the most
-    new tokens, at most the model's context: what vLLM sizes its KV cache for), and the over-long prompts dropped /
-    truncated (`overlong_prompts`): everything bad input can break, checked before anything is written."""
+    """Tokenizer, train prompts (read as drawn: `align.run.data.RowView`), eval prompts, the longest sequence the run
+    generates (its longest prompt plus the most new tokens, at most the model's context: what vLLM sizes its KV cache
+    for), the over-long prompts dropped / truncated (`overlong_prompts`) and whether the train prompts' lengths were
+    measured: everything bad input can break, checked before anything is written. One streaming pass validates every
+    train row and its reward columns; every prompt is measured too where the engine sizes itself by them, where there
+    are at most MEASURED_PROMPTS, or where overlong_prompts drops or truncates (else each step's prompts are measured
+    when drawn, `_prompt_fits`: tokenising 2 million prompts takes minutes)."""
     model_json = check_model_dir(cfg.model.path, policy=True)
     context = model_json.get("max_position_embeddings")
     for key, used in (("routing_replay", cfg.routing_replay != "none"), ("freeze_router", cfg.freeze_router)):
@@ -323,17 +349,31 @@ def _checked_inputs(cfg: GRPOConfig, world: int):
             raise ConfigError(f"key '{key}': {cfg.model.path} is {model_json.get('model_type')!r}, not a DeepSeek-V2 "
                               "MoE model (it has no router)")
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.chat_template)
+    train_rows = prompt_rows(cfg.train_data)
+    measured = (engine_class(cfg.rollout.engine).sized_by_prompts or len(train_rows) <= MEASURED_PROMPTS
+                or cfg.overlong_prompts != "refuse")
     tools = toolbox(cfg.tools).schemas() if cfg.tools.protocol == "chat" else None
-    read = [r for path in cfg.train_data for r in load_prompts(path)]
-    train_rows, overlong, longest = _fit_prompts(cfg, tokenizer, read, context, tools)
-    longest += cfg.sampling.max_new_tokens
+    # check_columns over all rows finds, for each column, the first row without it: the first row, and each row that
+    # is the first to lack a column, are the rows it needs to see to find the same
+    witnesses, known, lacking = [], set(), set()
+    for i, r in enumerate(train_rows):
+        known.update(r.columns)
+        lacks = {k for k in known - lacking if r.columns.get(k) is None}
+        if i == 0 or lacks:
+            witnesses.append(r.columns)
+            lacking |= lacks
+    overlong = {"data/prompts_dropped": 0, "data/prompts_truncated": 0}
+    longest = context or 0
+    if measured:
+        train_rows, overlong, longest = _fit_prompts(cfg, tokenizer, train_rows, context, tools)
+        longest += cfg.sampling.max_new_tokens
     eval_rows = [r for path in cfg.eval_data for r in load_prompts(path)]
     for r in eval_rows:
         if r.columns.get("answer") is None:
             raise ConfigError(f"{r.columns['row']}: eval_data rows need an 'answer' column for held-out accuracy")
         longest = max(longest, _prompt_tokens(tokenizer, r) + cfg.eval_max_new_tokens)
     try:
-        check_columns(cfg.rewards, [r.columns for r in train_rows])
+        check_columns(cfg.rewards, witnesses)
     except RewardError as e:
         raise ConfigError(str(e)) from None
     if cfg.prompts_per_step % world:
@@ -343,7 +383,7 @@ def _checked_inputs(cfg: GRPOConfig, world: int):
         raise ConfigError(f"key 'minibatches' must be at most the {cfg.prompts_per_step // world} prompt groups "
                           f"each of the {world} processes holds (a minibatch holds whole groups), got "
                           f"{cfg.minibatches}")
-    return tokenizer, train_rows, eval_rows, min(longest, context) if context else longest, overlong
+    return tokenizer, train_rows, eval_rows, min(longest, context) if context else longest, overlong, measured
 
 
 def _engine(cfg: GRPOConfig, run: Run, tokenizer, max_len: int) -> RolloutEngine:
@@ -363,7 +403,9 @@ def _engine(cfg: GRPOConfig, run: Run, tokenizer, max_len: int) -> RolloutEngine
 def train_grpo(cfg: GRPOConfig) -> dict:
     """Run GRPO to `cfg.steps` (resuming from the newest checkpoint in output_dir); returns a summary."""
     world = world_size()
-    tokenizer, train_rows, eval_rows, max_len, overlong = _checked_inputs(cfg, world)
+    tokenizer, train_rows, eval_rows, max_len, overlong, measured = _checked_inputs(cfg, world)
+    context = None if measured else check_model_dir(cfg.model.path).get("max_position_embeddings")
+    tools_schemas = toolbox(cfg.tools).schemas() if cfg.tools.protocol == "chat" and not measured else None
     uses_routes = cfg.routing_replay != "none" or cfg.routing_metrics_every > 0
     if uses_routes and check_model_dir(cfg.model.path).get("model_type") == "deepseek_v2" and not fastpaths.active(
             "moe_routes"):  # the installed transformers' MoE gate is not what align.model.routing hooks (one warning)
@@ -404,6 +446,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         # 1. rollouts: G completions per prompt from the current policy (or, ahead, from one at most L versions old)
         if ahead is None:
             picked = _step_prompts(train_rows, cfg, step, rank, world)
+            for r in picked if not measured else ():  # lengths not checked up front (MEASURED_PROMPTS)
+                _prompt_fits(tokenizer, r, cfg, context, tools_schemas)
             with offloaded(run.model, run.optimizer, enabled=cfg.rollout.offload_policy and engine.own_weights):
                 rollouts = sample(picked, G, cfg.sampling)  # one turn, or turns and tool calls (tools.protocol)
         else:

@@ -15,6 +15,8 @@ An engine is a class with
                                                  (rollout.max_off_policy_steps > 0, align/grpo/ahead.py)
     cheap_routes                                 True when recording the MoE routes it samples with costs nothing
                                                  (then the routing metrics compare against them)
+    sized_by_prompts                             True when it needs the run's longest prompt (EngineContext.max_model_len)
+                                                 before it starts: every train prompt is then measured up front
 A new engine is one file with such a class and one line in ENGINES.
 """
 

@@ -148,6 +148,7 @@ class HFEngine:
     runs_ahead = False     # generation cannot overlap training (it shares the trainer's process)
     own_weights = False    # samples with the policy itself
     cheap_routes = True    # the routes come from its own forwards, at no cost
+    sized_by_prompts = False  # max_model_len unused: transformers generate allocates per batch
 
     @classmethod
     def check(cls, rollout, model_dtype: str, replay_routes: bool) -> None:

@@ -155,6 +155,7 @@ class VLLMEngine:
     runs_ahead = False     # generation cannot overlap training (it shares the trainer's process)
     own_weights = True     # samples from its own copy: the policy may wait on CPU meanwhile (offload_policy)
     cheap_routes = False   # routes only when asked for (routing_replay=rollout): they cost vLLM memory
+    sized_by_prompts = True  # its KV cache is sized for max_model_len
 
     @classmethod
     def check(cls, rollout: RolloutConfig, model_dtype: str, replay_routes: bool) -> None:

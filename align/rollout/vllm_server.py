@@ -119,6 +119,7 @@ class VLLMServerEngine:
     runs_ahead = True      # generation may overlap training (rollout.max_off_policy_steps > 0: align/grpo/ahead.py)
     own_weights = True     # the server holds its own copy: the policy may wait on CPU meanwhile (offload_policy)
     cheap_routes = False   # routes only when asked for (routing_replay=rollout; the server must return them)
+    sized_by_prompts = True  # its KV cache is sized for max_model_len
 
     @classmethod
     def check(cls, rollout: RolloutConfig, model_dtype: str, replay_routes: bool) -> None:

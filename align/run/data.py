@@ -8,17 +8,23 @@ Rows are either conversational, `{"messages": [{"role": "system"|"user"|"assista
 optional; arguments given as a JSON string are parsed to the object templates expect), answered by `tool` messages
 (`content`, optional `name` / `tool_call_id`) that follow it. Validation runs over every row before any training and
 names `file:row N: field`; a row that fails it for want of `messages` / `prompt` but whose fields are those of a known
-dataset says which `#format=` reads it (`formats.format_hint`). Tokenisation renders the whole chat with the
-tokenizer's own template and labels each assistant turn's content (and tool calls) and its end-of-turn token (found by
-rendering the prefix with and without the turn; a template it cannot be found in, or that drops tool calls or tool
-messages, is refused by name), so the loss is on assistant tokens only: tool messages are never learned.
+dataset says which `#format=` reads it (`formats.format_hint`). Rows are then read again as they are drawn
+(`RowView`: a JSONL file is an index of where rows start, `align.run.datafiles.JsonlRows`), and SFT tokenises them per
+batch (`TokenizedChats`). Tokenisation renders the whole chat with the tokenizer's own template and labels each
+assistant turn's content (and tool calls) and its end-of-turn token (found by rendering the prefix with and without
+the turn; a template it cannot be found in, or that drops tool calls or tool messages, is refused by name), so the
+loss is on assistant tokens only: tool messages are never learned.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -231,12 +237,6 @@ def row_pair(row: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]
     return prompt, chosen[n:], rejected[n:]
 
 
-def load_chats(path) -> list[list[dict]]:
-    """Load and validate every row of a chat source; the first bad row stops it with source:row:field."""
-    ds, name = load_rows(path), source_name(path)
-    return [row_messages(row, f"{name}:row {i + 1}") for i, row in enumerate(ds)]
-
-
 @dataclass
 class PromptRow:
     """One prompt for generation, with the row's other columns (passed to reward functions)."""
@@ -245,16 +245,83 @@ class PromptRow:
     columns: dict
 
 
+def prompt_row(row: dict, where: str) -> PromptRow:
+    """The PromptRow of a row (validated); its columns get `row` = `where` unless the row has one."""
+    msgs = row_prompt(row, where)
+    columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
+    columns.setdefault("row", where)
+    return PromptRow(msgs, columns)
+
+
+class RowView(Sequence):
+    """The rows of one data source as `convert(row, "source:row N")` makes them (`row_messages`, `prompt_row`),
+    made when asked for: nothing of a row is kept between reads (a JSONL file is read from disk again,
+    `align.run.datafiles.JsonlRows`; a Dataset is memory-mapped Arrow), so a 200 MB file costs its index, not its
+    rows' Python objects. Iterating converts every row in order: the validation pass."""
+
+    def __init__(self, source, convert: Callable[[dict, str], Any]):
+        self.rows, self.name, self.convert = load_rows(source), source_name(source), convert
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def where(self, i: int) -> str:
+        return f"{self.name}:row {i + 1}"
+
+    def __getitem__(self, i: int):
+        return self.convert(self.rows[i], self.where(i))
+
+    def __iter__(self):
+        for i, row in enumerate(self.rows):
+            yield self.convert(row, self.where(i))
+
+
+class Chain(Sequence):
+    """Several RowViews as one sequence, in order (a stage's train_data files)."""
+
+    def __init__(self, views: list[RowView]):
+        self.views = views
+        self.ends = list(itertools.accumulate(len(v) for v in views))
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def _locate(self, i: int) -> tuple[RowView, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} of {len(self)}")
+        k = bisect.bisect_right(self.ends, i)
+        return self.views[k], i - (self.ends[k - 1] if k else 0)
+
+    def where(self, i: int) -> str:
+        view, j = self._locate(i)
+        return view.where(j)
+
+    def __getitem__(self, i: int):
+        view, j = self._locate(i)
+        return view[j]
+
+    def __iter__(self):
+        return itertools.chain.from_iterable(self.views)
+
+
+def chat_rows(sources: list) -> Chain:
+    """The conversations of `sources`, read and validated as they are asked for (`RowView`)."""
+    return Chain([RowView(s, row_messages) for s in sources])
+
+
+def prompt_rows(sources: list) -> Chain:
+    """The PromptRows of `sources`, read and validated as they are asked for (`RowView`)."""
+    return Chain([RowView(s, prompt_row) for s in sources])
+
+
+def load_chats(path) -> list[list[dict]]:
+    """Load and validate every row of a chat source; the first bad row stops it with source:row:field."""
+    return list(RowView(path, row_messages))
+
+
 def load_prompts(path) -> list[PromptRow]:
     """The prompts of a data source (`align.run.formats`), each with its row's other columns."""
-    ds, name = load_rows(path), source_name(path)
-    out = []
-    for i, row in enumerate(ds):
-        msgs = row_prompt(row, f"{name}:row {i + 1}")
-        columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
-        columns.setdefault("row", f"{name}:row {i + 1}")
-        out.append(PromptRow(msgs, columns))
-    return out
+    return list(RowView(path, prompt_row))
 
 
 # ---------------------------------------------------------------------------------------------- tokenisation
@@ -276,6 +343,9 @@ def load_prompts(path) -> list[PromptRow]:
 # An assistant turn with tool calls is learned the same way from the end of its generation prompt: its content (if
 # any), the calls as the template writes them, through the turn's last special token. Tool messages are context like
 # user turns. A template that drops the calls or the tool messages is refused (`check_tools_rendered`).
+
+
+FIRST_ASSISTANT = "messages[0] is an assistant turn: there is no prompt before it to learn it from"
 
 
 def _special_tokens(tokenizer) -> list[str]:
@@ -355,7 +425,7 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
         if m["role"] != "assistant":
             continue
         if i == 0:
-            raise DataError("messages[0] is an assistant turn: there is no prompt before it to learn it from")
+            raise DataError(FIRST_ASSISTANT)
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (upto.startswith(before) and text.startswith(upto)) or (spans and len(before) < spans[-1][1]):
@@ -398,6 +468,27 @@ def tokenize_chats(tokenizer, chats: list[list[dict]], max_length: int, source: 
     if not out:
         raise DataError(f"{source}: no row keeps an assistant token within max_length={max_length}")
     return out, {"rows": len(chats), "truncated": truncated, "dropped": dropped}
+
+
+class TokenizedChats(Sequence):
+    """`tokenize_chat` of `chats[i]`, made when row i is asked for: SFT without packing tokenises each batch as it
+    is drawn (a 200 MB file starts training in seconds, where tokenising every row first took minutes). Each
+    example keeps `truncated`; a row cut before its first assistant token stays in the order and adds no token to
+    the loss (`tokenize_chats`, which packing uses, drops it instead). A row the mask cannot be derived for stops
+    the run with `source:row N`."""
+
+    def __init__(self, tokenizer, chats: Chain, max_length: int):
+        self.tokenizer, self.chats, self.max_length = tokenizer, chats, max_length
+
+    def __len__(self) -> int:
+        return len(self.chats)
+
+    def __getitem__(self, i: int) -> dict:
+        chat = self.chats[i]
+        try:
+            return tokenize_chat(self.tokenizer, chat, self.max_length)
+        except DataError as e:
+            raise DataError(f"{self.chats.where(i)}: {e}") from None
 
 
 # -------------------------------------------------------------------------------------------------- batching

@@ -211,7 +211,8 @@ def check_source(source) -> str | None:
 
 def load_rows(source):
     """The rows of a data source (a local file or `save_to_disk` directory, a hub dataset id, a sidecar or mapping;
-    `columns` / `format` applied): JSONL as a list of dicts, a Dataset where nothing reshapes it."""
+    `columns` / `format` applied): JSONL as a `JsonlRows` (read from the file as asked for), a Dataset, or a list
+    of dicts where `columns` / `format` reshape them."""
     src = parse_source(source)
     rows = read_local(src.path) if src.path is not None else load_hub(src)
     return reshape(checked_rows(src.name, rows), src)
