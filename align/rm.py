@@ -13,13 +13,12 @@ OUTPUT/final is an ordinary HF directory that the `classifier` reward loads.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .config import directory_path, option, require
+from .config import check_seed, directory_path, epoch_steps, option, require
 from .model.hub import model_dir
 from .model.policy import check_model_dir, load_tokenizer, resolve_dtype
 from .model.precision import training_device, training_precision
@@ -60,6 +59,7 @@ class RMConfig:
         for key in ("max_length", "batch_size"):
             require(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))
         require(self.epochs > 0, "epochs", "positive", self.epochs)
+        check_seed(self.seed)
         require(self.lr > 0, "lr", "positive", self.lr)
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
         for key in ("eval_every", "save_every", "keep_last", "max_grad_norm"):
@@ -118,7 +118,7 @@ def train_rm(cfg: RMConfig) -> dict:
     tokenizer.padding_side = "right"  # the score is read at the last real token
     train = [p for path in cfg.train_data for p in load_pairs(path, tokenizer)]
     held = [p for path in cfg.eval_data for p in load_pairs(path, tokenizer)]
-    steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
+    steps = epoch_steps(cfg.epochs, len(train) / cfg.batch_size)
 
     run = start_run(cfg, "rm", total_updates=steps, warmup_steps=int(cfg.warmup_ratio * steps),
                     load=_load_rm(cfg, tokenizer), model_path=cfg.model,

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 
 import torch
 
-from .config import ConfigError, directory_path, option, require
+from .config import ConfigError, check_seed, directory_path, epoch_steps, option, require
 from .model.logprobs import forward_logprobs
 from .model.moe import Router
 from .model.policy import ModelConfig, check_model_dir, load_tokenizer
@@ -72,6 +71,7 @@ class SFTConfig:
             require(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))
         require(self.epochs > 0 or self.max_steps > 0, "epochs", "positive (or max_steps > 0)", self.epochs)
         require(self.max_steps >= 0, "max_steps", ">= 0", self.max_steps)
+        check_seed(self.seed)
         require(self.lr > 0, "lr", "positive", self.lr)
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
         require(self.balance_alpha >= 0, "balance_alpha", ">= 0", self.balance_alpha)
@@ -140,7 +140,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     train_rows, held_rows, data_stats = _prepare_data(cfg, tokenizer)
     world = world_size()
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(1, len(train_rows) // global_batch)))
+    total_steps = cfg.max_steps or epoch_steps(cfg.epochs, max(1, len(train_rows) // global_batch))
 
     run = start_run(cfg, "sft", total_updates=total_steps, warmup_steps=int(cfg.warmup_ratio * total_steps))
     accelerator, rank, pad_id = run.accelerator, run.accelerator.process_index, tokenizer.pad_token_id

@@ -70,6 +70,9 @@ def get_reward(spec: str) -> RewardFn:
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise KeyError(f"reward {spec!r}: cannot import {attr!r} from {module!r} ({e})") from None
+        except (Exception, SystemExit) as e:  # the module's own code failed while it was imported
+            raise KeyError(f"reward {spec!r}: importing module {module!r} raised {type(e).__name__}: {e} (fix that "
+                           f"module; it must import without error)") from None
         if not callable(fn):
             raise KeyError(f"reward {spec!r} is not callable")
         return fn

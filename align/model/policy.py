@@ -31,6 +31,7 @@ import torch
 
 from ..config import ConfigError, option, require
 from .hub import model_dir, resolve_model
+from .modelfiles import check_tokenizer_fits, check_weights_match_config
 
 ATTN_TARGETS = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]
@@ -98,10 +99,24 @@ def check_model_dir(path: str | Path) -> dict:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{cfg_file}: unreadable ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{cfg_file}: expected a JSON object of model settings (model_type, vocab_size, ...), got "
+                          f"a {type(cfg).__name__}")
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin")) + list(path.glob("*.safetensors.index.json"))
     if not weights and not (path / "adapter_config.json").is_file():
         raise ConfigError(f"model directory {where} has no weights (*.safetensors or *.bin)")
+    check_weights_match_config(path, cfg, where)
     return cfg
+
+
+def _config_json(path: Path) -> dict | None:
+    """`path`/config.json as a mapping, None when there is none (a tokenizer-only directory) or it is not one
+    (check_model_dir refuses that, naming it)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def is_deepseek_v2(config) -> bool:
@@ -119,6 +134,9 @@ def load_tokenizer(path: str | Path):
         raise ConfigError(f"cannot load a tokenizer from {path}: {e}") from None
     if not tok.chat_template:
         raise ConfigError(f"tokenizer in {path} has no chat template; align renders chats with the tokenizer's own")
+    config = _config_json(local)
+    if config is not None:
+        check_tokenizer_fits(path, tok, config)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .finite import nonfinite_tensor
+from .storage import guarded_write, tensor_bytes, tree_bytes
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
@@ -200,7 +201,9 @@ def save_training_checkpoint(accelerator, model, tokenizer, output_dir: str | Pa
         bad = nonfinite_tensor(state_dict) or nonfinite_tensor(optimizer.state_dict()["state"])
         if bad:
             raise CheckpointError(f"step {step}: {bad} holds NaN or inf; not saved (the previous checkpoint stays)")
-        with atomic_dir(final) as tmp:
+        needed = checkpoint_bytes(output_dir, accelerator.unwrap_model(model), state_dict, optimizer)
+        with guarded_write(final, output_dir, needed, f"checkpoint of step {step}",
+                           lambda: _after_failed_save(final, output_dir)), atomic_dir(final) as tmp:
             accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             from ..faults import fault_point
@@ -216,6 +219,33 @@ def save_training_checkpoint(accelerator, model, tokenizer, output_dir: str | Pa
         prune_checkpoints(output_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoint_bytes(output_dir: str | Path, inner, state_dict: dict, optimizer) -> int:
+    """About the bytes a checkpoint of this state takes: the size of the run's newest checkpoint (the same state a
+    step earlier), or, before the first, the weights save_pretrained writes (only the trainable adapter under LoRA)
+    and the optimizer state."""
+    held = list_checkpoints(output_dir)
+    if held:
+        return tree_bytes(held[-1])
+    if hasattr(inner, "peft_config"):
+        weights = sum(p.numel() * p.element_size() for p in inner.parameters() if p.requires_grad)
+    else:
+        weights = tensor_bytes(state_dict)
+    return weights + tensor_bytes(optimizer.state_dict()["state"])
+
+
+def _after_failed_save(target: Path, output_dir: str | Path) -> str:
+    """What a failed write of `target` (a checkpoint or final/) left, and what the same command does next."""
+    partial = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    left = (f"its partial files ({partial}) are removed by the next run" if partial.exists() else
+            "its partial files were removed")
+    held = list_checkpoints(output_dir)
+    if not held:
+        return (f"{left.capitalize()}; no checkpoint of this run was saved yet, so once the disk is fixed the same "
+                "command starts the run over (its logged steps are replaced, not repeated)")
+    return (f"{left.capitalize()}; checkpoint {held[-1]} stays the newest. Once the disk is fixed (free space, or "
+            f"fewer checkpoints kept: keep_last), the same command resumes from step {read_state(held[-1])['step']}")
 
 
 def load_training_state(ckpt: Path, optimizer, scheduler) -> dict:
@@ -317,7 +347,9 @@ def export_final(accelerator, model, tokenizer, out: str | Path, dtype: torch.dt
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model)
-        with atomic_dir(out) as tmp:
+        needed = tensor_bytes(state_dict)  # under LoRA the base and adapter tensors: about the merged model + adapter
+        with guarded_write(out, out.parent, needed, f"final model {out}",
+                           lambda: _after_failed_save(out, out.parent)), atomic_dir(out) as tmp:
             if hasattr(inner, "merge_and_unload"):
                 save_portable_adapter(inner, tmp / "adapter", state_dict)
                 from ..rollout.weights import merged_state_dict

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from ..config import config_to_dict
+from ..config import MAX_SEED, ConfigError, config_to_dict
+from ..errors import StorageError
 from ..model.moe import Router, router_of
 from ..model.precision import Precision, training_device, training_precision
 from . import checkpoint as ckpt
@@ -38,7 +39,8 @@ from .finite import check_step
 from .lock import unlock_dir
 from .metrics import MetricsLogger, progress
 from .optim import build_optimizer, warmup_cosine
-from .rundir import claim_all
+from .rundir import MANIFEST, claim_all
+from .storage import GONE_NEXT
 from .stop import Stopped, stop_signal
 
 
@@ -120,13 +122,30 @@ class Run:
 
         start = getattr(self.cfg.model, "path", self.cfg.model)  # the model the stage started from
         state = {**state, "config": config_to_dict(self.cfg), "model_revision": resolve_model(start).commit}
-        ckpt.save_training_checkpoint(self.accelerator, self.model, tokenizer, self.cfg.output_dir, done,
-                                      self.optimizer, self.scheduler, state, self.cfg.keep_last)
+        self._check_present(f"checkpoint of step {done}")
+        try:
+            ckpt.save_training_checkpoint(self.accelerator, self.model, tokenizer, self.cfg.output_dir, done,
+                                          self.optimizer, self.scheduler, state, self.cfg.keep_last)
+        except StorageError as e:
+            raise StorageError(f"{self.stage}: {e}") from None
         self.saved = done
 
+    def _check_present(self, what: str) -> None:
+        """Refuse to write `what` when the run directory is no longer this run's (deleted, moved, unmounted: its
+        manifest is gone); writing would make a directory of that name again, claimed by nobody."""
+        out = Path(self.cfg.output_dir)
+        if self.is_main and not (out / MANIFEST).is_file():
+            raise StorageError(f"{self.stage}: {what} not saved: the run directory {out} is gone or no longer this "
+                               f"run's ({MANIFEST} is missing: deleted, moved or unmounted during the run); align "
+                               f"does not make it again. {GONE_NEXT}")
+
     def finish(self, tokenizer) -> Path:
-        final = ckpt.export_final(self.accelerator, self.model, tokenizer, Path(self.cfg.output_dir) / "final",
-                                  dtype=self.precision.compute if self.precision.mixed else None)
+        self._check_present("final model")
+        try:
+            final = ckpt.export_final(self.accelerator, self.model, tokenizer, Path(self.cfg.output_dir) / "final",
+                                      dtype=self.precision.compute if self.precision.mixed else None)
+        except StorageError as e:
+            raise StorageError(f"{self.stage}: {e}") from None
         self.log.close()
         if self.is_main:
             unlock_dir(self.cfg.output_dir)  # the run is over (else the process's end releases it)
@@ -170,6 +189,9 @@ def start_run(cfg, stage: str, *, total_updates: int, warmup_steps: int, seed_pe
     # the previous stage's mixed_precision in a process-wide state (the process group in PartialState stays)
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **precision.accelerator_kwargs())
+    if seed_per_process and cfg.seed + accelerator.num_processes - 1 > MAX_SEED:
+        raise ConfigError(f"key 'seed' is {cfg.seed}: each of the {accelerator.num_processes} processes seeds "
+                          f"seed + its rank, which must stay <= 2**32 - 1 = {MAX_SEED} (numpy's seed range)")
     set_seed(cfg.seed + (accelerator.process_index if seed_per_process else 0))
     claim_all(accelerator, cfg.output_dir, stage, cfg)  # before any write: the directory is this run's
     resume = ckpt.latest_checkpoint(cfg.output_dir)
