@@ -73,8 +73,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = strict_json({"step": step, "time": round(time.time() - self.start, 3), **metrics}) + "\n"
-        with self._guarded(f"{self.prefix}metrics row of step {step}", len(row)), self.path.open("a", encoding="utf-8") as f:
-            f.write(row)  # (the run directory is there: a run claimed it; one that is gone is not made again)
+        # the run directory is there (a run claimed it); one that is gone is not made again
+        with self._guarded(f"{self.prefix}metrics row of step {step}", len(row)):
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(row)
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
