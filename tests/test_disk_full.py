@@ -132,3 +132,55 @@ def test_a_real_3_mb_tmpfs_fills_then_the_run_resumes(tmp_path, tiny_dir, capsys
         assert [r["step"] for r in read_metrics(out)] == [1, 2]
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs root to mount a tmpfs")
+def test_every_process_of_a_two_process_job_stops_on_a_full_disk_and_none_waits(tmp_path, tiny_dir):
+    import sys
+
+    from .conftest import ROOT
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                              "29533", "-m", "align", "sft", f"model.path={tiny_dir}", f"output_dir={disk / 'run'}",
+                              f"train_data=[{DATA}/arith/train.jsonl]", "max_steps=2", "save_every=1", "batch_size=2",
+                              "model.lora.enabled=true", "tensorboard=false"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert job.returncode != 0
+        assert job.stderr.count("error: sft: checkpoint of step 2 not saved: no space left on the device") == 2, \
+            job.stderr[-3000:]
+        assert ckpt.latest_checkpoint(disk / "run").name == "step-0000001" and _leftovers(disk / "run") == []
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs root to mount a tmpfs")
+def test_a_read_only_output_dir_new_or_rerun_is_refused_before_any_work(tmp_path, tiny_dir):
+    from align.config import ConfigError
+    from align.run.rundir import claim
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        cfg = load_config(SFTConfig, None, [f"model.path={tiny_dir}", f"output_dir={disk / 'done'}",
+                                            f"train_data=[{DATA}/arith/train.jsonl]"])
+        claim(disk / "done", "sft", cfg)  # an earlier run of the same command
+        from align.run.lock import unlock_dir
+
+        unlock_dir(disk / "done")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        for name in ("new", "done"):
+            with pytest.raises(ConfigError, match=rf"key 'output_dir': cannot create the lock file {disk / name}/"
+                                                  r"\.align-lock \(Read-only file system\); output_dir must be a "
+                                                  "writable directory"):
+                _sft(tiny_dir, disk / name)
+    finally:
+        subprocess.run(["umount", str(disk)])

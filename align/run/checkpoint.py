@@ -12,10 +12,10 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import AlignError, CheckpointError, StorageError
 from .finite import nonfinite_tensor
 from .storage import guarded_write, tensor_bytes, tree_bytes
 
@@ -197,7 +197,8 @@ def save_training_checkpoint(accelerator, model, tokenizer, output_dir: str | Pa
     final = checkpoint_path(output_dir, step)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
+
+    def write() -> None:
         bad = nonfinite_tensor(state_dict) or nonfinite_tensor(optimizer.state_dict()["state"])
         if bad:
             raise CheckpointError(f"step {step}: {bad} holds NaN or inf; not saved (the previous checkpoint stays)")
@@ -217,8 +218,30 @@ def save_training_checkpoint(accelerator, model, tokenizer, output_dir: str | Pa
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1, default=str))
             write_checksums(tmp)
         prune_checkpoints(output_dir, keep_last)
-    accelerator.wait_for_everyone()
+    on_main(accelerator, write)
     return final
+
+
+def on_main(accelerator, work: Callable[[], None]) -> None:
+    """`work()` on the main process, a collective: a refusal there (an AlignError: a full disk, a non-finite state,
+    a run directory gone) is raised on every process, so none waits in the next collective for a main process that
+    stopped."""
+    failed: list = [None]
+    error = None
+    if accelerator.is_main_process:
+        try:
+            work()
+        except AlignError as e:
+            error, failed = e, [(isinstance(e, StorageError), str(e))]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(failed)
+    if error is not None:
+        raise error
+    if failed[0] is not None:
+        storage, message = failed[0]
+        raise (StorageError if storage else CheckpointError)(message)
 
 
 def checkpoint_bytes(output_dir: str | Path, inner, state_dict: dict, optimizer) -> int:
@@ -345,7 +368,8 @@ def export_final(accelerator, model, tokenizer, out: str | Path, dtype: torch.dt
     state_dict = accelerator.get_state_dict(model)
     if dtype is not None and state_dict is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    if accelerator.is_main_process:
+
+    def write() -> None:
         inner = accelerator.unwrap_model(model)
         needed = tensor_bytes(state_dict)  # under LoRA the base and adapter tensors: about the merged model + adapter
         with guarded_write(out, out.parent, needed, f"final model {out}",
@@ -365,5 +389,5 @@ def export_final(accelerator, model, tokenizer, out: str | Path, dtype: torch.dt
                     config["dtype"] = str(dtype).removeprefix("torch.")
                     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             tokenizer.save_pretrained(tmp)
-    accelerator.wait_for_everyone()
+    on_main(accelerator, write)
     return out

@@ -69,7 +69,10 @@ def diagnose(target: Path, root: Path, needed: int, error: BaseException) -> str
                 "it again")
     free = free_bytes(root)
     if code in FULL or "No space left on device" in str(error) or (free is not None and free < needed):
-        return f"no space left on the device: writing {target} needs about {size_text(needed)}, {size_text(free)} free"
+        odd = (" (the device refused it with bytes free: out of inodes, or over a quota)"
+               if free is not None and free >= needed else "")
+        return (f"no space left on the device: writing {target} needs about {size_text(needed)}, {size_text(free)} "
+                f"free{odd}")
     if code in READ_ONLY or not os.access(root, os.W_OK):
         return f"{root} cannot be written any more ({os.strerror(code) if code else 'read-only'}): writing {target}"
     if code in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):

@@ -8,7 +8,9 @@
                 update: `on_nonfinite`); optimizer and scheduler step; clear the gradients
     Run.steps   the steps still to run, under a progress bar; a SIGTERM or SIGINT stops the run between two steps, the
                 finished one checkpointed (align/run/stop.py)
-    Run.save    a checkpoint every `save_every` steps and at the last one
+    Run.save    a checkpoint every `save_every` steps and at the last one; one the disk refuses (full, read-only, the
+                directory gone) stops the run on every process, naming the path and the bytes needed, the previous
+                checkpoint the newest (align/run/storage.py)
     Run.finish  the final model as an ordinary HF directory (OUTPUT/final), the logger closed, the directory's lock
                 released (align/run/lock.py: start_run took it, before any write)
 
@@ -122,7 +124,7 @@ class Run:
 
         start = getattr(self.cfg.model, "path", self.cfg.model)  # the model the stage started from
         state = {**state, "config": config_to_dict(self.cfg), "model_revision": resolve_model(start).commit}
-        self._check_present(f"checkpoint of step {done}")
+        ckpt.on_main(self.accelerator, lambda: self._check_present(f"checkpoint of step {done}"))
         try:
             ckpt.save_training_checkpoint(self.accelerator, self.model, tokenizer, self.cfg.output_dir, done,
                                           self.optimizer, self.scheduler, state, self.cfg.keep_last)
@@ -131,16 +133,17 @@ class Run:
         self.saved = done
 
     def _check_present(self, what: str) -> None:
-        """Refuse to write `what` when the run directory is no longer this run's (deleted, moved, unmounted: its
-        manifest is gone); writing would make a directory of that name again, claimed by nobody."""
+        """(On the main process) refuse to write `what` when the run directory is no longer this run's (deleted,
+        moved, unmounted: its manifest is gone); writing would make a directory of that name again, claimed by
+        nobody."""
         out = Path(self.cfg.output_dir)
-        if self.is_main and not (out / MANIFEST).is_file():
+        if not (out / MANIFEST).is_file():
             raise StorageError(f"{self.stage}: {what} not saved: the run directory {out} is gone or no longer this "
                                f"run's ({MANIFEST} is missing: deleted, moved or unmounted during the run); align "
                                f"does not make it again. {GONE_NEXT}")
 
     def finish(self, tokenizer) -> Path:
-        self._check_present("final model")
+        ckpt.on_main(self.accelerator, lambda: self._check_present("final model"))
         try:
             final = ckpt.export_final(self.accelerator, self.model, tokenizer, Path(self.cfg.output_dir) / "final",
                                       dtype=self.precision.compute if self.precision.mixed else None)
