@@ -24,6 +24,7 @@ import sys
 from .config import build_config, describe, load_config
 from .errors import AlignError, ConfigError
 from .run.metrics import strict_json
+from .run.storage import FULL, READ_ONLY
 
 
 def _stage(cls, train, args) -> int:
@@ -39,10 +40,12 @@ def _stage(cls, train, args) -> int:
 
 
 def _cmd_tiny(args) -> int:
-    from .config import directory_path
+    from .config import check_seed, check_writable_dir, directory_path
     from .tiny import build_tiny
 
     out_dir = directory_path(args.out_dir, "OUT_DIR")
+    check_writable_dir(out_dir, "OUT_DIR")
+    check_seed(args.seed, "--seed")
     print(json.dumps(build_tiny(out_dir, preset=args.preset, seed=args.seed), indent=1))
     return 0
 
@@ -90,12 +93,13 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .recipe import load_recipe, plan_reruns, run_recipe
+    from .recipe import claim_run_dir, load_recipe, plan_reruns, run_recipe
 
     if args.check:
         from .probe import probe_recipe
 
         run_dir, stages, _, _ = load_recipe(args.recipe, list(args.overrides))
+        claim_run_dir(run_dir, stages, write=False)  # refuses a directory holding files align did not write
         plan = plan_reruns(run_dir, stages, args.rerun_from)  # refuses finished stages whose settings changed
         todo = [s.name for s in stages if s.name in plan.rerun or not plan.finished(s)]
         findings = probe_recipe([s for s in stages if s.name in todo])  # models, hub cache, judge URLs
@@ -245,6 +249,12 @@ def _run(args, rest: list[str]) -> int:
     except (AlignError, RewardError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_status", 2)  # 2, or 128 + N after a stop on signal N (align/run/stop.py)
+    except OSError as e:  # a write the disk refused outside the guarded ones (align/run/storage.py): one line
+        if e.errno not in (*FULL, *READ_ONLY):
+            raise
+        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}; what was saved before stays, and the "
+              "same command resumes once the disk is fixed", file=sys.stderr)
+        return 2
 
 
 def _interrupted(command: str) -> str:

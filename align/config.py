@@ -296,6 +296,30 @@ def directory_path(value: str, key: str) -> str:
     return expanded
 
 
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """Refuse, naming `key`, a directory path that cannot be made or written: an existing file there or above it,
+    or a read-only place (a read-only file system or no write permission). Writes nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"key '{key}': {path} exists and is a file, not a directory; choose a directory path")
+    nearest = path
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise ConfigError(f"key '{key}': {path} cannot be a directory: {nearest} is a file")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ConfigError(f"key '{key}': {path} cannot be written: {nearest} is read-only (a read-only file system "
+                          "or no write permission); choose a writable place")
+
+
+MAX_SEED = 2**32 - 1  # numpy's (and accelerate's set_seed) largest seed
+
+
+def check_seed(seed: int, key: str = "seed") -> None:
+    """Refuse a seed numpy cannot take (a ValueError from deep inside the run otherwise)."""
+    require(0 <= seed <= MAX_SEED, key, f"an integer in [0, 2**32 - 1] = [0, {MAX_SEED}] (numpy's seed range)", seed)
+
+
 def require(cond: bool, key: str, expected: str, value: Any) -> None:
     """Raise `ConfigError` naming `key` unless `cond` holds (used in `validate()` methods)."""
     if not cond:

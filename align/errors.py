@@ -24,3 +24,8 @@ class NonFiniteError(AlignError, RuntimeError):
 
 class CheckpointError(AlignError, RuntimeError):
     """A checkpoint that cannot be trusted (incomplete, corrupt, or holding non-finite numbers)."""
+
+
+class StorageError(AlignError, RuntimeError):
+    """A write the disk refused (full, read-only, or the run directory gone): what was saved before stays valid, and
+    the message says what the same command does once the disk is fixed (align/run/storage.py)."""

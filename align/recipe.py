@@ -14,7 +14,9 @@ with dots: `stages.sft.epochs=2`, `run_dir=/tmp/x`.
 Everything is validated before the first stage starts (unknown keys, types, values, data files that do not exist,
 unknown rewards, references to stages that do not come earlier), with the file, line and key named. Running the same
 command again skips finished stages and resumes an interrupted one from its last checkpoint. One `align run` at a
-time per run directory: it is locked before the first write (align/run/lock.py), as each stage locks its own.
+time per run directory: it is locked before the first write (align/run/lock.py), as each stage locks its own, and
+claimed as a stage claims its output_dir (`claim_run_dir`: RUN_DIR/align-run.json; a directory holding files align
+did not write is refused, never overwritten).
 After each stage that makes a policy (or, where reward model stages follow it, after them, so it is scored once
 with those RMs), `align eval` runs (EvalConfig) and its figures go to RUN_DIR/<stage>/eval.json; at the end each
 component of the last GRPO stage's reward is scored on every policy's held-out helpful / harmful answers (stage 2 as
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from .config import ConfigError, build_config, directory_path, merge_dicts, parse_overrides, read_yaml, where
 from .model.hub import hub_ref
-from .rerun import plan_reruns, portable_settings, write_record
+from .rerun import REPLACED, plan_reruns, portable_settings, write_record
 from .resources import data_dir, recipes_dir
 from .rollout.protocol import RolloutConfig
 from .run.checkpoint import atomic_write_text
@@ -186,6 +188,57 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Path, 
     return run_dir, stages, eval_cfg, values
 
 
+_PLOTS = re.compile(rf"^(stages|accuracy|(rewards|kl|tools)_{_NAME})\.png$")  # report.py's plots
+
+
+def _legacy_run_dir(run_dir: Path, entries: list[str], stages: list[Stage]) -> bool:
+    """Whether a run directory without a manifest is one an `align run` from before manifests made: its recipe.json
+    is a recipe's values, at least one stage directory is there, and every entry is a name such a run writes."""
+    try:
+        values = json.loads((run_dir / "recipe.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(values, dict) or not isinstance(values.get("stages"), dict):
+        return False
+    names = {s.name for s in stages} | {str(n) for n in values["stages"]}
+    own = {"recipe.json", "report.md", REPLACED, *names}
+    return (any((run_dir / n).is_dir() for n in names if n in entries)
+            and all(e in own or _PLOTS.match(e) for e in entries))
+
+
+def claim_run_dir(run_dir: Path, stages: list[Stage], write: bool = True) -> None:
+    """Claim RUN_DIR for `align run` as a stage claims its output_dir (align/run/rundir.py), before any write:
+      * missing or empty: RUN_DIR/align-run.json records it as a recipe's run directory (`write`);
+      * holding that manifest: the run continues (its stages claim their own directories);
+      * holding another manifest (a stage's output_dir) or files align did not write (a user's report.md or
+        recipe.json): refused, naming them; align never overwrites what it did not write.
+    A run directory made before manifests (recipe.json, stage directories, report and plots only) is taken as one.
+    The lock file and align's temporary names are its own, never a stranger's. `write`: False only checks."""
+    from .run.lock import check_unlocked
+    from .run.rundir import MANIFEST, RECIPE_KIND, is_own_scratch
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"key 'run_dir': {run_dir} exists and is a file, not a directory")
+    check_unlocked(run_dir, "run_dir")
+    manifest = run_dir / MANIFEST
+    entries = sorted(p.name for p in run_dir.iterdir() if not is_own_scratch(p.name)) if run_dir.is_dir() else []
+    if manifest.is_file():
+        try:
+            kind = json.loads(manifest.read_text()).get("kind")
+        except (ValueError, AttributeError):
+            raise ConfigError(f"{manifest}: unreadable; not running in a directory align cannot identify") from None
+        if kind != RECIPE_KIND:
+            raise ConfigError(f"key 'run_dir': {run_dir} is the output_dir of an `align {kind}` run ({manifest}), "
+                              "not a recipe's run directory; choose another run_dir")
+        return
+    if entries and not _legacy_run_dir(run_dir, entries, stages):
+        shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+        raise ConfigError(f"key 'run_dir': {run_dir} already holds files align did not write ({shown}); choose an "
+                          "empty or new directory (align never replaces or deletes what it did not write)")
+    if write:
+        atomic_write_text(manifest, json.dumps({"kind": RECIPE_KIND}, indent=1))
+
+
 def _eval_dtype(stage: Stage, eval_cfg) -> str:
     """eval.dtype, or where it is auto the dtype the stage trained with (its model.dtype; a tiny stage: auto)."""
     model = getattr(stage.config, "model", None)
@@ -293,8 +346,10 @@ def run_recipe(recipe: str, overrides: list[str] | None = None, rerun_from: str 
     from .run.allocator import free_device_memory, release_freed_memory
 
     run_dir, stages, eval_cfg, values = load_recipe(recipe, overrides)  # all validation before any work
+    claim_run_dir(run_dir, stages, write=False)  # a directory holding others' files: refused here
     plan = plan_reruns(run_dir, stages, rerun_from)  # a finished stage with other settings: refused here
     lock_dir(run_dir, "run_dir")  # one `align run` per run directory (align/run/lock.py); creates it
+    claim_run_dir(run_dir, stages)  # again under the lock, and RUN_DIR/align-run.json written
     plan.move_aside(stages)
     atomic_write_text(run_dir / "recipe.json", json.dumps(values, indent=1, default=str))
     summary: dict = {"run_dir": str(run_dir), "stages": {}}

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .config import directory_path, option, require, require_steps
+from .config import check_seed, directory_path, option, require, require_steps
 from .model.hub import model_dir
 from .model.policy import chat_template_text, check_model_dir, load_tokenizer, resolve_dtype
 from .model.precision import training_device, training_precision
@@ -81,6 +81,7 @@ class RMConfig:
         for key in ("max_length", "batch_size"):
             require(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))
         require(self.epochs > 0, "epochs", "positive", self.epochs)
+        check_seed(self.seed)
         require(self.lr > 0, "lr", "positive", self.lr)
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
         for key in ("eval_every", "save_every", "keep_last", "max_grad_norm"):

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import ConfigError, directory_path, option, require, require_steps
+from .config import ConfigError, check_seed, directory_path, option, require, require_steps
 from .model.logprobs import forward_logprobs
 from .model.moe import Router
 from .model.policy import ModelConfig, check_model_dir, load_tokenizer
@@ -86,6 +86,7 @@ class SFTConfig:
         require(self.epochs > 0 or self.max_steps > 0, "epochs", "positive (or max_steps > 0)", self.epochs)
         require(self.max_steps >= 0, "max_steps", ">= 0", self.max_steps)
         require_steps(self.max_steps, "max_steps")
+        check_seed(self.seed)
         require(self.lr > 0, "lr", "positive", self.lr)
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
         require(self.balance_alpha >= 0, "balance_alpha", ">= 0", self.balance_alpha)

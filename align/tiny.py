@@ -28,11 +28,12 @@ class TinyConfig:
     seed: int = option(0, "Seed of the random weights.")
 
     def validate(self) -> None:
-        from .config import directory_path, require
+        from .config import check_seed, directory_path, require
         from .model.presets import PRESETS
 
         self.output_dir = directory_path(self.output_dir, "output_dir")
         require(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}", self.preset)
+        check_seed(self.seed)
 
 
 # bundled files added after the tokenizer was fixed: left out of its corpus, so the tiny tokenizer (and every figure
@@ -58,7 +59,10 @@ def corpus_texts(folder: Path | None = None) -> list[str]:
 
 def build_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, vocab_size: int | None = None) -> dict:
     """Build and save the tiny model + tokenizer; returns a summary (parameter counts, vocab size)."""
+    from .config import check_writable_dir
+
     out = Path(out_dir)
+    check_writable_dir(out, "output_dir")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
     config = preset_config(preset)

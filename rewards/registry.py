@@ -89,6 +89,10 @@ def get_reward(spec: str) -> RewardFn:
         except (ImportError, AttributeError) as e:
             raise KeyError(f"reward {spec!r}: cannot import {attr!r} from {module!r} ({e}; looked on sys.path and "
                            f"in the working directory {os.getcwd()})") from None
+            raise KeyError(f"reward {spec!r}: cannot import {attr!r} from {module!r} ({e})") from None
+        except (Exception, SystemExit) as e:  # the module's own code failed while it was imported
+            raise KeyError(f"reward {spec!r}: importing module {module!r} raised {type(e).__name__}: {e} (fix that "
+                           f"module; it must import without error)") from None
         if not callable(fn):
             raise KeyError(f"reward {spec!r} is not callable")
         return fn

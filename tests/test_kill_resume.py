@@ -84,7 +84,9 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_dir, tmp_path, monk
 
     monkeypatch.setattr(torch, "save", failing_save)
     cfg.steps = 2
-    with pytest.raises(type(failure)):
+    from align.errors import StorageError
+
+    with pytest.raises(StorageError if isinstance(failure, OSError) else type(failure)):  # a full disk: named
         train_grpo(cfg)
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path / "run") == first and sorted(p.name for p in first.iterdir()) == before

@@ -8,7 +8,7 @@ from typing import Literal
 
 from rewards.combine import RewardSpec
 
-from ..config import ConfigError, directory_path, option, require, require_steps
+from ..config import ConfigError, check_seed, directory_path, option, require, require_steps
 from ..model.policy import ModelConfig
 from ..rollout.engines import check_engine
 from ..rollout.protocol import RolloutConfig, SamplingConfig
@@ -125,6 +125,7 @@ class GRPOConfig:
         require(self.prompts_per_step >= self.minibatches, "minibatches",
                 "at most prompts_per_step (a minibatch holds whole groups of G completions)", self.minibatches)
         require(self.lr > 0, "lr", "positive", self.lr)
+        check_seed(self.seed)
         require(self.max_skipped_steps >= 0, "max_skipped_steps", ">= 0 (0: never stop)", self.max_skipped_steps)
         require(self.beta >= 0, "beta", ">= 0", self.beta)
         require(self.policy_loss in POLICY_LOSSES, "policy_loss", f"one of {sorted(POLICY_LOSSES)}", self.policy_loss)

@@ -31,6 +31,7 @@ import torch
 
 from ..config import ConfigError, option, require
 from .hub import model_dir, resolve_model
+from .modelfiles import check_tokenizer_fits, check_weights_match_config
 
 ATTN_TARGETS = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]
@@ -129,6 +130,9 @@ def check_model_dir(path: str | Path, policy: bool = False) -> dict:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{cfg_file}: unreadable ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{cfg_file}: expected a JSON object of model settings (model_type, vocab_size, ...), got "
+                          f"a {type(cfg).__name__}")
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin")) + list(path.glob("*.safetensors.index.json"))
     if not weights and not (path / "adapter_config.json").is_file():
         raise ConfigError(f"model directory {where} has no weights (*.safetensors or *.bin)")
@@ -138,7 +142,18 @@ def check_model_dir(path: str | Path, policy: bool = False) -> dict:
                           f"such as a reward model from align rm, not a policy: loaded as a causal LM it would have a "
                           f"random output layer. Give the policy's directory (an SFT stage's final/, a ...ForCausalLM "
                           f"checkpoint); a reward model is used through the classifier reward")
+    check_weights_match_config(path, cfg, where)
     return cfg
+
+
+def _config_json(path: Path) -> dict | None:
+    """`path`/config.json as a mapping, None when there is none (a tokenizer-only directory) or it is not one
+    (check_model_dir refuses that, naming it)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def is_deepseek_v2(config) -> bool:
@@ -166,6 +181,9 @@ def load_tokenizer(path: str | Path, chat_template: str = ""):
                               f"{type(e).__name__}: {e}") from None
     if not tok.chat_template:
         raise ConfigError(f"tokenizer in {path} has no chat template; align renders chats with the tokenizer's own")
+    config = _config_json(local)
+    if config is not None:
+        check_tokenizer_fits(path, tok, config)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

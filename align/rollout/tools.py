@@ -88,6 +88,8 @@ def _load(spec: str, key: str):
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"key '{key}': cannot load {spec!r}: {e}") from None
+    except (Exception, SystemExit) as e:  # the module's own code failed while it was imported
+        raise ConfigError(f"key '{key}': importing module {module!r} raised {type(e).__name__}: {e}") from None
 
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}

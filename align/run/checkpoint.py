@@ -12,11 +12,12 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import AlignError, CheckpointError, StorageError
 from .finite import nonfinite_tensor
+from .storage import guarded_write, tensor_bytes, tree_bytes
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
@@ -196,11 +197,14 @@ def save_training_checkpoint(accelerator, model, tokenizer, output_dir: str | Pa
     final = checkpoint_path(output_dir, step)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
+
+    def write() -> None:
         bad = nonfinite_tensor(state_dict) or nonfinite_tensor(optimizer.state_dict()["state"])
         if bad:
             raise CheckpointError(f"step {step}: {bad} holds NaN or inf; not saved (the previous checkpoint stays)")
-        with atomic_dir(final) as tmp:
+        needed = checkpoint_bytes(output_dir, accelerator.unwrap_model(model), state_dict, optimizer)
+        with guarded_write(final, output_dir, needed, f"checkpoint of step {step}",
+                           lambda: _after_failed_save(final, output_dir)), atomic_dir(final) as tmp:
             accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             from ..faults import fault_point
@@ -214,8 +218,57 @@ def save_training_checkpoint(accelerator, model, tokenizer, output_dir: str | Pa
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1, default=str))
             write_checksums(tmp)
         prune_checkpoints(output_dir, keep_last)
-    accelerator.wait_for_everyone()
+    on_main(accelerator, write)
     return final
+
+
+def on_main(accelerator, work: Callable[[], None]) -> None:
+    """`work()` on the main process, a collective: a refusal there (an AlignError: a full disk, a non-finite state,
+    a run directory gone) is raised on every process, so none waits in the next collective for a main process that
+    stopped."""
+    failed: list = [None]
+    error = None
+    if accelerator.is_main_process:
+        try:
+            work()
+        except AlignError as e:
+            error, failed = e, [(isinstance(e, StorageError), str(e))]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(failed)
+    if error is not None:
+        raise error
+    if failed[0] is not None:
+        storage, message = failed[0]
+        raise (StorageError if storage else CheckpointError)(message)
+
+
+def checkpoint_bytes(output_dir: str | Path, inner, state_dict: dict, optimizer) -> int:
+    """About the bytes a checkpoint of this state takes: the size of the run's newest checkpoint (the same state a
+    step earlier), or, before the first, the weights save_pretrained writes (only the trainable adapter under LoRA)
+    and the optimizer state."""
+    held = list_checkpoints(output_dir)
+    if held:
+        return tree_bytes(held[-1])
+    if hasattr(inner, "peft_config"):
+        weights = sum(p.numel() * p.element_size() for p in inner.parameters() if p.requires_grad)
+    else:
+        weights = tensor_bytes(state_dict)
+    return weights + tensor_bytes(optimizer.state_dict()["state"])
+
+
+def _after_failed_save(target: Path, output_dir: str | Path) -> str:
+    """What a failed write of `target` (a checkpoint or final/) left, and what the same command does next."""
+    partial = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    left = (f"its partial files ({partial}) are removed by the next run" if partial.exists() else
+            "its partial files were removed")
+    held = list_checkpoints(output_dir)
+    if not held:
+        return (f"{left.capitalize()}; no checkpoint of this run was saved yet, so once the disk is fixed the same "
+                "command starts the run over (its logged steps are replaced, not repeated)")
+    return (f"{left.capitalize()}; checkpoint {held[-1]} stays the newest. Once the disk is fixed (free space, or "
+            f"fewer checkpoints kept: keep_last), the same command resumes from step {read_state(held[-1])['step']}")
 
 
 def load_training_state(ckpt: Path, optimizer, scheduler) -> dict:
@@ -315,9 +368,12 @@ def export_final(accelerator, model, tokenizer, out: str | Path, dtype: torch.dt
     state_dict = accelerator.get_state_dict(model)
     if dtype is not None and state_dict is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    if accelerator.is_main_process:
+
+    def write() -> None:
         inner = accelerator.unwrap_model(model)
-        with atomic_dir(out) as tmp:
+        needed = tensor_bytes(state_dict)  # under LoRA the base and adapter tensors: about the merged model + adapter
+        with guarded_write(out, out.parent, needed, f"final model {out}",
+                           lambda: _after_failed_save(out, out.parent)), atomic_dir(out) as tmp:
             if hasattr(inner, "merge_and_unload"):
                 save_portable_adapter(inner, tmp / "adapter", state_dict)
                 from ..rollout.weights import merged_state_dict
@@ -333,5 +389,5 @@ def export_final(accelerator, model, tokenizer, out: str | Path, dtype: torch.dt
                     config["dtype"] = str(dtype).removeprefix("torch.")
                     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             tokenizer.save_pretrained(tmp)
-    accelerator.wait_for_everyone()
+    on_main(accelerator, write)
     return out

@@ -62,15 +62,26 @@ class MetricsLogger:
         rows = _parse(self.path, lines)
         kept = [line for line, row in zip(lines, rows) if 0 < step and row["step"] <= step]
         if len(kept) != len(lines):
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            text = "".join(line + "\n" for line in kept)
+            with self._guarded(f"{self.prefix}{self.path} cut back to step {step}", len(text.encode())):
+                atomic_write_text(self.path, text)
+
+    def _guarded(self, what: str, needed: int):
+        """A write of metrics.jsonl that the disk refuses: a StorageError (align/run/storage.py)."""
+        from .storage import guarded_write
+
+        return guarded_write(self.path, self.path.parent, needed, what, lambda: (
+            "The rows written before stay; once the disk is fixed the same command resumes from the newest "
+            "checkpoint and logs each later step once (a half-written last row is dropped)"))
 
     def log(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
         if not self.enabled:
             return
-        row = {"step": step, "time": round(time.time() - self.start, 3), **metrics}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(strict_json(row) + "\n")
+        row = strict_json({"step": step, "time": round(time.time() - self.start, 3), **metrics}) + "\n"
+        # the run directory is there (a run claimed it); one that is gone is not made again
+        with self._guarded(f"{self.prefix}metrics row of step {step}", len(row)):
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(row)
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):

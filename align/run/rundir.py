@@ -14,7 +14,10 @@ At its start, before any write, every stage (sft, grpo, rm) claims its `output_d
     models (resuming would train that checkpoint, and its optimizer and lr schedule, under the new model's name);
     without a checkpoint (a run that failed before its first save) there is no state to mix, and force takes over;
   * holding files but no manifest: refused, naming some of them: align writes only into directories it claimed,
-    so a user's `final/thesis.tex` or another tool's `metrics.jsonl` is never replaced or truncated.
+    so a user's `final/thesis.tex` or another tool's `metrics.jsonl` is never replaced or truncated;
+  * holding only the manifest of an attempt that failed before it wrote anything else: taken over with the new
+    settings (the corrected command runs; there is nothing of that attempt to lose);
+  * an `align run` recipe's run directory (its manifest's kind is "recipe"): refused, force or not.
 Before any of this, the directory is locked for this process (align/run/lock.py: one run per directory, a second
 is refused naming the first's pid and host). The lock file and align's own temporary names (`.NAME.tmp-PID`,
 `.NAME.old-PID`) are never taken for another's files: a kill inside the manifest's write leaves
@@ -35,6 +38,7 @@ from ..model.hub import resolve_model
 from .lock import LOCK, check_unlocked, lock_dir
 
 MANIFEST = "align-run.json"
+RECIPE_KIND = "recipe"  # the manifest's kind in an `align run` run directory (align/recipe.py: claim_run_dir)
 _OWN_TEMP = re.compile(r"^\..+\.(tmp|old)-(\d+)$")  # atomic_write_text / atomic_dir's names: .NAME.tmp-PID
 ResumeMode = Literal["auto", "force"]
 
@@ -110,14 +114,22 @@ def claim(output_dir: str | Path, kind: str, cfg, force: bool = False, write: bo
             theirs = json.loads(manifest.read_text())
         except ValueError:
             raise ConfigError(f"{manifest}: unreadable; not resuming a run directory align cannot identify") from None
+        if theirs.get("kind") == RECIPE_KIND:
+            raise ConfigError(f"key 'output_dir': {out} is the run directory of an `align run` recipe ({manifest}); "
+                              "its stages have their own directories in it. Choose another output_dir")
         diff = _differences(theirs, mine)
+        if diff and entries == [MANIFEST]:  # an attempt that failed before writing anything else: nothing to lose
+            if write:
+                print(f"{kind}: {out} held only the manifest of an attempt that wrote nothing else; taken over with "
+                      "these settings", flush=True)
+            diff = None
         if diff and force:
             _refuse_foreign_state(out, theirs, mine, diff)
         if diff and not force:
             shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:6])
             raise ConfigError(f"key 'output_dir': {out} holds another run ({shown}). Rerun with resume=force to "
                               "take it over with these settings, or choose a new output_dir")
-        resumed = not diff
+        resumed = diff == []
     elif entries:
         shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
         raise ConfigError(f"key 'output_dir': {out} already holds files align did not write ({shown}); choose an "

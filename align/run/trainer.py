@@ -8,7 +8,9 @@
                 update: `on_nonfinite`); optimizer and scheduler step; clear the gradients
     Run.steps   the steps still to run, under a progress bar; a SIGTERM or SIGINT stops the run between two steps, the
                 finished one checkpointed (align/run/stop.py)
-    Run.save    a checkpoint every `save_every` steps and at the last one
+    Run.save    a checkpoint every `save_every` steps and at the last one; one the disk refuses (full, read-only, the
+                directory gone) stops the run on every process, naming the path and the bytes needed, the previous
+                checkpoint the newest (align/run/storage.py)
     Run.finish  the final model as an ordinary HF directory (OUTPUT/final), the logger closed, OUTPUT/report.md and its
                 plots from metrics.jsonl (align/report.py), the directory's lock released (align/run/lock.py:
                 start_run took it, before any write)
@@ -30,7 +32,8 @@ from typing import Any
 
 import torch
 
-from ..config import config_to_dict
+from ..config import MAX_SEED, ConfigError, config_to_dict
+from ..errors import StorageError
 from ..model.moe import Router, router_of
 from ..model.precision import Precision, training_device, training_precision
 from . import checkpoint as ckpt
@@ -39,7 +42,8 @@ from .finite import check_step
 from .lock import unlock_dir
 from .metrics import MetricsLogger, progress
 from .optim import build_optimizer, warmup_cosine
-from .rundir import claim_all
+from .rundir import MANIFEST, claim_all
+from .storage import GONE_NEXT
 from .stop import Stopped, stop_signal
 
 
@@ -122,13 +126,31 @@ class Run:
 
         start = getattr(self.cfg.model, "path", self.cfg.model)  # the model the stage started from
         state = {**state, "config": config_to_dict(self.cfg), "model_revision": resolve_model(start).commit}
-        ckpt.save_training_checkpoint(self.accelerator, self.model, tokenizer, self.cfg.output_dir, done,
-                                      self.optimizer, self.scheduler, state, self.cfg.keep_last)
+        ckpt.on_main(self.accelerator, lambda: self._check_present(f"checkpoint of step {done}"))
+        try:
+            ckpt.save_training_checkpoint(self.accelerator, self.model, tokenizer, self.cfg.output_dir, done,
+                                          self.optimizer, self.scheduler, state, self.cfg.keep_last)
+        except StorageError as e:
+            raise StorageError(f"{self.stage}: {e}") from None
         self.saved = done
 
+    def _check_present(self, what: str) -> None:
+        """(On the main process) refuse to write `what` when the run directory is no longer this run's (deleted,
+        moved, unmounted: its manifest is gone); writing would make a directory of that name again, claimed by
+        nobody."""
+        out = Path(self.cfg.output_dir)
+        if not (out / MANIFEST).is_file():
+            raise StorageError(f"{self.stage}: {what} not saved: the run directory {out} is gone or no longer this "
+                               f"run's ({MANIFEST} is missing: deleted, moved or unmounted during the run); align "
+                               f"does not make it again. {GONE_NEXT}")
+
     def finish(self, tokenizer) -> Path:
-        final = ckpt.export_final(self.accelerator, self.model, tokenizer, Path(self.cfg.output_dir) / "final",
-                                  dtype=self.precision.compute if self.precision.mixed else None)
+        ckpt.on_main(self.accelerator, lambda: self._check_present("final model"))
+        try:
+            final = ckpt.export_final(self.accelerator, self.model, tokenizer, Path(self.cfg.output_dir) / "final",
+                                      dtype=self.precision.compute if self.precision.mixed else None)
+        except StorageError as e:
+            raise StorageError(f"{self.stage}: {e}") from None
         self.log.close()
         if self.is_main:
             from ..report import write_stage_report
@@ -176,6 +198,9 @@ def start_run(cfg, stage: str, *, total_updates: int, warmup_steps: int, seed_pe
     # the previous stage's mixed_precision in a process-wide state (the process group in PartialState stays)
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **precision.accelerator_kwargs())
+    if seed_per_process and cfg.seed + accelerator.num_processes - 1 > MAX_SEED:
+        raise ConfigError(f"key 'seed' is {cfg.seed}: each of the {accelerator.num_processes} processes seeds "
+                          f"seed + its rank, which must stay <= 2**32 - 1 = {MAX_SEED} (numpy's seed range)")
     set_seed(cfg.seed + (accelerator.process_index if seed_per_process else 0))
     claim_all(accelerator, cfg.output_dir, stage, cfg)  # before any write: the directory is this run's
     resume = ckpt.latest_checkpoint(cfg.output_dir)
