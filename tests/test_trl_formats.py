@@ -3,6 +3,7 @@ pairs, `#format=` hints, over-long GRPO prompts, `model.path` for `align rm`, re
 classifier refused as a policy, and what `align run --check` probes."""
 
 import json
+import shutil
 
 import pytest
 
@@ -299,7 +300,7 @@ def test_a_reward_model_directory_is_refused_as_a_policy(tiny_dir, tmp_path, cap
     rm.mkdir()
     cfg = json.loads((tiny_dir / "config.json").read_text())
     (rm / "config.json").write_text(json.dumps({**cfg, "architectures": ["DeepseekV2ForSequenceClassification"]}))
-    (rm / "model.safetensors").write_bytes(b"")  # never read: refused from config.json alone
+    shutil.copy(tiny_dir / "model.safetensors", rm)  # the refusal below comes from config.json alone
     assert check_model_dir(rm)["architectures"] == ["DeepseekV2ForSequenceClassification"]  # fine as a reward model
     with pytest.raises(ConfigError, match=r"is a classifier \(DeepseekV2ForSequenceClassification in its config.json "
                                           r"architectures\), such as a reward model from align rm, not a policy"):
