@@ -97,6 +97,7 @@ def test_a_grpo_run_resumes_after_a_rewards_timeout_or_isolation_changed(tiny_di
 
     assert claim(out, "grpo", cfg("{name: exact_answer}")) is False
     unlock_dir(out)
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')  # a run that logged: not a manifest-only failed attempt
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["identity"]["rewards"][0]["timeout_s"] == 300.0
     manifest["identity"]["rewards"][0].update(timeout_s=0.0, isolate=True)  # as an older align recorded it
