@@ -3,6 +3,7 @@ SIGKILL during GRPO stage 1 then the same command resumes from stage 1's last ch
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,8 +84,9 @@ def test_short_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
     assert "eval/safety_rm" in summary["stages"]["sft"]  # re-evaluated once RM_safety existed
     report = (run / "report.md").read_text()
     assert "| preference | grpo |" in report and "rewards_preference.png" in report
-    for png in ("stages.png", "rewards_reasoning.png", "kl_preference.png"):
-        assert (run / png).stat().st_size > 1000
+    assert (run / "stages.png").stat().st_size > 1000
+    for png in re.findall(r"\(([\w./-]+\.png)\)", report):  # every figure the report shows is there; a series
+        assert (run / png).stat().st_size > 1000                # flat over the run has none (named in the report)
     rows = [json.loads(x) for x in (run / "preference" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward/helpful", "reward/safety", "reward/rule"} <= set(rows[0])
 
