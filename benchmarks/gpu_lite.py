@@ -118,16 +118,30 @@ def dump(res: dict, path: str | None) -> None:
         Path(path).write_text(json.dumps(clean, indent=1))
 
 
-def mfu_flops_per_token(cfg, active: int, seq: int) -> float:
-    """6 N_act + causal attention (6 x layers x heads x (d_qk + d_v) x seq / 2) per trained token."""
-    return 6 * active + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq / 2
+def attention_flops_per_token(cfg, seq: int) -> float:
+    """Causal attention's training FLOPs per token: 6 x layers x heads x (d_qk + d_v) x seq / 2."""
+    return 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq / 2
+
+
+def median_sft_step(model, opt, ids: torch.Tensor, steps: int, sync, autocast: bool = False) -> float:
+    """Median seconds of `steps` SFT steps (chunked log-prob loss, backward, optimizer) after one warm-up step;
+    `autocast`: forwards under bf16 autocast over the stored (fp32) weights."""
+    from align.model.logprobs import forward_logprobs
+
+    def step():
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = -forward_logprobs(model, ids, ids.shape[1] - 1).logprobs.float().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return statistics.median([timed(step, sync)[1] for _ in range(steps + 1)][1:])
 
 
 def full_ft_sft(args, res: dict) -> None:
     """Full fine-tuning SFT as align runs it in bf16: fp32 master weights, fp32 gradients and AdamW state
     (align.run.optim.build_optimizer), forwards under bf16 autocast (accelerate's mixed_precision in one process),
     gradient checkpointing, the chunked log-prob loss. Layers: the first count of --full-layers that fits."""
-    from align.model.logprobs import forward_logprobs
     from align.model.presets import parameter_counts
     from align.run.optim import build_optimizer
 
@@ -147,20 +161,11 @@ def full_ft_sft(args, res: dict) -> None:
             total, active = parameter_counts(model)
             opt = build_optimizer(model, lr=5e-6, weight_decay=0.0)
             ids = torch.randint(3, model.config.vocab_size, (args.full_batch, args.sft_seq), device=device)
-
-            def step():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    loss = -forward_logprobs(model, ids, args.sft_seq - 1).logprobs.float().mean()
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            times = [timed(step, sync)[1] for _ in range(args.sft_steps + 1)][1:]
-            step_s = statistics.median(times)
+            step_s = median_sft_step(model, opt, ids, args.sft_steps, sync, autocast=cuda)
             tokens_s = args.full_batch * args.sft_seq / step_s
             res.update(full_layers=layers, full_params_total=total, full_params_active=active,
                        full_step_s=step_s, full_tokens_s=tokens_s,
-                       full_mfu=mfu_flops_per_token(model.config, active, args.sft_seq) * tokens_s / peak)
+                       full_mfu=(6 * active + attention_flops_per_token(model.config, args.sft_seq)) * tokens_s / peak)
             if cuda:
                 res["full_peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             print(f"full fine-tuning SFT ({layers} of the preset's layers, {total / 1e9:.2f}B parameters, "
@@ -265,17 +270,9 @@ def lora_grpo(args, res: dict) -> None:
 
     # -- 1. SFT throughput (LoRA, chunked log-prob loss)
     ids = torch.randint(3, cfg.vocab_size, (args.sft_batch, args.sft_seq), device=device)
-
-    def sft_step():
-        loss = -forward_logprobs(policy, ids, args.sft_seq - 1).logprobs.float().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    times = [timed(sft_step, sync)[1] for _ in range(args.sft_steps + 1)][1:]
-    step_s = statistics.median(times)
+    step_s = median_sft_step(policy, opt, ids, args.sft_steps, sync)
     tokens_s = args.sft_batch * args.sft_seq / step_s
-    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * args.sft_seq / 2
+    attn = attention_flops_per_token(cfg, args.sft_seq)
     peak = (args.peak_tflops or lookup(PEAK_BF16_TFLOPS, name) or float("nan")) * 1e12
     res.update(sft_step_s=step_s, sft_tokens_s=tokens_s, sft_mfu=(6 * active + attn) * tokens_s / peak,
                sft_mfu_lora_exact=(4 * active + attn * 2 / 3) * tokens_s / peak)
