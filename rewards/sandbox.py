@@ -59,7 +59,6 @@ import errno
 import functools
 import itertools
 import json
-import warnings
 import os
 import select
 import shutil
@@ -71,6 +70,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import warnings
 
 NOBODY = 65534
 SETUP_FAILED = 125  # the launcher's exit status when the kernel refuses the isolation

@@ -4,7 +4,7 @@ Prompts are rendered with the tokenizer's chat template plus the generation prom
 times. Sampling log-probs are those of the distribution each token was drawn from (after the repetition penalty,
 temperature, top-k, top-p and min-p, what was kept renormalised), as vLLM reports them (`processed_logprobs`).
 
-The draw itself happens in a logits processor (`Sampler`), after align's temperature / top-p warpers: it takes
+The draw itself happens in a logits processor (`Sampler`), after align's processors (`processors`): it takes
 the log-softmax it needs for the log-prob anyway, draws the token by inverse CDF (one uniform per row and a
 cumulative sum; `torch.multinomial` draws an exponential for every vocabulary entry, 25x slower on CPU here),
 records log p(token) and hands `generate` scores whose argmax is that token, so `generate` runs greedy. Taking
